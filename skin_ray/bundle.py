@@ -1,0 +1,98 @@
+"""The versioned model bundle: what every job needs to use a trained model correctly.
+
+A bundle is a directory, local or under an `s3://` prefix:
+
+    model.keras     the Keras model (inference graph only; calibration folded into its last layer)
+    bundle.json     format version, class names in output-index order, positive class, input size,
+                    preprocessing id, decision threshold, validation metrics, training config, data
+                    fingerprint, creation time, package version
+
+Loading refuses bundles of another format or preprocessing recipe, and uses Keras safe mode, so a bundle
+cannot run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import keras
+
+import skin_ray
+from skin_ray import storage
+from skin_ray.model import ShadesOfGray  # noqa: F401  (registers the custom layer for loading)
+from skin_ray.preprocess import IMAGE_SIZE, PREPROCESSING_ID
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+METADATA_FILE = "bundle.json"
+DEFAULT_BUNDLE = str(Path(__file__).parent / "bundles" / "default")
+
+
+class BundleError(ValueError):
+    pass
+
+
+@dataclass
+class BundleMetadata:
+    model_version: str
+    arch: str
+    class_names: list[str]
+    positive_class: str
+    threshold: float
+    target_sensitivity: float
+    metrics: dict
+    training: dict
+    data: dict
+    input_size: list[int] = field(default_factory=lambda: [IMAGE_SIZE, IMAGE_SIZE, 3])
+    preprocessing: str = PREPROCESSING_ID
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    package_version: str = skin_ray.__version__
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+
+@dataclass
+class Bundle:
+    model: keras.Model
+    metadata: BundleMetadata
+    uri: str
+
+
+def save_bundle(model: keras.Model, metadata: BundleMetadata, uri: str) -> None:
+    with tempfile.TemporaryDirectory() as staging:
+        model.save(Path(staging, MODEL_FILE))
+        Path(staging, METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+        storage.upload_dir(staging, uri)
+
+
+def load_bundle(uri: str | None = None) -> Bundle:
+    """Load the bundle at `uri` (a local directory or S3 prefix); the shipped default when None."""
+    uri = uri or DEFAULT_BUNDLE
+    if storage.is_s3(uri):
+        with tempfile.TemporaryDirectory() as local:
+            storage.download_dir(uri, local)
+            return _load_local(local, uri)
+    return _load_local(uri, uri)
+
+
+def _load_local(directory: str, uri: str) -> Bundle:
+    metadata_path = Path(directory, METADATA_FILE)
+    if not metadata_path.is_file():
+        raise BundleError(f"{uri} is not a model bundle: {METADATA_FILE} is missing")
+    raw = json.loads(metadata_path.read_text())
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{uri} has bundle format {raw.get('format_version')}, this version reads {FORMAT_VERSION}")
+    metadata = BundleMetadata(**raw)
+    if metadata.preprocessing != PREPROCESSING_ID:
+        raise BundleError(
+            f"{uri} was trained with preprocessing {metadata.preprocessing!r}, this version has {PREPROCESSING_ID!r}"
+        )
+    model = keras.saving.load_model(Path(directory, MODEL_FILE), compile=False, safe_mode=True)
+    return Bundle(model=model, metadata=metadata, uri=uri)

@@ -1,0 +1,122 @@
+"""The `skin-ray` command line: train, evaluate, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import fields
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _add_train(commands) -> None:
+    from skin_ray.train import TrainConfig
+
+    parser = commands.add_parser("train", help="train a model with Ray Train and write a model bundle")
+    parser.add_argument("data", help="labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
+    parser.add_argument("--output", required=True, help="where to write the bundle (directory or s3:// prefix)")
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("data", "output")}
+    helps = {
+        "arch": "default (ours) or seed (the original notebook CNN)",
+        "workers": "Ray Train workers (MultiWorkerMirroredStrategy replicas)",
+        "batch_size": "global batch size, split evenly across workers",
+        "subset": "train only on images inside sub-folders of this name, e.g. Training",
+        "storage_path": "Ray Train run and checkpoint storage (local path or s3://)",
+        "placement_strategy": "PACK, or SPREAD to place workers on different nodes",
+        "resources_timeout_s": "give up if the workers' CPUs are not free within this many seconds",
+    }
+    for name, default in defaults.items():
+        kind = type(default) if default is not None else str
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=helps.get(name))
+
+
+def _run_train(args) -> int:
+    from skin_ray.runtime import init_ray
+    from skin_ray.train import TrainConfig, train
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    init_ray()
+    outcome = train(config)
+    print(json.dumps({"bundle": outcome.bundle_uri, **outcome.metrics["validation"]}))
+    return 0
+
+
+def _add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="metrics and plots of a bundle on a labelled image tree")
+    parser.add_argument("data", help="labelled image tree (directory or s3:// prefix)")
+    parser.add_argument("--model", help="bundle directory or s3:// prefix (default: the shipped model)")
+    parser.add_argument("--report", help="directory for roc.png, confusion.png and calibration.png")
+    parser.add_argument("--subset", help="evaluate only images inside sub-folders of this name, e.g. Testing")
+
+
+def _run_evaluate(args) -> int:
+    from skin_ray.evaluate import evaluate
+    from skin_ray.runtime import init_ray
+
+    init_ray()
+    print(json.dumps(evaluate(args.data, args.model, args.report, args.subset)))
+    return 0
+
+
+def _add_predict(commands) -> None:
+    parser = commands.add_parser("predict", help="classify image files; one JSON line per image")
+    parser.add_argument("images", nargs="+", help="image files (local paths or s3:// URIs)")
+    parser.add_argument("--model", help="bundle directory or s3:// prefix (default: the shipped model)")
+
+
+def _run_predict(args) -> int:
+    from skin_ray import storage
+    from skin_ray.predictor import Predictor
+    from skin_ray.preprocess import ImageDecodeError
+
+    predictor = Predictor.from_bundle(args.model)
+    chunk = 32  # bounds memory for long argument lists
+    for start in range(0, len(args.images), chunk):
+        paths = args.images[start : start + chunk]
+        blobs: list[bytes] = []
+        unreadable: dict[int, str] = {}
+        for i, path in enumerate(paths):
+            try:
+                blobs.append(storage.read_bytes(path))
+            except OSError as exc:
+                unreadable[i] = f"unreadable: {exc}"
+                blobs.append(b"")
+        for i, (path, outcome) in enumerate(zip(paths, predictor.predict_bytes(blobs))):
+            row = {"path": path, "label": None, "cancer_probability": None, "error": None}
+            if i in unreadable:
+                row["error"] = unreadable[i]
+            elif isinstance(outcome, ImageDecodeError):
+                row["error"] = str(outcome)
+            else:
+                row.update(label=outcome.label, cancer_probability=outcome.cancer_probability)
+            print(json.dumps({**row, "model_version": predictor.model_version}), flush=True)
+    return 0
+
+
+COMMANDS = {"train": (_add_train, _run_train), "evaluate": (_add_evaluate, _run_evaluate), "predict": (_add_predict, _run_predict)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="skin-ray", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from skin_ray.runtime import limit_tensorflow_threads
+    from skin_ray.train import InsufficientResourcesError
+
+    limit_tensorflow_threads()
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError, InsufficientResourcesError) as exc:
+        # Mistakes in the input or the environment: a one-line reason, not a traceback.
+        parser.exit(2, f"skin-ray {args.command}: error: {exc}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

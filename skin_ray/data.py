@@ -1,0 +1,147 @@
+"""Labelled image trees -> Ray Datasets.
+
+A labelled tree has one folder per class, named after the class, locally or under an `s3://` prefix:
+
+    ROOT/Cancer/*.jpg                    or    ROOT/Cancer/Training/*.jpg, ROOT/Cancer/Testing/*.jpg
+    ROOT/Non_Cancer/*.jpg                      ROOT/Non_Cancer/Training/*.jpg, ...
+
+Images are found recursively below each class folder; `subset="Training"` keeps only files inside a
+sub-folder of that name. The validation split is decided by each file's content hash, so identical images
+(the data set has some) always land on the same side and the split never changes between runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from skin_ray import storage
+from skin_ray.preprocess import IMAGE_SIZE, IMAGE_SUFFIXES, ImageDecodeError, preprocess_image
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES = ("Cancer", "Non_Cancer")  # output-index order; the bundle records it
+POSITIVE_CLASS = "Cancer"
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Image URIs with their class indices into `class_names`, and what was left out."""
+
+    paths: list[str]
+    labels: list[int]
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_names))
+        return dict(zip(self.class_names, counts.tolist()))
+
+    def select(self, mask) -> LabelledImages:
+        keep = np.flatnonzero(np.asarray(mask))
+        return LabelledImages([self.paths[i] for i in keep], [self.labels[i] for i in keep], self.class_names)
+
+
+def discover(root: str, class_names: tuple[str, ...] = CLASS_NAMES, subset: str | None = None) -> LabelledImages:
+    """Find every image below ROOT/<class>/ for each class in `class_names`."""
+    found_dirs = storage.list_dirs(root)
+    missing = [name for name in class_names if name not in found_dirs]
+    if missing:
+        raise FileNotFoundError(
+            f"{root} must hold one folder per class {list(class_names)}; missing {missing} (found {found_dirs})"
+        )
+    paths, labels = [], []
+    for index, name in enumerate(class_names):
+        class_root = storage.join(root, name)
+        for path in storage.list_files(class_root, IMAGE_SUFFIXES):
+            relative_parts = path[len(class_root) :].strip("/").split("/")[:-1]
+            if subset is None or subset in relative_parts:
+                paths.append(path)
+                labels.append(index)
+    if not paths:
+        raise FileNotFoundError(f"no images found below {root}" + (f" in sub-folders named {subset!r}" if subset else ""))
+    return LabelledImages(paths, labels, tuple(class_names))
+
+
+def _inspect_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Content hash and decodability of each file (a Ray Data map_batches function)."""
+    digests, errors = [], []
+    for path in batch["path"]:
+        try:
+            data = storage.read_bytes(path)
+        except OSError as exc:
+            digests.append("")
+            errors.append(f"unreadable: {exc}")
+            continue
+        digests.append(hashlib.sha256(data).hexdigest())
+        try:
+            preprocess_image(data)
+            errors.append("")
+        except ImageDecodeError as exc:
+            errors.append(str(exc))
+    return {"path": batch["path"], "sha256": np.array(digests), "error": np.array(errors)}
+
+
+@dataclass(frozen=True)
+class Split:
+    train: LabelledImages
+    validation: LabelledImages
+    fingerprint: str  # sha256 over the sorted content hashes of every usable image
+    skipped: dict[str, str]  # path -> reason, for files that cannot be decoded
+
+
+def split_by_content(images: LabelledImages, validation_fraction: float = 0.2) -> Split:
+    """Hash and check every file in parallel, drop undecodable ones, and split by content hash."""
+    inspected = (
+        ray.data.from_items([{"path": p} for p in images.paths])
+        .map_batches(_inspect_batch, batch_size=64)
+        .to_pandas()
+        .set_index("path")
+        .loc[images.paths]
+    )
+    usable = (inspected["error"] == "").to_numpy()
+    skipped = inspected.loc[~usable, "error"].to_dict()
+    for path, reason in skipped.items():
+        logger.warning("skipping %s: %s", path, reason)
+    digests = inspected["sha256"].to_numpy()
+    # The first 8 hex digits of a sha256 are uniform on [0, 2^32): a stable coin flip per distinct content.
+    in_validation = np.array([int(d[:8], 16) / 2**32 < validation_fraction if d else False for d in digests])
+    fingerprint = hashlib.sha256("\n".join(sorted(digests[usable])).encode()).hexdigest()
+    return Split(
+        train=images.select(usable & ~in_validation),
+        validation=images.select(usable & in_validation),
+        fingerprint=fingerprint,
+        skipped=skipped,
+    )
+
+
+def load_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read and preprocess each path; an unreadable or undecodable file gets a zero image and its reason."""
+    images = np.zeros((len(batch["path"]), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    errors = []
+    for i, path in enumerate(batch["path"]):
+        try:
+            images[i] = preprocess_image(storage.read_bytes(path))
+            errors.append("")
+        except (ImageDecodeError, OSError) as exc:
+            errors.append(str(exc))
+    return {**batch, "image": images, "error": np.array(errors, dtype=object)}
+
+
+def image_dataset(images: LabelledImages, shuffle: bool = False) -> ray.data.Dataset:
+    """A Ray Dataset of `path`, `label`, `image` (float32, 170x170x3, the one preprocessing), `error` columns.
+
+    Decoding is lazy and streams: each pass over the dataset reads and decodes the files again, and with
+    `shuffle` each pass visits the files in a new order (shuffling paths is cheap; images never move).
+    """
+    items = [{"path": p, "label": label} for p, label in zip(images.paths, images.labels)]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
+    if shuffle:
+        dataset = dataset.random_shuffle()
+    return dataset.map_batches(load_images, batch_size=32)

@@ -1,0 +1,137 @@
+"""Binary classification metrics on the Cancer probability, in plain numpy.
+
+Conventions: `y_true` is 1 for Cancer (the positive class) and 0 otherwise; `p_cancer` is the model's
+Cancer probability; a case is called Cancer when `p_cancer >= threshold`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def roc_auc(y_true: np.ndarray, p_cancer: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tie correction)."""
+    y_true = np.asarray(y_true).astype(bool)
+    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(np.asarray(p_cancer, dtype=np.float64))
+    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    # Tied values share the mean of the ranks they span.
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    ranks = np.empty(len(values))
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2
+    return ranks
+
+
+def roc_curve(y_true: np.ndarray, p_cancer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) over every distinct threshold, from (0, 0) to (1, 1)."""
+    y_true = np.asarray(y_true).astype(bool)
+    thresholds = np.r_[np.inf, np.unique(p_cancer)[::-1]]
+    tpr = np.array([(p_cancer[y_true] >= t).mean() for t in thresholds])
+    fpr = np.array([(p_cancer[~y_true] >= t).mean() for t in thresholds])
+    return fpr, tpr
+
+
+def confusion(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float) -> dict[str, int]:
+    y_true = np.asarray(y_true).astype(bool)
+    called = np.asarray(p_cancer) >= threshold
+    return {
+        "tp": int((called & y_true).sum()),
+        "fn": int((~called & y_true).sum()),
+        "fp": int((called & ~y_true).sum()),
+        "tn": int((~called & ~y_true).sum()),
+    }
+
+
+def expected_calibration_error(y_true: np.ndarray, p_cancer: np.ndarray, bins: int = 10) -> float:
+    """ECE of the Cancer probability: over `bins` equal-width bins, the case-weighted mean of
+    |observed Cancer rate - mean predicted probability|."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    p_cancer = np.asarray(p_cancer, dtype=np.float64)
+    which = np.minimum((p_cancer * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.sum() * abs(y_true[in_bin].mean() - p_cancer[in_bin].mean())
+    return float(total / len(y_true))
+
+
+def reliability(y_true: np.ndarray, p_cancer: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin: mean predicted probability, observed Cancer rate, count (empty bins dropped)."""
+    which = np.minimum((np.asarray(p_cancer) * bins).astype(int), bins - 1)
+    rows = [
+        (p_cancer[which == b].mean(), np.asarray(y_true)[which == b].mean(), int((which == b).sum()))
+        for b in range(bins)
+        if (which == b).any()
+    ]
+    predicted, observed, counts = (np.array(column) for column in zip(*rows))
+    return predicted, observed, counts
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, p_cancer: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity on (y_true, p_cancer) is at least `target`."""
+    positives = np.sort(np.asarray(p_cancer)[np.asarray(y_true).astype(bool)])[::-1]
+    if len(positives) == 0:
+        raise ValueError("no Cancer cases to choose a threshold on")
+    needed = max(1, math.ceil(target * len(positives)))
+    return float(positives[needed - 1])
+
+
+def summary(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float) -> dict[str, float | int]:
+    """The headline figures at `threshold`: n, accuracy, roc_auc, sensitivity, specificity, ece."""
+    counts = confusion(y_true, p_cancer, threshold)
+    positives, negatives = counts["tp"] + counts["fn"], counts["tn"] + counts["fp"]
+    return {
+        "n": int(len(y_true)),
+        "accuracy": (counts["tp"] + counts["tn"]) / max(1, len(y_true)),
+        "roc_auc": roc_auc(y_true, p_cancer),
+        "sensitivity": counts["tp"] / positives if positives else float("nan"),
+        "specificity": counts["tn"] / negatives if negatives else float("nan"),
+        "threshold": float(threshold),
+        "ece": expected_calibration_error(y_true, p_cancer),
+        **counts,
+    }
+
+
+def fit_platt(y_true: np.ndarray, logit_gap: np.ndarray, iterations: int = 50) -> tuple[float, float]:
+    """Fit (a, c) so that sigmoid(a * logit_gap + c) is calibrated, by Newton's method on the log loss.
+
+    `logit_gap` is log p(Cancer) - log p(Non_Cancer). Platt scaling rather than temperature alone because
+    class-weighted training also shifts the prior, which a temperature cannot undo. A calibration must keep
+    the ranking, so when the best slope is not positive (a model no better than chance) the slope is pinned
+    near zero and only the offset is fitted: every case then gets about the base rate.
+    """
+    x = np.asarray(logit_gap, dtype=np.float64)
+    scale, offset = _newton_log_loss(y_true, np.stack([x, np.ones_like(x)], axis=1), iterations)
+    if scale > 0:
+        return float(scale), float(offset)
+    scale = 1e-3
+    (offset,) = _newton_log_loss(y_true, np.ones((len(x), 1)), iterations, base=scale * x)
+    return scale, float(offset)
+
+
+def _newton_log_loss(y_true, design: np.ndarray, iterations: int, base: np.ndarray | float = 0.0) -> np.ndarray:
+    """Parameters w minimising the log loss of sigmoid(base + design @ w)."""
+    y = np.asarray(y_true, dtype=np.float64)
+    params = np.zeros(design.shape[1])
+    params[0] = 1.0 if design.shape[1] == 2 else 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(base + design @ params)))
+        gradient = design.T @ (p - y)
+        hessian = design.T @ (design * (p * (1 - p))[:, None]) + 1e-6 * np.eye(design.shape[1])
+        step = np.linalg.solve(hessian, gradient)
+        params -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return params

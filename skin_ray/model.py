@@ -1,0 +1,113 @@
+"""The CNNs: `make_model(arch)` builds either the original notebook network or ours.
+
+Both take the output of `preprocess_image` (170x170 RGB in [0, 1]) and end in a 2-way softmax whose index
+order is the bundle's `class_names`. Augmentation lives in `make_augmenter`, applied by the training loop
+only, so a saved model is just the inference graph.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+from skin_ray.preprocess import IMAGE_SIZE
+
+ARCHITECTURES = ("default", "seed")
+NUM_CLASSES = 2
+
+
+@keras.saving.register_keras_serializable(package="skin_ray")
+class ShadesOfGray(layers.Layer):
+    """Colour constancy: divide each channel by the image's Minkowski p-norm illuminant estimate.
+
+    The output no longer depends on per-channel gains (white balance, exposure, a clinic's lighting), so the
+    network cannot learn the colour cast of one camera. p=6 is the usual choice for dermoscopy
+    (Barata et al., 2015).
+    """
+
+    def __init__(self, power: float = 6.0, **kwargs):
+        super().__init__(**kwargs)
+        self.power = power
+
+    def call(self, images):
+        illuminant = ops.power(ops.mean(ops.power(images + 1e-6, self.power), axis=(1, 2), keepdims=True), 1.0 / self.power)
+        # 0.5 keeps the typical output near the [0, 1] range the first convolution was initialised for.
+        return 0.5 * images / (illuminant + 1e-6)
+
+    def get_config(self):
+        return {**super().get_config(), "power": self.power}
+
+
+def make_model(arch: str = "default") -> keras.Model:
+    if arch == "default":
+        return _make_default()
+    if arch == "seed":
+        return _make_seed()
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def _make_seed() -> keras.Model:
+    """The original notebook network, layer for layer."""
+    return keras.Sequential(
+        [
+            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(NUM_CLASSES, activation="softmax"),
+        ],
+        name="seed",
+    )
+
+
+def _conv_bn(x, filters: int, strides: int = 1):
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
+    # synchronized: batch statistics are all-reduced across workers, so every replica keeps the same
+    # moving averages (unsynchronized, each worker's drift apart). momentum 0.9 settles within an epoch.
+    x = layers.BatchNormalization(momentum=0.9, synchronized=True)(x)
+    return layers.ReLU()(x)
+
+
+def _make_default() -> keras.Model:
+    """A small VGG-style network with BatchNorm and global average pooling (~1.2M parameters, ~5 MB).
+
+    A stride-2 stem keeps the cost on CPUs; global pooling (not Flatten) makes the head independent of where
+    the lesion sits in the frame.
+    """
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    x = ShadesOfGray()(inputs)
+    x = _conv_bn(x, 32, strides=2)
+    x = _conv_bn(x, 32)
+    for filters in (64, 128, 256):
+        x = layers.MaxPooling2D(2)(x)
+        x = _conv_bn(x, filters)
+        x = _conv_bn(x, filters)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.3)(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="default")
+
+
+def make_augmenter(seed: int | None = None) -> keras.Sequential:
+    """Training-time augmentation for dermoscopy and clinical photos.
+
+    Lesions have no canonical orientation (full-circle rotation, both flips). Other clinics frame the lesion
+    smaller and use other cameras, so zoom mostly outwards, translate, and jitter colour, contrast and focus.
+    """
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal_and_vertical", seed=seed),
+            layers.RandomRotation(1.0, fill_mode="reflect", seed=seed),
+            layers.RandomZoom((-0.2, 0.6), fill_mode="reflect", seed=seed),
+            layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed),
+            layers.RandomColorJitter(
+                value_range=(0, 1), brightness_factor=0.2, contrast_factor=0.2, saturation_factor=(0.35, 0.65),
+                hue_factor=0.03, seed=seed,
+            ),
+            layers.RandomGaussianBlur(factor=0.5, sigma=(0.1, 1.2), value_range=(0, 1), seed=seed),
+        ],
+        name="augmenter",
+    )

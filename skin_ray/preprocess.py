@@ -1,0 +1,97 @@
+"""The one preprocessing recipe: image bytes -> model input.
+
+Training, `predict`, the Serve app and the batch job all call `preprocess_image`, so the model can never
+see pixels prepared differently from how it was trained (the original trained on OpenCV's BGR and served
+Pillow's RGB). The recipe's id is stored in every model bundle and checked when a bundle is loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SIZE = 170
+PREPROCESSING_ID = "pil-rgb-exif-centercrop-170-unit-v1"
+# 4000x3000 phone photos must pass; anything far beyond is refused before its pixels are decoded.
+MAX_PIXELS = 40_000_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that cannot become a model input. `reason` is a short stable code for metrics and rows."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def preprocess_image(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Decode `data` to a (size, size, 3) float32 RGB array in [0, 1].
+
+    Steps: decode with Pillow (JPEGs at a reduced size via `draft`, which is exact enough and several times
+    faster), apply the EXIF orientation, convert any mode to RGB, centre-crop to a square (photos from other
+    cameras are not square; squashing them would distort the lesion), resize, scale to [0, 1].
+    Raises ImageDecodeError for anything that is not a decodable image of acceptable size.
+    """
+    image = _open(data)
+    try:
+        # draft picks the largest JPEG DCT scale (1/2, 1/4, 1/8) that still covers `size` on both sides;
+        # the centre crop's short side is what must stay >= size, hence the square request.
+        short = min(image.size)
+        if image.format == "JPEG" and short > size:
+            scale = short / size
+            image.draft("RGB", (int(image.size[0] / scale), int(image.size[1] / scale)))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(image)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_many_pixels", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = "truncated" if "truncated" in str(exc) else "corrupt"
+        raise ImageDecodeError(reason, f"cannot decode image: {exc}") from None
+    square = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
+    return np.asarray(square, dtype=np.float32) / 255.0
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise ImageDecodeError("empty", "the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not_an_image", "the data is not an image format Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError("too_many_pixels", "the image declares more pixels than allowed") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError("corrupt", f"cannot read image header: {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError("corrupt", f"invalid image size {width}x{height}")
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(
+            "too_many_pixels", f"{width}x{height} is more than the {MAX_PIXELS:,} pixels allowed"
+        )
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparent pixels are composited onto white."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        # Pillow's own conversion clips high-bit-depth values at 255, which turns a 16-bit photo white.
+        values = np.asarray(image, dtype=np.float64)
+        peak = 1.0 if image.mode == "F" and values.max() <= 1.0 else (255.0 if values.max() <= 255 else 65535.0)
+        image = Image.fromarray(np.clip(values / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

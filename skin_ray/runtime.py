@@ -1,0 +1,42 @@
+"""Connecting to Ray and sizing TensorFlow's thread pools, the same way for every job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+# Enough logical CPUs on a small machine that training workers, Ray Data tasks and Serve replicas can all be
+# scheduled at once; they share the physical cores, and TensorFlow's pools are capped to match.
+MIN_LOCAL_CPUS = 8
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the running cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or start a local Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        logger.info("connected to the running Ray cluster")
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1))
+
+
+def limit_tensorflow_threads(intra_op: int | None = None) -> None:
+    """Cap TensorFlow's pools before it starts: several TF processes share this node's cores.
+
+    Must run before the first TensorFlow op in the process; later calls are ignored.
+    """
+    import tensorflow as tf
+
+    intra_op = intra_op or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)) or (os.cpu_count() or 1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        # Two inter-op threads: collective ops of MultiWorkerMirroredStrategy wait on one while the other computes.
+        tf.config.threading.set_inter_op_parallelism_threads(int(os.environ.get("TF_NUM_INTEROP_THREADS", 0)) or 2)
+    except RuntimeError:
+        logger.debug("TensorFlow already initialised; thread pools unchanged")

@@ -1,0 +1,111 @@
+"""Shared fixtures: one real local Ray per session, a real S3 endpoint (moto server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Several TensorFlow processes share two cores during the tests.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
+sys.path.insert(0, str(Path(__file__).parent))
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "skin_isic"
+needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real data set not found at {REAL_DATA}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on loopback; the standard AWS variables point every process at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ACCESS_KEY_ID="test-key-id",
+        AWS_SECRET_ACCESS_KEY="test-secret-key",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """The session's local Ray. Started after the S3 variables are set, so its workers inherit them."""
+    import ray
+
+    from skin_ray.runtime import MIN_LOCAL_CPUS
+
+    ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    """A fresh, empty bucket named after the test."""
+    import boto3
+
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def upload_tree(local_root: Path, bucket: str, prefix: str) -> str:
+    """Upload every file below `local_root` to s3://bucket/prefix/ (relative paths kept)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    for path in sorted(local_root.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local_root)}")
+    return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def lesion_tree(tmp_path_factory) -> Path:
+    """A learnable two-class tree: 120 generated images per class."""
+    from images import write_lesion_tree
+
+    return write_lesion_tree(tmp_path_factory.mktemp("lesions"), per_class=120)
+
+
+@pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory) -> Path:
+    """A bundle around a freshly initialised default model: fast, for mechanics that need any bundle."""
+    import keras
+
+    from skin_ray.bundle import BundleMetadata, save_bundle
+    from skin_ray.model import make_model
+
+    keras.utils.set_random_seed(1)
+    path = tmp_path_factory.mktemp("bundle") / "untrained"
+    metadata = BundleMetadata(
+        model_version="untrained-test",
+        arch="default",
+        class_names=["Cancer", "Non_Cancer"],
+        positive_class="Cancer",
+        threshold=0.5,
+        target_sensitivity=0.9,
+        metrics={},
+        training={},
+        data={},
+    )
+    save_bundle(make_model("default"), metadata, str(path))
+    return path

@@ -1,0 +1,109 @@
+"""The model bundle: round trip on disk and S3, refusal of foreign bundles, Keras safe mode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import REAL_DATA, needs_real_data
+
+from skin_ray import metrics
+from skin_ray.bundle import DEFAULT_BUNDLE, METADATA_FILE, MODEL_FILE, BundleError, load_bundle, save_bundle
+from skin_ray.data import discover, image_dataset, split_by_content
+from skin_ray.model import make_model
+from skin_ray.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).random((4, 170, 170, 3), dtype=np.float32)
+
+
+def test_round_trip_local(untrained_bundle, tmp_path, images):
+    original = load_bundle(str(untrained_bundle))
+    save_bundle(original.model, original.metadata, str(tmp_path / "copy"))
+    copy = load_bundle(str(tmp_path / "copy"))
+    assert asdict(copy.metadata) == asdict(original.metadata)
+    np.testing.assert_array_equal(Predictor(copy).predict_arrays(images), Predictor(original).predict_arrays(images))
+
+
+def test_round_trip_s3(untrained_bundle, bucket, images):
+    original = load_bundle(str(untrained_bundle))
+    uri = f"s3://{bucket}/models/v1"
+    save_bundle(original.model, original.metadata, uri)
+    copy = load_bundle(uri)
+    assert copy.uri == uri
+    assert asdict(copy.metadata) == asdict(original.metadata)
+    np.testing.assert_array_equal(Predictor(copy).predict_arrays(images), Predictor(original).predict_arrays(images))
+
+
+def _edited_copy(source: Path, target: Path, **changes) -> Path:
+    shutil.copytree(source, target)
+    metadata = json.loads((target / METADATA_FILE).read_text())
+    (target / METADATA_FILE).write_text(json.dumps({**metadata, **changes}))
+    return target
+
+
+def test_refuses_another_preprocessing_or_format(untrained_bundle, tmp_path):
+    with pytest.raises(BundleError, match="preprocessing"):
+        load_bundle(str(_edited_copy(untrained_bundle, tmp_path / "a", preprocessing="opencv-bgr-170")))
+    with pytest.raises(BundleError, match="format"):
+        load_bundle(str(_edited_copy(untrained_bundle, tmp_path / "b", format_version=99)))
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(str(tmp_path))
+
+
+def test_safe_mode_refuses_code_in_a_bundle(untrained_bundle, tmp_path):
+    target = _edited_copy(untrained_bundle, tmp_path / "evil")
+    inputs = keras.Input((170, 170, 3))
+    evil = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 0 + 1)(inputs))
+    evil.save(target / MODEL_FILE)
+    with pytest.raises(ValueError, match="(?i)safe"):
+        load_bundle(str(target))
+
+
+def test_label_uses_the_threshold_not_argmax(untrained_bundle, tmp_path):
+    predictor = Predictor.from_bundle(str(_edited_copy(untrained_bundle, tmp_path / "t", threshold=0.2)))
+    assert predictor.to_prediction(np.array([0.3, 0.7])).label == "Cancer"
+    assert predictor.to_prediction(np.array([0.1, 0.9])).label == "Non_Cancer"
+
+
+def test_class_order_comes_from_the_bundle(untrained_bundle, tmp_path):
+    flipped = _edited_copy(untrained_bundle, tmp_path / "f", class_names=["Non_Cancer", "Cancer"])
+    prediction = Predictor.from_bundle(str(flipped)).to_prediction(np.array([0.8, 0.2]))
+    assert prediction.cancer_probability == pytest.approx(0.2)
+    assert prediction.probabilities == {"Non_Cancer": pytest.approx(0.8), "Cancer": pytest.approx(0.2)}
+
+
+def test_shipped_default_bundle_meets_its_targets():
+    """The repository's model: trained with `skin-ray train`, small, and as good as its record says."""
+    bundle = load_bundle()
+    meta = bundle.metadata
+    assert meta.arch == "default" and meta.class_names == ["Cancer", "Non_Cancer"]
+    assert sum(f.stat().st_size for f in Path(DEFAULT_BUNDLE).iterdir()) < 8 * 2**20
+    assert meta.metrics["validation"]["roc_auc"] >= 0.95
+    assert meta.metrics["validation"]["ece"] <= 0.03
+    assert meta.metrics["validation"]["sensitivity"] >= meta.target_sensitivity
+    assert make_model("default").count_params() == bundle.model.count_params()
+
+
+@needs_real_data
+def test_shipped_bundle_reproduces_its_validation_metrics(ray_session):
+    """Re-derive the validation split from the real data and re-score it: the recorded figures hold."""
+    predictor = Predictor.from_bundle()
+    recorded = predictor.metadata.metrics["validation"]
+    split = split_by_content(discover(str(REAL_DATA)), predictor.metadata.training["validation_fraction"])
+    assert split.fingerprint == predictor.metadata.data["fingerprint"]
+    y_true, p_cancer = [], []
+    for batch in image_dataset(split.validation).iter_batches(batch_size=128):
+        y_true.append(batch["label"] == predictor.metadata.positive_index)
+        p_cancer.append(predictor.cancer_probabilities(batch["image"]))
+    summary = metrics.summary(np.concatenate(y_true), np.concatenate(p_cancer), predictor.metadata.threshold)
+    assert summary["n"] == recorded["n"]
+    for name in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
+        assert summary[name] == pytest.approx(recorded[name], abs=1e-4), name

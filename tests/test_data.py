@@ -1,0 +1,115 @@
+"""Data discovery (both layouts, local and S3), the content-hash split, and one preprocessing path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REAL_DATA, needs_real_data, upload_tree
+from images import write_lesion_tree
+
+from skin_ray import storage
+from skin_ray.data import discover, image_dataset, split_by_content
+from skin_ray.predictor import Predictor
+from skin_ray.preprocess import preprocess_image
+
+
+@pytest.fixture(scope="module")
+def flat_tree(tmp_path_factory) -> Path:
+    return write_lesion_tree(tmp_path_factory.mktemp("flat"), per_class=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def split_tree(tmp_path_factory) -> Path:
+    return write_lesion_tree(tmp_path_factory.mktemp("split"), per_class=12, seed=4, split_folders=True)
+
+
+def _relative(paths: list[str], root: str) -> list[str]:
+    return sorted(p[len(root) :].lstrip("/") for p in paths)
+
+
+def test_discover_flat_layout(flat_tree):
+    images = discover(str(flat_tree))
+    assert len(images) == 24
+    assert images.class_counts() == {"Cancer": 12, "Non_Cancer": 12}
+    for path, label in zip(images.paths, images.labels):
+        assert Path(path).parent.name == images.class_names[label]
+
+
+def test_discover_split_layout_and_subset(split_tree):
+    everything = discover(str(split_tree))
+    training = discover(str(split_tree), subset="Training")
+    testing = discover(str(split_tree), subset="Testing")
+    assert len(everything) == 24
+    assert len(training) == 18 and len(testing) == 6
+    assert all("/Training/" in p for p in training.paths)
+    assert set(training.paths) | set(testing.paths) == set(everything.paths)
+
+
+def test_discover_ignores_non_images_and_needs_both_classes(tmp_path, flat_tree):
+    root = tmp_path / "tree"
+    shutil.copytree(flat_tree, root)
+    (root / "Cancer" / "notes.txt").write_text("not an image")
+    assert len(discover(str(root))) == 24
+    shutil.rmtree(root / "Non_Cancer")
+    with pytest.raises(FileNotFoundError, match="Non_Cancer"):
+        discover(str(root))
+
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_discover_on_s3_matches_local(layout, flat_tree, split_tree, bucket):
+    local = flat_tree if layout == "flat" else split_tree
+    uri = upload_tree(local, bucket, f"data/{layout}")
+    on_s3, on_disk = discover(uri), discover(str(local))
+    assert _relative(on_s3.paths, uri) == _relative(on_disk.paths, str(local))
+    assert on_s3.class_counts() == on_disk.class_counts()
+    if layout == "split":
+        assert len(discover(uri, subset="Testing")) == 6
+
+
+def test_split_is_deterministic_and_keeps_duplicates_together(ray_session, tmp_path, flat_tree):
+    root = tmp_path / "tree"
+    shutil.copytree(flat_tree, root)
+    # Five files duplicated under new names (identical bytes), one of them into a broken copy too.
+    for source in sorted((root / "Cancer").glob("*.jpg"))[:5]:
+        shutil.copy(source, source.with_name("copy_of_" + source.name))
+    (root / "Non_Cancer" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely truncated")
+    images = discover(str(root))
+    first, second = split_by_content(images, 0.3), split_by_content(images, 0.3)
+    assert first.validation.paths == second.validation.paths
+    assert first.fingerprint == second.fingerprint
+    assert list(first.skipped) == [str((root / "Non_Cancer" / "broken.jpg").absolute())]
+    assert len(first.train) + len(first.validation) == len(images) - 1
+    validation = set(first.validation.paths)
+    for copy in root.glob("Cancer/copy_of_*.jpg"):
+        original = copy.with_name(copy.name.removeprefix("copy_of_"))
+        assert (str(copy.absolute()) in validation) == (str(original.absolute()) in validation)
+    assert 0 < len(first.validation) < len(images)
+
+
+def test_training_pipeline_and_predict_see_the_same_array(ray_session, flat_tree, untrained_bundle):
+    """The Ray Data training input equals preprocess_image of the file, and predict gives the same output."""
+    images = discover(str(flat_tree))
+    rows = image_dataset(images).take_all()
+    predictor = Predictor.from_bundle(str(untrained_bundle))
+    assert len(rows) == len(images)
+    for row in rows[:6]:
+        data = storage.read_bytes(row["path"])
+        np.testing.assert_array_equal(row["image"], preprocess_image(data))
+        (from_bytes,) = predictor.predict_bytes([data])
+        from_pipeline = predictor.to_prediction(predictor.predict_arrays(row["image"][None])[0])
+        assert from_bytes == from_pipeline
+
+
+@needs_real_data
+def test_real_data_split(ray_session):
+    images = discover(str(REAL_DATA))
+    assert images.class_counts() == {"Cancer": 1197, "Non_Cancer": 1440}
+    split = split_by_content(images, 0.2)
+    assert not split.skipped
+    # Cancer/768.jpg and Cancer/769.jpg are the same image: same side of the split.
+    validation = {Path(p).relative_to(REAL_DATA).as_posix() for p in split.validation.paths}
+    assert ("Cancer/768.jpg" in validation) == ("Cancer/769.jpg" in validation)
+    assert 0.17 < len(split.validation) / len(images) < 0.23
