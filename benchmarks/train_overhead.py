@@ -65,7 +65,8 @@ def keras_fit_epoch_seconds(data: Path, epochs: int, batch_size: int) -> float:
 
 
 def ray_train_epoch_seconds(data: Path, epochs: int, batch_size: int, workers: int, scratch: Path) -> float:
-    from skin_ray.train import TrainConfig, train
+    from skin_ray.config import TrainConfig
+    from skin_ray.train import train
 
     config = TrainConfig(
         data=str(data), output=str(scratch / "bundle"), storage_path=str(scratch / "runs"), workers=workers,

@@ -1,4 +1,4 @@
-"""The `skin-ray` command line: train, evaluate, predict."""
+"""The `skin-ray` command line: train, evaluate, predict, serve."""
 
 from __future__ import annotations
 
@@ -13,14 +13,21 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _add_options(parser, defaults: dict, helps: dict) -> None:
+    """One `--flag-name` per settings field, typed by its default, so every setting is reachable from here."""
+    for name, default in defaults.items():
+        kind = type(default) if default is not None else str
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=helps.get(name))
+
+
 def _add_train(commands) -> None:
-    from skin_ray.train import TrainConfig
+    from skin_ray.config import TrainConfig
 
     parser = commands.add_parser("train", help="train a model with Ray Train and write a model bundle")
     parser.add_argument("data", help="labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
     parser.add_argument("--output", required=True, help="where to write the bundle (directory or s3:// prefix)")
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("data", "output")}
-    helps = {
+    _add_options(parser, defaults, {
         "arch": "default (ours) or seed (the original notebook CNN)",
         "workers": "Ray Train workers (MultiWorkerMirroredStrategy replicas)",
         "batch_size": "global batch size, split evenly across workers",
@@ -28,15 +35,13 @@ def _add_train(commands) -> None:
         "storage_path": "Ray Train run and checkpoint storage (local path or s3://)",
         "placement_strategy": "PACK, or SPREAD to place workers on different nodes",
         "resources_timeout_s": "give up if the workers' CPUs are not free within this many seconds",
-    }
-    for name, default in defaults.items():
-        kind = type(default) if default is not None else str
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=helps.get(name))
+    })
 
 
 def _run_train(args) -> int:
+    from skin_ray.config import TrainConfig
     from skin_ray.runtime import init_ray
-    from skin_ray.train import TrainConfig, train
+    from skin_ray.train import train
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     init_ray()
@@ -97,7 +102,46 @@ def _run_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"train": (_add_train, _run_train), "evaluate": (_add_evaluate, _run_evaluate), "predict": (_add_predict, _run_predict)}
+def _add_serve(commands) -> None:
+    from skin_ray.config import ServeSettings
+
+    parser = commands.add_parser("serve", help="run the HTTP service (Ray Serve) until Ctrl-C")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+    fields_ = ServeSettings.model_fields
+    _add_options(parser, {n: f.default for n, f in fields_.items()}, {n: f.description for n, f in fields_.items()})
+
+
+def _run_serve(args) -> int:
+    import signal
+    import threading
+
+    from ray import serve
+
+    from skin_ray.runtime import init_ray
+    from skin_ray.config import ServeSettings
+    from skin_ray.serve import app_builder
+
+    settings = ServeSettings(**{name: getattr(args, name) for name in ServeSettings.model_fields})
+    init_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app_builder(settings), name="skin-ray", route_prefix="/")
+    print(f"skin-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down: in-flight requests finish first", flush=True)
+    serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s) before they stop
+    return 0
+
+
+COMMANDS = {
+    "train": (_add_train, _run_train),
+    "evaluate": (_add_evaluate, _run_evaluate),
+    "predict": (_add_predict, _run_predict),
+    "serve": (_add_serve, _run_serve),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         add(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from skin_ray.runtime import limit_tensorflow_threads
-    from skin_ray.train import InsufficientResourcesError
+    from skin_ray.runtime import InsufficientResourcesError, limit_tensorflow_threads
 
     limit_tensorflow_threads()
     try:

@@ -26,6 +26,28 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1))
 
 
+class InsufficientResourcesError(RuntimeError):
+    pass
+
+
+def wait_for_resources(bundles: list[dict], strategy: str, timeout_s: float, purpose: str, remedy: str) -> None:
+    """Reserve `bundles` once (a placement group) and release them, or raise InsufficientResourcesError.
+
+    Ray waits for resources forever by design (an autoscaler may add nodes); a job that cannot start should
+    instead say so, naming what it needs and what is free.
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    probe = placement_group(bundles, strategy=strategy)
+    ready, _ = ray.wait([probe.ready()], timeout=timeout_s)
+    remove_placement_group(probe)
+    if not ready:
+        raise InsufficientResourcesError(
+            f"{purpose}, but after {timeout_s:.0f}s only {ray.available_resources().get('CPU', 0):g} of "
+            f"{ray.cluster_resources().get('CPU', 0):g} CPUs are free. {remedy}"
+        )
+
+
 def limit_tensorflow_threads(intra_op: int | None = None) -> None:
     """Cap TensorFlow's pools before it starts: several TF processes share this node's cores.
 

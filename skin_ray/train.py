@@ -27,12 +27,12 @@ import numpy as np
 import ray
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
-from ray.util.placement_group import placement_group, remove_placement_group
 
 from skin_ray import metrics, storage
 from skin_ray.bundle import BundleMetadata, save_bundle
+from skin_ray.config import TrainConfig
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, discover, image_dataset, split_by_content
-from skin_ray.runtime import limit_tensorflow_threads
+from skin_ray.runtime import limit_tensorflow_threads, wait_for_resources
 
 logger = logging.getLogger(__name__)
 
@@ -42,42 +42,10 @@ STATE_FILE = "state.json"
 
 
 @dataclass
-class TrainConfig:
-    """Everything `skin-ray train` can set. Defaults run on a laptop."""
-
-    data: str
-    output: str
-    arch: str = "default"
-    workers: int = 2
-    epochs: int = 40
-    batch_size: int = 32  # global: split evenly across workers
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    validation_fraction: float = 0.2
-    target_sensitivity: float = 0.90
-    subset: str | None = None  # train only on images inside sub-folders of this name, e.g. "Training"
-    storage_path: str = "~/skin_ray_runs"  # Ray Train checkpoints; local path or s3://
-    run_name: str | None = None
-    max_failures: int = 3  # restarts from the last checkpoint after a worker dies
-    cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # SPREAD places workers on different nodes
-    resources_timeout_s: float = 120.0  # fail rather than wait forever for workers' CPUs
-
-    def __post_init__(self):
-        if self.batch_size % self.workers:
-            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
-
-
-@dataclass
 class TrainOutcome:
     bundle_uri: str
     metrics: dict
     history: list[dict]
-
-
-class InsufficientResourcesError(RuntimeError):
-    pass
 
 
 def train(config: TrainConfig) -> TrainOutcome:
@@ -206,22 +174,17 @@ def _crossfit_ece(y_true: np.ndarray, gap: np.ndarray) -> float:
 
 
 def _wait_for_resources(config: TrainConfig) -> None:
-    """Reserve the workers' CPUs (plus one for Ray Data) once, or fail with a clear message.
+    """The workers' CPUs plus one for Ray Data must be free, or training fails with a clear message.
 
     Without this, Ray Train waits forever when another actor (a Serve replica, say) holds the CPUs.
     """
-    bundles = [{"CPU": config.cpus_per_worker}] * config.workers + [{"CPU": 1}]
-    strategy = "SPREAD" if config.placement_strategy.endswith("SPREAD") else "PACK"
-    probe = placement_group(bundles, strategy=strategy)
-    ready, _ = ray.wait([probe.ready()], timeout=config.resources_timeout_s)
-    remove_placement_group(probe)
-    if not ready:
-        raise InsufficientResourcesError(
-            f"training needs {config.workers} workers x {config.cpus_per_worker} CPU plus 1 CPU for data loading, "
-            f"but after {config.resources_timeout_s:.0f}s only {ray.available_resources().get('CPU', 0):g} of "
-            f"{ray.cluster_resources().get('CPU', 0):g} CPUs are free. Stop what holds them (a Serve app?), "
-            "lower --workers, or add nodes."
-        )
+    wait_for_resources(
+        [{"CPU": config.cpus_per_worker}] * config.workers + [{"CPU": 1}],
+        strategy="SPREAD" if config.placement_strategy.endswith("SPREAD") else "PACK",
+        timeout_s=config.resources_timeout_s,
+        purpose=f"training needs {config.workers} workers x {config.cpus_per_worker} CPU plus 1 CPU for data loading",
+        remedy="Stop what holds them (a Serve app?), lower --workers, or add nodes.",
+    )
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -16,7 +16,9 @@ from skin_ray import metrics
 from skin_ray.bundle import load_bundle
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.predictor import Predictor
-from skin_ray.train import InsufficientResourcesError, TrainConfig, train
+from skin_ray.config import TrainConfig
+from skin_ray.runtime import InsufficientResourcesError
+from skin_ray.train import train
 
 
 def _config(data: Path, tmp_path: Path, **overrides) -> TrainConfig:

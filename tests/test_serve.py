@@ -1,0 +1,268 @@
+"""The Serve app on a real local Ray, over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from images import encode, lesion_image
+from PIL import Image
+from ray import serve
+
+from skin_ray.config import ServeSettings
+from skin_ray.preprocess import preprocess_image
+from skin_ray.serve import Ingress, SkinModel, app_builder
+
+APP = "skin-ray-test"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, untrained_bundle):
+    """The app with a small upload limit and batches that wait long enough to fill under load."""
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(model=str(untrained_bundle), max_batch_size=16, batch_wait_timeout_s=0.05, max_upload_mb=2)
+    serve.run(app_builder(settings), name=APP, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()  # frees the replicas' CPUs for the tests that follow
+
+
+@pytest.fixture
+def client(service):
+    with httpx.Client(base_url=service, timeout=60) as http:
+        yield http
+        assert http.get("/healthz").status_code == 200, "the service must stay healthy after every request"
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    return encode(lesion_image("Cancer", np.random.default_rng(5)), "JPEG")
+
+
+def _post(client, data: bytes, filename="x.jpg", content_type="image/jpeg"):
+    return client.post("/predict", files={"file": (filename, data, content_type)})
+
+
+def test_endpoints(client, jpeg):
+    assert client.get("/healthz").json()["model_version"] == "untrained-test"
+    metadata = client.get("/model").json()
+    assert metadata["class_names"] == ["Cancer", "Non_Cancer"] and metadata["positive_class"] == "Cancer"
+    assert client.get("/docs").status_code == 200
+    assert "/predict/batch" in client.get("/openapi.json").json()["paths"]
+    page = client.get("/")
+    assert page.status_code == 200 and "not a medical diagnosis" in page.text
+    response = _post(client, jpeg)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert set(answer) == {"label", "cancer_probability", "probabilities", "threshold", "model_version"}
+    assert answer["probabilities"]["Cancer"] == pytest.approx(answer["cancer_probability"])
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert answer["label"] == ("Cancer" if answer["cancer_probability"] >= answer["threshold"] else "Non_Cancer")
+
+
+def test_page_is_self_contained(client):
+    page = client.get("/").text
+    assert "<script src" not in page and "<link" not in page and "https://" not in page
+
+
+def _odd_images() -> dict[str, tuple[bytes, str]]:
+    photo = lesion_image("Non_Cancer", np.random.default_rng(6), size=120)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sixteen_bit = Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257))
+    return {
+        "grayscale": (encode(photo.convert("L"), "PNG"), "image/png"),
+        "rgba": (encode(photo.convert("RGBA"), "PNG"), "image/png"),
+        "cmyk": (encode(photo.convert("CMYK"), "JPEG"), "image/jpeg"),
+        "16-bit png": (encode(sixteen_bit, "PNG"), "image/png"),
+        "palette gif": (encode(photo.convert("P"), "GIF"), "image/gif"),
+        "webp": (encode(photo, "WEBP"), "image/webp"),
+        "bmp": (encode(photo, "BMP"), "image/bmp"),
+        "tiff": (encode(photo, "TIFF"), "image/tiff"),
+        "1x1": (encode(Image.new("RGB", (1, 1), (120, 80, 60)), "PNG"), "image/png"),
+        "exif rotated": (encode(photo, "JPEG", exif=exif.tobytes()), "image/jpeg"),
+        "4000x3000": (encode(photo.resize((4000, 3000)), "JPEG", quality=85), "image/jpeg"),
+        "undeclared type": (encode(photo, "PNG"), "application/octet-stream"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_odd_images()))
+def test_odd_but_valid_images_are_predicted(client, name):
+    data, content_type = _odd_images()[name]
+    response = _post(client, data, f"{name}.img", content_type)
+    assert response.status_code == 200, response.text
+    assert 0.0 <= response.json()["cancer_probability"] <= 1.0
+
+
+def _bad_uploads(jpeg: bytes) -> dict[str, tuple[dict, int, str]]:
+    bomb = encode(Image.new("1", (20000, 20000)), "PNG")
+    return {
+        "empty": ({"files": {"file": ("e.jpg", b"", "image/jpeg")}}, 400, "empty"),
+        "truncated jpeg": ({"files": {"file": ("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}}, 400, "truncated"),
+        "text as image": ({"files": {"file": ("t.jpg", b"hello " * 100, "image/jpeg")}}, 400, "not_an_image"),
+        "random bytes": ({"files": {"file": ("r.jpg", np.random.default_rng(1).bytes(4096), "image/jpeg")}}, 400, "not_an_image"),
+        "decompression bomb": ({"files": {"file": ("b.png", bomb, "image/png")}}, 400, "too_many_pixels"),
+        "oversize body": ({"files": {"file": ("big.jpg", b"\xff" * (3 * 2**20), "image/jpeg")}}, 413, "larger than"),
+        "wrong content type": ({"files": {"file": ("a.txt", b"plain text", "text/plain")}}, 415, "text/plain"),
+        "no file": ({"data": {"other": "field"}}, 422, "no file"),
+        "not multipart": ({"content": b"{}", "headers": {"content-type": "application/json"}}, 422, "no file"),
+        "broken multipart": (
+            {"content": b"--xyz\r\nnonsense", "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+            422,
+            "no file",
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_uploads(b"\xff\xd8")))
+def test_bad_uploads_get_a_4xx_with_a_reason(client, jpeg, name):
+    request, status, reason = _bad_uploads(jpeg)[name]
+    response = client.post("/predict", **request)
+    assert response.status_code == status, response.text
+    assert reason in response.json()["detail"]
+
+
+def test_oversize_body_without_content_length_is_refused_while_streaming(client):
+    def chunks():
+        boundary = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n"
+        yield boundary + b"Content-Type: image/jpeg\r\n\r\n"
+        for _ in range(64):
+            yield b"\x00" * 2**16  # 4 MiB in all, no Content-Length header (chunked)
+
+    response = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413
+
+
+def test_batch_endpoint_keeps_order_and_isolates_bad_files(client, jpeg):
+    files = [
+        ("files", ("a.jpg", jpeg, "image/jpeg")),
+        ("files", ("broken.jpg", b"nope", "image/jpeg")),
+        ("files", ("c.png", _odd_images()["grayscale"][0], "image/png")),
+        ("files", ("d.txt", b"text", "text/plain")),
+    ]
+    response = client.post("/predict/batch", files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == ["a.jpg", "broken.jpg", "c.png", "d.txt"]
+    assert "label" in results[0] and "label" in results[2]
+    assert results[1]["error"].startswith("not_an_image") and "text/plain" in results[3]["error"]
+    too_many = client.post("/predict/batch", files=[("files", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(17)])
+    assert too_many.status_code == 413
+
+
+def test_batches_form_under_concurrent_load(service, client, jpeg):
+    before = client.get("/stats").json()["batch_sizes"]
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=service, timeout=120) as http:
+            return await asyncio.gather(
+                *(http.post("/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}) for _ in range(48))
+            )
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    after = client.get("/stats").json()["batch_sizes"]
+    new_batches = {int(size): count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
+    assert sum(size * count for size, count in new_batches.items()) == 48
+    assert max(new_batches) > 1, new_batches
+
+
+def test_model_replica_receives_the_preprocessing_output(service, client, jpeg):
+    """The ingress sends the model exactly preprocess_image(file): predicting that array directly agrees."""
+    handle = serve.get_deployment_handle("SkinModel", APP)
+    direct = handle.predict.remote(preprocess_image(jpeg)).result()
+    over_http = _post(client, jpeg).json()
+    assert over_http["cancer_probability"] == pytest.approx(direct["cancer_probability"], abs=1e-6)
+
+
+def test_prometheus_metrics_are_exported(service, client, jpeg):
+    import ray
+
+    _post(client, jpeg)
+    _post(client, b"", "empty.jpg")
+    # Ray exports application metrics, beside Serve's own, through each node's Prometheus endpoint.
+    node = ray.nodes()[0]
+    endpoint = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline = time.monotonic() + 60
+    text = ""
+    while 'reason="empty"' not in text and time.monotonic() < deadline:
+        time.sleep(2)
+        text = httpx.get(endpoint, timeout=30).text
+    assert "ray_serve_num_http_requests" in text or "serve_num_http_requests" in text
+    assert "skin_ray_batch_size" in text
+    assert "skin_ray_predictions" in text
+    assert 'reason="empty"' in text
+
+
+def test_overload_answers_503_and_never_500(service, untrained_bundle, jpeg):
+    """A tiny queue in front of a slow-to-fill batch: excess requests get 503, none 500, then it recovers."""
+    model = SkinModel.options(name="TightModel", max_ongoing_requests=2, max_queued_requests=1).bind(
+        str(untrained_bundle), 2, 0.5
+    )
+    app = Ingress.options(name="TightIngress", max_ongoing_requests=64, max_queued_requests=64).bind(model, 2, 4)
+    serve.run(app, name="tight", route_prefix="/tight")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=service, timeout=120) as http:
+            return await asyncio.gather(
+                *(http.post("/tight/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}) for _ in range(40))
+            )
+
+    try:
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert 503 in codes and 200 in codes
+        assert set(codes) <= {200, 503}, codes
+        assert httpx.post(f"{service}/tight/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}).status_code == 200
+    finally:
+        serve.delete("tight")
+
+
+def test_reconfigure_swaps_the_model_without_downtime(service, client, untrained_bundle, tmp_path, jpeg):
+    import json
+    import threading
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(untrained_bundle, swapped)
+    metadata = json.loads((swapped / "bundle.json").read_text())
+    (swapped / "bundle.json").write_text(json.dumps({**metadata, "model_version": "swapped-test"}))
+
+    def deploy(bundle: Path) -> None:
+        model = SkinModel.options(name="SwapModel", user_config={"model": str(bundle)})
+        app = Ingress.options(name="SwapIngress").bind(model.bind(str(untrained_bundle), 4, 0.01), 2, 4)
+        serve.run(app, name="swap", route_prefix="/swap")
+
+    deploy(untrained_bundle)
+    codes: list[int] = []
+    swapping = threading.Event()
+
+    def keep_asking():
+        with httpx.Client(base_url=service, timeout=60) as http:
+            while not swapping.is_set() or len(codes) < 5:
+                codes.append(http.post("/swap/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}).status_code)
+
+    try:
+        assert client.get("/swap/model").json()["model_version"] == "untrained-test"
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        deploy(swapped)
+        swapping.set()
+        asker.join(timeout=120)
+        assert client.get("/swap/model").json()["model_version"] == "swapped-test"
+        assert codes and set(codes) == {200}, codes
+    finally:
+        serve.delete("swap")

@@ -1,0 +1,123 @@
+"""The service started as users start it: Ray's `serve run` on our YAML, `skin-ray serve`, and the page
+driven in a real headless Chromium. The subprocesses join the session's Ray through RAY_ADDRESS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from images import lesion_image
+from ray import serve
+from test_serve import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _start(command: list[str], ray_session) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not become healthy")
+
+
+def _stop(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        serve.shutdown()  # the Serve instance outlives the CLI in the session's Ray; free its CPUs and port
+
+
+def _photo(tmp_path: Path) -> Path:
+    path = tmp_path / "lesion.jpg"
+    lesion_image("Cancer", np.random.default_rng(9), size=160).save(path)
+    return path
+
+
+def test_serve_run_with_the_shipped_config(ray_session, tmp_path):
+    """`serve run deployments/serve_config.yaml` as written, on a free port, serving the shipped model."""
+    config = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    copy = tmp_path / "serve_config.yaml"
+    copy.write_text(yaml.safe_dump(config))
+    process = _start(["serve", "run", str(copy)], ray_session)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process)
+        response = httpx.post(f"{url}/predict", files={"file": ("x.jpg", _photo(tmp_path).read_bytes(), "image/jpeg")})
+        assert response.status_code == 200, response.text
+        assert response.json()["label"] in ("Cancer", "Non_Cancer")
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def cli_service(ray_session, untrained_bundle):
+    port = _free_port()
+    process = _start(["skin-ray", "serve", "--port", str(port), "--model", str(untrained_bundle)], ray_session)
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, process)
+    yield url, process
+    if process.poll() is None:
+        _stop(process)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it)")
+def test_upload_page_in_headless_chromium(cli_service, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = cli_service
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            assert "not a medical diagnosis" in page.inner_text("#disclaimer")
+            page.set_input_files("#file", str(_photo(tmp_path)))
+            page.wait_for_selector("#label", timeout=60_000)
+            assert page.inner_text("#label") in ("Cancer", "Non_Cancer")
+            assert "Cancer probability" in page.inner_text("#probability")
+            assert page.is_visible("#preview")
+            page.screenshot(path=str(tmp_path / "page.png"))
+            # A broken file shows the service's reason, and the page keeps working.
+            broken = tmp_path / "broken.jpg"
+            broken.write_bytes(b"not really a jpeg")
+            page.set_input_files("#file", str(broken))
+            page.wait_for_selector(".error", timeout=60_000)
+            assert "not_an_image" in page.inner_text("#result")
+        finally:
+            browser.close()
+
+
+def test_ctrl_c_stops_the_service_cleanly(cli_service):
+    url, process = cli_service
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    assert _stop(process) == 0
+    assert "shutting down" in process.stdout.read()
