@@ -1,4 +1,4 @@
-"""The `skin-ray` command line: train, evaluate, predict, serve."""
+"""The `skin-ray` command line: train, evaluate, predict, serve, classify."""
 
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def _add_options(parser, defaults: dict, helps: dict) -> None:
     """One `--flag-name` per settings field, typed by its default, so every setting is reachable from here."""
     for name, default in defaults.items():
-        kind = type(default) if default is not None else str
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=helps.get(name))
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default, help=helps.get(name))
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=default, help=helps.get(name))
 
 
 def _add_train(commands) -> None:
@@ -74,31 +78,50 @@ def _add_predict(commands) -> None:
 
 
 def _run_predict(args) -> int:
-    from skin_ray import storage
+    import numpy as np
+
+    from skin_ray.data import load_images
     from skin_ray.predictor import Predictor
-    from skin_ray.preprocess import ImageDecodeError
 
     predictor = Predictor.from_bundle(args.model)
     chunk = 32  # bounds memory for long argument lists
     for start in range(0, len(args.images), chunk):
-        paths = args.images[start : start + chunk]
-        blobs: list[bytes] = []
-        unreadable: dict[int, str] = {}
-        for i, path in enumerate(paths):
-            try:
-                blobs.append(storage.read_bytes(path))
-            except OSError as exc:
-                unreadable[i] = f"unreadable: {exc}"
-                blobs.append(b"")
-        for i, (path, outcome) in enumerate(zip(paths, predictor.predict_bytes(blobs))):
-            row = {"path": path, "label": None, "cancer_probability": None, "error": None}
-            if i in unreadable:
-                row["error"] = unreadable[i]
-            elif isinstance(outcome, ImageDecodeError):
-                row["error"] = str(outcome)
-            else:
-                row.update(label=outcome.label, cancer_probability=outcome.cancer_probability)
+        batch = load_images({"path": np.array(args.images[start : start + chunk], dtype=object)})
+        ok = batch["error"] == ""
+        rows = iter(predictor.predict_arrays(batch["image"][ok]))
+        for path, error in zip(batch["path"], batch["error"]):
+            row = {"path": path, "label": None, "cancer_probability": None, "error": error or None}
+            if not error:
+                prediction = predictor.to_prediction(next(rows))
+                row.update(label=prediction.label, cancer_probability=prediction.cancer_probability)
             print(json.dumps({**row, "model_version": predictor.model_version}), flush=True)
+    return 0
+
+
+def _add_classify(commands) -> None:
+    from skin_ray.config import ClassifyConfig
+
+    parser = commands.add_parser("classify", help="classify every image below a directory or s3:// prefix (Ray Data)")
+    parser.add_argument("source", help="directory or s3://bucket/prefix, searched recursively for images")
+    parser.add_argument("--output", required=True, help="directory or s3:// prefix for the results")
+    defaults = {f.name: f.default for f in fields(ClassifyConfig) if f.name not in ("source", "output")}
+    _add_options(parser, defaults, {
+        "model": "bundle directory or s3:// prefix (default: the shipped model)",
+        "format": "parquet, csv or jsonl",
+        "workers": "most classifier actors; each loads the model once",
+        "resume": "skip files already present in the output's results",
+        "max_file_mb": "files larger than this become error rows without being read",
+    })
+
+
+def _run_classify(args) -> int:
+    from skin_ray.classify import classify
+    from skin_ray.config import ClassifyConfig
+    from skin_ray.runtime import init_ray
+
+    config = ClassifyConfig(**{f.name: getattr(args, f.name) for f in fields(ClassifyConfig)})
+    init_ray()
+    print(json.dumps(classify(config)))
     return 0
 
 
@@ -141,6 +164,7 @@ COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
     "serve": (_add_serve, _run_serve),
+    "classify": (_add_classify, _run_classify),
 }
 
 
@@ -156,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     limit_tensorflow_threads()
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, InsufficientResourcesError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, InsufficientResourcesError) as exc:
         # Mistakes in the input or the environment: a one-line reason, not a traceback.
         parser.exit(2, f"skin-ray {args.command}: error: {exc}\n")
 

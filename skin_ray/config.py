@@ -40,6 +40,26 @@ class TrainConfig:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
 
 
+@dataclass
+class ClassifyConfig:
+    """Everything `skin-ray classify` can set."""
+
+    source: str
+    output: str
+    model: str | None = None  # bundle; None = the shipped model
+    format: str = "parquet"  # parquet, csv or jsonl
+    batch_size: int = 32
+    workers: int = 2  # most classifier actors (each loads the model once)
+    cpus_per_actor: float = 0.5  # fractional, so a Serve replica or trainer elsewhere cannot starve the pool
+    max_file_mb: float = 50.0  # larger files become error rows without being read
+    rows_per_file: int = 5000  # output file granularity: what an interruption can lose per writer
+    resume: bool = False  # skip files already in the output
+
+    def __post_init__(self):
+        if self.format not in ("parquet", "csv", "jsonl"):
+            raise ValueError(f"--format must be parquet, csv or jsonl, not {self.format!r}")
+
+
 class ServeSettings(BaseModel):
     """The app builder's arguments: the same fields in `deployments/serve_config.yaml`, `skin-ray serve`
     flags and Python."""

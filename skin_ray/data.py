@@ -121,16 +121,24 @@ def split_by_content(images: LabelledImages, validation_fraction: float = 0.2) -
     )
 
 
-def load_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Read and preprocess each path; an unreadable or undecodable file gets a zero image and its reason."""
+def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Read and preprocess each path (a Ray Data map_batches function).
+
+    A file that cannot become a model input gets a zero image and an `error` of the form "reason: detail"
+    (ImageDecodeError's reasons, `too_large` or `unreadable`); the others get an empty error.
+    """
     images = np.zeros((len(batch["path"]), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     errors = []
     for i, path in enumerate(batch["path"]):
         try:
-            images[i] = preprocess_image(storage.read_bytes(path))
+            images[i] = preprocess_image(storage.read_bytes(path, max_bytes))
             errors.append("")
-        except (ImageDecodeError, OSError) as exc:
+        except ImageDecodeError as exc:
             errors.append(str(exc))
+        except storage.FileTooLargeError as exc:
+            errors.append(f"too_large: {exc}")
+        except OSError as exc:
+            errors.append(f"unreadable: {exc}")
     return {**batch, "image": images, "error": np.array(errors, dtype=object)}
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import tensorflow as tf
 
 from skin_ray.bundle import Bundle, load_bundle
-from skin_ray.preprocess import ImageDecodeError, preprocess_image
 
 
 @dataclass(frozen=True)
@@ -57,15 +56,3 @@ class Predictor:
         negative = next(name for name in names if name != self.metadata.positive_class)
         label = self.metadata.positive_class if cancer >= self.metadata.threshold else negative
         return Prediction(label, cancer, {name: float(p) for name, p in zip(names, probabilities)})
-
-    def predict_bytes(self, blobs: list[bytes]) -> list[Prediction | ImageDecodeError]:
-        """Decode and predict a batch of encoded images; undecodable ones come back as their error."""
-        decoded: list[np.ndarray | ImageDecodeError] = []
-        for data in blobs:
-            try:
-                decoded.append(preprocess_image(data))
-            except ImageDecodeError as exc:
-                decoded.append(exc)
-        good = [item for item in decoded if isinstance(item, np.ndarray)]
-        rows = iter(self.predict_arrays(np.stack(good)) if good else [])
-        return [item if isinstance(item, ImageDecodeError) else self.to_prediction(next(rows)) for item in decoded]

@@ -46,15 +46,22 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint):
+def ray_context(s3_endpoint):
     """The session's local Ray. Started after the S3 variables are set, so its workers inherit them."""
     import ray
 
     from skin_ray.runtime import MIN_LOCAL_CPUS
 
-    ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=True)
-    yield ray
+    context = ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=True)
+    yield context
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_context):
+    import ray
+
+    return ray
 
 
 @pytest.fixture

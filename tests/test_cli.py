@@ -11,6 +11,7 @@ import pytest
 
 from skin_ray import storage
 from skin_ray.predictor import Predictor
+from skin_ray.preprocess import preprocess_image
 
 
 def _skin_ray(*args: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
@@ -29,7 +30,7 @@ def test_predict_prints_one_line_per_image_and_survives_bad_files(lesion_tree, u
     assert [row["path"] for row in rows] == [*map(str, good), str(text), str(missing)]
     predictor = Predictor.from_bundle(str(untrained_bundle))
     for row, path in zip(rows, good):
-        (expected,) = predictor.predict_bytes([path.read_bytes()])
+        expected = predictor.to_prediction(predictor.predict_arrays(preprocess_image(path.read_bytes())[None])[0])
         assert row["error"] is None
         assert row["label"] == expected.label
         assert row["cancer_probability"] == pytest.approx(expected.cancer_probability, abs=1e-6)

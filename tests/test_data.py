@@ -11,8 +11,7 @@ from conftest import REAL_DATA, needs_real_data, upload_tree
 from images import write_lesion_tree
 
 from skin_ray import storage
-from skin_ray.data import discover, image_dataset, split_by_content
-from skin_ray.predictor import Predictor
+from skin_ray.data import discover, image_dataset, load_images, split_by_content
 from skin_ray.preprocess import preprocess_image
 
 
@@ -89,18 +88,17 @@ def test_split_is_deterministic_and_keeps_duplicates_together(ray_session, tmp_p
     assert 0 < len(first.validation) < len(images)
 
 
-def test_training_pipeline_and_predict_see_the_same_array(ray_session, flat_tree, untrained_bundle):
-    """The Ray Data training input equals preprocess_image of the file, and predict gives the same output."""
+def test_training_pipeline_and_predict_see_the_same_array(ray_session, flat_tree):
+    """The Ray Data training input and `predict`'s reader both equal preprocess_image of the file."""
     images = discover(str(flat_tree))
     rows = image_dataset(images).take_all()
-    predictor = Predictor.from_bundle(str(untrained_bundle))
     assert len(rows) == len(images)
-    for row in rows[:6]:
-        data = storage.read_bytes(row["path"])
-        np.testing.assert_array_equal(row["image"], preprocess_image(data))
-        (from_bytes,) = predictor.predict_bytes([data])
-        from_pipeline = predictor.to_prediction(predictor.predict_arrays(row["image"][None])[0])
-        assert from_bytes == from_pipeline
+    paths = np.array([row["path"] for row in rows[:6]], dtype=object)
+    predict_input = load_images({"path": paths})["image"]  # what `skin-ray predict` feeds the model
+    for row, predicted in zip(rows[:6], predict_input):
+        reference = preprocess_image(storage.read_bytes(row["path"]))
+        np.testing.assert_array_equal(row["image"], reference)
+        np.testing.assert_array_equal(predicted, reference)
 
 
 @needs_real_data

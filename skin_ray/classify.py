@@ -1,0 +1,117 @@
+"""Offline classification: a streaming Ray Data job over a directory or an S3 prefix.
+
+    list files -> read bytes + decode (tasks, the one preprocessing) -> predict (actor pool, one model load
+    per actor) -> write parquet / csv / jsonl
+
+Every input file becomes exactly one output row; a file that cannot be read or decoded is a row whose
+`error` says why. Results are written as the job streams, so an interrupted job keeps what it finished and
+`--resume` classifies only the files not yet in DEST.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import numpy as np
+import ray
+
+from skin_ray import storage
+from skin_ray.config import ClassifyConfig
+from skin_ray.data import load_images
+from skin_ray.preprocess import IMAGE_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ("path", "label", "cancer_probability", "error", "model_version")
+FILE_SUFFIX = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".json"}
+
+
+class Classifier:
+    """A Ray Data actor: loads the bundle once, then predicts every batch it is given."""
+
+    def __init__(self, model: str | None):
+        from skin_ray.predictor import Predictor
+        from skin_ray.runtime import limit_tensorflow_threads
+
+        limit_tensorflow_threads()
+        self.predictor = Predictor.from_bundle(model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(batch["path"])
+        ok = batch["error"] == ""
+        labels = np.full(count, None, dtype=object)
+        probabilities = np.full(count, None, dtype=object)
+        if ok.any():
+            predictions = [self.predictor.to_prediction(row) for row in self.predictor.predict_arrays(batch["image"][ok])]
+            labels[ok] = [p.label for p in predictions]
+            probabilities[ok] = [p.cancer_probability for p in predictions]
+        return {
+            "path": batch["path"],
+            "label": labels,
+            "cancer_probability": probabilities,
+            "error": np.where(ok, None, batch["error"]).astype(object),
+            "model_version": np.full(count, self.predictor.model_version, dtype=object),
+        }
+
+
+def read_results(output: str, fmt: str, columns: list[str] | None = None):
+    """The rows already in `output` as a pandas DataFrame (empty when there are none)."""
+    import pandas as pd
+
+    try:
+        has_results = any(p.endswith(FILE_SUFFIX[fmt]) for p in storage.list_files(output))
+    except FileNotFoundError:
+        has_results = False
+    if not has_results:
+        return pd.DataFrame(columns=columns or list(RESULT_COLUMNS))
+    filesystem, path = storage.pyarrow_filesystem(output)
+    read = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": ray.data.read_json}[fmt]
+    frame = read(path, filesystem=filesystem, file_extensions=[FILE_SUFFIX[fmt].lstrip(".")]).to_pandas()
+    return frame[columns] if columns else frame
+
+
+def build_pipeline(paths: list[str], config: ClassifyConfig) -> ray.data.Dataset:
+    max_bytes = int(config.max_file_mb * 2**20)
+    return (
+        ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // config.batch_size, 1000)))
+        .map_batches(load_images, batch_size=config.batch_size, fn_kwargs={"max_bytes": max_bytes}, num_cpus=0.5)
+        .map_batches(
+            Classifier,
+            fn_constructor_args=(config.model,),
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.workers),
+            num_cpus=config.cpus_per_actor,
+        )
+    )
+
+
+def classify(config: ClassifyConfig) -> dict:
+    """Run the job; return the summary (files, classified, errors by reason, elapsed, images/s)."""
+    started = time.perf_counter()
+    files = storage.list_files(config.source, IMAGE_SUFFIXES)
+    existing = read_results(config.output, config.format, ["path"])
+    if len(existing) and not config.resume:
+        raise FileExistsError(f"{config.output} already holds {len(existing)} results; pass --resume or choose another --output")
+    done = set(existing["path"])
+    todo = [p for p in files if p not in done]
+    logger.info("%d image files in %s, %d already classified, %d to do", len(files), config.source, len(done & set(files)), len(todo))
+    if todo:
+        write = {"parquet": "write_parquet", "csv": "write_csv", "jsonl": "write_json"}[config.format]
+        filesystem, path = storage.pyarrow_filesystem(config.output)
+        # Results stream to DEST as they are produced; a file holds at least this many rows.
+        getattr(build_pipeline(todo, config), write)(path, filesystem=filesystem, min_rows_per_file=config.rows_per_file)
+    elapsed = time.perf_counter() - started
+    results = read_results(config.output, config.format, ["path", "error"])
+    errors = Counter(str(e).split(":")[0] for e in results["error"] if isinstance(e, str) and e)
+    return {
+        "files": len(files),
+        "rows": len(results),
+        "classified": int(len(results) - sum(errors.values())),
+        "errors": dict(errors),
+        "this_run": len(todo),
+        "elapsed_s": round(elapsed, 2),
+        "images_per_s": round(len(todo) / elapsed, 2) if todo else 0.0,
+        "output": config.output,
+    }

@@ -1,0 +1,196 @@
+"""The batch job on a real local Ray: one row per file, bad files included, local and S3, resume, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import upload_tree
+from images import encode, lesion_image
+from PIL import Image
+
+from skin_ray.classify import classify, read_results
+from skin_ray.config import ClassifyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = {  # relative path -> expected error reason
+    "broken/truncated.jpg": "truncated",
+    "broken/empty.JPG": "empty",
+    "broken/deeper/text.png": "not_an_image",
+    "broken/huge.tif": "too_large",
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_tree(tmp_path_factory) -> Path:
+    """Nested folders of generated images in several formats and extension cases, plus broken files."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(11)
+    formats = [("JPEG", ".jpg"), ("PNG", ".PNG"), ("WEBP", ".webp"), ("BMP", ".bmp"), ("JPEG", ".Jpeg"), ("TIFF", ".tiff")]
+    for i in range(30):
+        fmt, suffix = formats[i % len(formats)]
+        folder = root / f"clinic_{i % 3}" / f"day_{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img_{i:03d}{suffix}").write_bytes(encode(lesion_image(("Cancer", "Non_Cancer")[i % 2], rng), fmt))
+    (root / "broken" / "deeper").mkdir(parents=True)
+    good = encode(lesion_image("Cancer", rng), "JPEG")
+    (root / "broken" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "broken" / "empty.JPG").write_bytes(b"")
+    (root / "broken" / "deeper" / "text.png").write_text("a text file with an image's name")
+    (root / "broken" / "huge.tif").write_bytes(encode(Image.new("RGB", (600, 600)), "TIFF"))  # > max_file_mb below
+    (root / "notes.txt").write_text("not an image: not an input either")
+    return root
+
+
+def _image_files(root: Path) -> list[str]:
+    suffixes = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+    return sorted(str(p.absolute()) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def _config(source, output, bundle, **overrides) -> ClassifyConfig:
+    settings = dict(model=str(bundle), batch_size=8, workers=2, max_file_mb=0.5, rows_per_file=16)
+    return ClassifyConfig(source=str(source), output=str(output), **{**settings, **overrides})
+
+
+def _check_rows(results, expected_paths: list[str], reasons: dict[str, str]) -> None:
+    assert sorted(results["path"]) == sorted(expected_paths)  # exactly one row per file
+    for _, row in results.iterrows():
+        reason = reasons.get(row["path"])
+        if reason:
+            assert row["error"].startswith(reason + ":"), row["error"]
+            assert pd.isna(row["label"]) and pd.isna(row["cancer_probability"])
+        else:
+            assert not isinstance(row["error"], str) or not row["error"], row["error"]
+            assert row["label"] in ("Cancer", "Non_Cancer")
+            assert 0.0 <= float(row["cancer_probability"]) <= 1.0
+        assert row["model_version"] == "untrained-test"
+
+
+def test_local_directory_gives_one_row_per_file(ray_session, mixed_tree, untrained_bundle, tmp_path):
+    summary = classify(_config(mixed_tree, tmp_path / "out", untrained_bundle))
+    files = _image_files(mixed_tree)
+    assert summary["files"] == summary["rows"] == summary["this_run"] == len(files) == 34
+    assert summary["errors"] == {"truncated": 1, "empty": 1, "not_an_image": 1, "too_large": 1}
+    assert summary["classified"] == 30
+    reasons = {str((mixed_tree / relative).absolute()): reason for relative, reason in BAD.items()}
+    _check_rows(read_results(str(tmp_path / "out"), "parquet"), files, reasons)
+
+
+def test_results_agree_with_predict(ray_session, mixed_tree, untrained_bundle, tmp_path):
+    classify(_config(mixed_tree, tmp_path / "out", untrained_bundle, format="jsonl"))
+    results = read_results(str(tmp_path / "out"), "jsonl").set_index("path")
+    sample = _image_files(mixed_tree)[::5]
+    predicted = subprocess.run(
+        ["skin-ray", "predict", *sample, "--model", str(untrained_bundle)], capture_output=True, text=True, check=True
+    )
+    rows = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert len(rows) == len(sample)
+    for row in rows:
+        result = results.loc[row["path"]]
+        if row["error"] is None:
+            assert result["label"] == row["label"]
+            assert result["cancer_probability"] == pytest.approx(row["cancer_probability"], abs=1e-6)
+        else:
+            assert result["error"] == row["error"] and pd.isna(result["label"])
+
+
+def test_formats_round_trip(ray_session, mixed_tree, untrained_bundle, tmp_path):
+    frames = {}
+    for fmt in ("parquet", "csv", "jsonl"):
+        classify(_config(mixed_tree, tmp_path / fmt, untrained_bundle, format=fmt))
+        frames[fmt] = read_results(str(tmp_path / fmt), fmt).sort_values("path").reset_index(drop=True)
+    for fmt in ("csv", "jsonl"):
+        assert list(frames[fmt]["path"]) == list(frames["parquet"]["path"])
+        np.testing.assert_allclose(
+            frames[fmt]["cancer_probability"].astype(float), frames["parquet"]["cancer_probability"].astype(float), atol=1e-6
+        )
+        same_label = frames[fmt]["label"].fillna("") == frames["parquet"]["label"].fillna("")
+        assert same_label.all()
+
+
+def test_s3_to_s3(ray_session, mixed_tree, untrained_bundle, bucket, tmp_path):
+    source = upload_tree(mixed_tree, bucket, "incoming")
+    output = f"s3://{bucket}/results/run1"
+    summary = classify(_config(source, output, untrained_bundle))
+    assert summary["rows"] == summary["files"] == 34
+    results = read_results(output, "parquet")
+    expected = [f"{source}/{Path(p).relative_to(mixed_tree.absolute()).as_posix()}" for p in _image_files(mixed_tree)]
+    reasons = {f"{source}/{relative}": reason for relative, reason in BAD.items()}
+    _check_rows(results, expected, reasons)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(summary)
+
+
+def test_resume_classifies_only_what_is_missing(ray_session, mixed_tree, untrained_bundle, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(mixed_tree, source)
+    output = tmp_path / "out"
+    first = classify(_config(source, output, untrained_bundle))
+    assert first["this_run"] == 34
+    rng = np.random.default_rng(12)
+    for i in range(5):
+        lesion_image("Non_Cancer", rng).save(source / "clinic_0" / f"late_{i}.jpg")
+    with pytest.raises(FileExistsError):
+        classify(_config(source, output, untrained_bundle))
+    second = classify(_config(source, output, untrained_bundle, resume=True))
+    assert second["this_run"] == 5
+    assert second["rows"] == second["files"] == 39
+    paths = read_results(str(output), "parquet")["path"]
+    assert paths.is_unique
+    again = classify(_config(source, output, untrained_bundle, resume=True))
+    assert again["this_run"] == 0 and again["rows"] == 39
+
+
+def _classifier_actors(ray_session) -> list:
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray_session.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+    return [a for a in alive if "Classifier" in a.class_name]
+
+
+def test_a_killed_classifier_actor_loses_no_rows(ray_session, untrained_bundle, tmp_path):
+    source = tmp_path / "many"
+    rng = np.random.default_rng(13)
+    for i in range(240):
+        folder = source / f"part_{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        lesion_image(("Cancer", "Non_Cancer")[i % 2], rng, size=200).save(folder / f"{i:04d}.jpg")
+    config = _config(source, tmp_path / "out", untrained_bundle, batch_size=4)
+    outcome: list = []
+    job = threading.Thread(target=lambda: outcome.append(classify(config)), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 180
+    while not _classifier_actors(ray_session) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # let it get going: some batches done, some in flight
+    victims = _classifier_actors(ray_session)
+    assert victims, "no classifier actor appeared"
+    os.kill(victims[0].pid, signal.SIGKILL)
+    job.join(timeout=600)
+    assert outcome, "the job did not finish after an actor was killed"
+    assert outcome[0]["rows"] == outcome[0]["files"] == 240
+    results = read_results(str(tmp_path / "out"), "parquet")
+    assert results["path"].is_unique and results["error"].isna().all()
+
+
+def test_ray_job_submit(ray_context, mixed_tree, untrained_bundle, tmp_path):
+    """`ray job submit --working-dir . -- skin-ray classify ...` against the running cluster."""
+    output = tmp_path / "job_out"
+    command = [
+        "ray", "job", "submit", "--address", f"http://{ray_context.dashboard_url}", "--working-dir", str(ROOT), "--",
+        "skin-ray", "classify", str(mixed_tree), "--output", str(output), "--model", str(untrained_bundle), "--format", "csv",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"files"')][-1])
+    assert summary["rows"] == summary["files"] == 34
+    assert len(read_results(str(output), "csv")) == 34
