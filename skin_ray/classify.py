@@ -81,7 +81,7 @@ def build_pipeline(paths: list[str], config: ClassifyConfig) -> ray.data.Dataset
             Classifier,
             fn_constructor_args=(config.model,),
             batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.workers),
+            compute=ray.data.ActorPoolStrategy(size=config.workers),
             num_cpus=config.cpus_per_actor,
         )
     )

@@ -108,7 +108,7 @@ def _add_classify(commands) -> None:
     _add_options(parser, defaults, {
         "model": "bundle directory or s3:// prefix (default: the shipped model)",
         "format": "parquet, csv or jsonl",
-        "workers": "most classifier actors; each loads the model once",
+        "workers": "classifier actors; each loads the model once",
         "resume": "skip files already present in the output's results",
         "max_file_mb": "files larger than this become error rows without being read",
     })

@@ -49,7 +49,7 @@ class ClassifyConfig:
     model: str | None = None  # bundle; None = the shipped model
     format: str = "parquet"  # parquet, csv or jsonl
     batch_size: int = 32
-    workers: int = 2  # most classifier actors (each loads the model once)
+    workers: int = 2  # classifier actors (each loads the model once)
     cpus_per_actor: float = 0.5  # fractional, so a Serve replica or trainer elsewhere cannot starve the pool
     max_file_mb: float = 50.0  # larger files become error rows without being read
     rows_per_file: int = 5000  # output file granularity: what an interruption can lose per writer

@@ -1,0 +1,99 @@
+"""Cluster configs (validated against KubeRay's CRDs and Ray's launcher schema) and a real multi-node Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
+MANIFESTS = {
+    "raycluster.yaml": "ray.io_rayclusters.yaml",
+    "rayservice.yaml": "ray.io_rayservices.yaml",
+    "rayjob-train.yaml": "ray.io_rayjobs.yaml",
+    "rayjob-classify.yaml": "ray.io_rayjobs.yaml",
+}
+
+
+def _crd_schema(crd_file: str, api_version: str) -> dict:
+    crd = yaml.safe_load((CRDS / crd_file).read_text())
+    served = {v["name"]: v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]}
+    return served[api_version.split("/")[1]]
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas not found at {CRDS}")
+@pytest.mark.parametrize("manifest", list(MANIFESTS))
+def test_manifest_matches_the_kuberay_crd(manifest):
+    document = yaml.safe_load((CLUSTER / manifest).read_text())
+    schema = _crd_schema(MANIFESTS[manifest], document["apiVersion"])
+    jsonschema.validate(document, schema)
+    with pytest.raises(jsonschema.ValidationError):  # the schema does constrain what we validate
+        jsonschema.validate({**document, "spec": "not an object"}, schema)
+
+
+def test_launcher_config_matches_rays_schema():
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    jsonschema.validate(config, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**config, "max_worker": 3}, schema)
+
+
+def test_rayservice_serves_the_same_application_as_the_serve_config():
+    service = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    local = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
+    assert embedded["applications"] == local["applications"]
+
+
+def _containers(document: dict) -> list[dict]:
+    spec = document["spec"].get("rayClusterSpec") or document["spec"].get("rayClusterConfig") or document["spec"]
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for group in groups for c in group["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("manifest", list(MANIFESTS))
+def test_credentials_come_from_a_secret(manifest):
+    document = yaml.safe_load((CLUSTER / manifest).read_text())
+    for container in _containers(document):
+        assert {"secretRef": {"name": "skin-ray-s3"}} in container["envFrom"]
+        assert not [e for e in container.get("env", []) if e["name"].startswith("AWS_") and "value" in e]
+    lines = [line for line in (CLUSTER / manifest).read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]", "\n".join(lines), re.I)
+
+
+def test_every_image_is_built_on_the_pinned_ray():
+    ray_version = version("ray")
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray_version}-" in dockerfile
+    for manifest in MANIFESTS:
+        document = yaml.safe_load((CLUSTER / manifest).read_text())
+        spec = document["spec"].get("rayClusterSpec") or document["spec"].get("rayClusterConfig") or document["spec"]
+        assert spec["rayVersion"] == ray_version
+
+
+def test_three_jobs_use_both_nodes_of_a_real_two_node_cluster(lesion_tree, untrained_bundle, tmp_path):
+    """Training workers on different nodes, classifier actors on both nodes, Serve replicas on both nodes."""
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "multinode_driver.py"), str(lesion_tree), str(untrained_bundle), str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["nodes"] == 2
+    assert len(report["train_nodes"]) == 2, report
+    assert len(report["classify_nodes"]) == 2, report
+    assert report["classify_rows"] == report["classify_files"] == 240
+    assert len(report["model_replica_nodes"]) == 2 and len(report["ingress_replica_nodes"]) == 2, report
+    assert report["serve_status_codes"] == [200] * 8
