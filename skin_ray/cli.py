@@ -13,33 +13,36 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _add_options(parser, defaults: dict, helps: dict) -> None:
-    """One `--flag-name` per settings field, typed by its default, so every setting is reachable from here."""
-    for name, default in defaults.items():
+def _add_settings(parser, settings: type, positional: tuple[str, ...] = ()) -> None:
+    """Arguments for every field of a settings dataclass or pydantic model, with its help text: the CLI
+    reaches each setting without repeating its default. Names in `positional` become positional arguments,
+    `output` a required option."""
+    if hasattr(settings, "model_fields"):  # pydantic
+        options = {name: (f.default, f.description) for name, f in settings.model_fields.items()}
+    else:
+        options = {f.name: (f.default, f.metadata.get("help")) for f in fields(settings)}
+    for name, (default, help_text) in options.items():
         flag = f"--{name.replace('_', '-')}"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default, help=helps.get(name))
+        if name in positional:
+            parser.add_argument(name, help=help_text)
+        elif name == "output":
+            parser.add_argument(flag, required=True, help=help_text)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default, help=help_text)
         else:
-            kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, default=default, help=helps.get(name))
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default, help=help_text)
+
+
+def _settings_from(args, settings: type):
+    names = settings.model_fields if hasattr(settings, "model_fields") else [f.name for f in fields(settings)]
+    return settings(**{name: getattr(args, name) for name in names})
 
 
 def _add_train(commands) -> None:
     from skin_ray.config import TrainConfig
 
     parser = commands.add_parser("train", help="train a model with Ray Train and write a model bundle")
-    parser.add_argument("data", help="labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
-    parser.add_argument("--output", required=True, help="where to write the bundle (directory or s3:// prefix)")
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("data", "output")}
-    _add_options(parser, defaults, {
-        "arch": "default (ours) or seed (the original notebook CNN)",
-        "workers": "Ray Train workers (MultiWorkerMirroredStrategy replicas)",
-        "batch_size": "global batch size, split evenly across workers",
-        "subset": "train only on images inside sub-folders of this name, e.g. Training",
-        "storage_path": "Ray Train run and checkpoint storage (local path or s3://)",
-        "placement_strategy": "PACK, or SPREAD to place workers on different nodes",
-        "resources_timeout_s": "give up if the workers' CPUs are not free within this many seconds",
-    })
+    _add_settings(parser, TrainConfig, positional=("data",))
 
 
 def _run_train(args) -> int:
@@ -47,7 +50,7 @@ def _run_train(args) -> int:
     from skin_ray.runtime import init_ray
     from skin_ray.train import train
 
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    config = _settings_from(args, TrainConfig)
     init_ray()
     outcome = train(config)
     print(json.dumps({"bundle": outcome.bundle_uri, **outcome.metrics["validation"]}))
@@ -102,16 +105,7 @@ def _add_classify(commands) -> None:
     from skin_ray.config import ClassifyConfig
 
     parser = commands.add_parser("classify", help="classify every image below a directory or s3:// prefix (Ray Data)")
-    parser.add_argument("source", help="directory or s3://bucket/prefix, searched recursively for images")
-    parser.add_argument("--output", required=True, help="directory or s3:// prefix for the results")
-    defaults = {f.name: f.default for f in fields(ClassifyConfig) if f.name not in ("source", "output")}
-    _add_options(parser, defaults, {
-        "model": "bundle directory or s3:// prefix (default: the shipped model)",
-        "format": "parquet, csv or jsonl",
-        "workers": "classifier actors; each loads the model once",
-        "resume": "skip files already present in the output's results",
-        "max_file_mb": "files larger than this become error rows without being read",
-    })
+    _add_settings(parser, ClassifyConfig, positional=("source",))
 
 
 def _run_classify(args) -> int:
@@ -119,7 +113,7 @@ def _run_classify(args) -> int:
     from skin_ray.config import ClassifyConfig
     from skin_ray.runtime import init_ray
 
-    config = ClassifyConfig(**{f.name: getattr(args, f.name) for f in fields(ClassifyConfig)})
+    config = _settings_from(args, ClassifyConfig)
     init_ray()
     print(json.dumps(classify(config)))
     return 0
@@ -131,8 +125,7 @@ def _add_serve(commands) -> None:
     parser = commands.add_parser("serve", help="run the HTTP service (Ray Serve) until Ctrl-C")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
-    fields_ = ServeSettings.model_fields
-    _add_options(parser, {n: f.default for n, f in fields_.items()}, {n: f.description for n, f in fields_.items()})
+    _add_settings(parser, ServeSettings)
 
 
 def _run_serve(args) -> int:
@@ -145,7 +138,7 @@ def _run_serve(args) -> int:
     from skin_ray.config import ServeSettings
     from skin_ray.serve import app_builder
 
-    settings = ServeSettings(**{name: getattr(args, name) for name in ServeSettings.model_fields})
+    settings = _settings_from(args, ServeSettings)
     init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app_builder(settings), name="skin-ray", route_prefix="/")

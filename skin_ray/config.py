@@ -7,33 +7,38 @@ no TensorFlow, no Ray.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 
 from pydantic import BaseModel, Field
 
 
+def _setting(default, help: str):
+    """A dataclass field whose `help` is what `skin-ray --help` shows for it; MISSING makes it required."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Everything `skin-ray train` can set. Defaults run on a laptop."""
+    """Everything `skin-ray train` can set."""
 
-    data: str
-    output: str
-    arch: str = "default"
-    workers: int = 2
-    epochs: int = 40
-    batch_size: int = 32  # global: split evenly across workers
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    validation_fraction: float = 0.2
-    target_sensitivity: float = 0.90
-    subset: str | None = None  # train only on images inside sub-folders of this name, e.g. "Training"
-    storage_path: str = "~/skin_ray_runs"  # Ray Train checkpoints; local path or s3://
-    run_name: str | None = None
-    max_failures: int = 3  # restarts from the last checkpoint after a worker dies
-    cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # SPREAD places workers on different nodes
-    resources_timeout_s: float = 120.0  # fail rather than wait forever for workers' CPUs
+    data: str = _setting(MISSING, "labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
+    output: str = _setting(MISSING, "where to write the bundle (directory or s3:// prefix)")
+    arch: str = _setting("default", "default (ours) or seed (the original notebook CNN)")
+    workers: int = _setting(2, "Ray Train workers (MultiWorkerMirroredStrategy replicas)")
+    epochs: int = _setting(40, "passes over the training split")
+    batch_size: int = _setting(32, "global batch size, split evenly across workers")
+    learning_rate: float = _setting(2e-3, "peak AdamW learning rate (warm-up, then cosine decay)")
+    weight_decay: float = _setting(1e-4, "AdamW weight decay")
+    seed: int = _setting(0, "random seed for initialisation and augmentation")
+    validation_fraction: float = _setting(0.2, "share of distinct images held out, chosen by content hash")
+    target_sensitivity: float = _setting(0.90, "Cancer sensitivity the decision threshold must keep on validation")
+    subset: str | None = _setting(None, "train only on images inside sub-folders of this name, e.g. Training")
+    storage_path: str = _setting("~/skin_ray_runs", "Ray Train run and checkpoint storage (local path or s3://)")
+    run_name: str | None = _setting(None, "name of the run under --storage-path (default: arch and time)")
+    max_failures: int = _setting(3, "restarts from the last checkpoint after a worker dies")
+    cpus_per_worker: float = _setting(1.0, "CPUs reserved for each worker")
+    placement_strategy: str = _setting("PACK", "PACK, or SPREAD to place workers on different nodes")
+    resources_timeout_s: float = _setting(120.0, "give up if the workers' CPUs are not free within this many seconds")
 
     def __post_init__(self):
         if self.batch_size % self.workers:
@@ -44,16 +49,16 @@ class TrainConfig:
 class ClassifyConfig:
     """Everything `skin-ray classify` can set."""
 
-    source: str
-    output: str
-    model: str | None = None  # bundle; None = the shipped model
-    format: str = "parquet"  # parquet, csv or jsonl
-    batch_size: int = 32
-    workers: int = 2  # classifier actors (each loads the model once)
-    cpus_per_actor: float = 0.5  # fractional, so a Serve replica or trainer elsewhere cannot starve the pool
-    max_file_mb: float = 50.0  # larger files become error rows without being read
-    rows_per_file: int = 5000  # output file granularity: what an interruption can lose per writer
-    resume: bool = False  # skip files already in the output
+    source: str = _setting(MISSING, "directory or s3://bucket/prefix, searched recursively for images")
+    output: str = _setting(MISSING, "directory or s3:// prefix for the results")
+    model: str | None = _setting(None, "bundle directory or s3:// prefix (default: the shipped model)")
+    format: str = _setting("parquet", "parquet, csv or jsonl")
+    batch_size: int = _setting(32, "images per model call")
+    workers: int = _setting(2, "classifier actors; each loads the model once")
+    cpus_per_actor: float = _setting(0.5, "fractional, so a Serve replica or a trainer elsewhere cannot starve the pool")
+    max_file_mb: float = _setting(50.0, "files larger than this become error rows without being read")
+    rows_per_file: int = _setting(5000, "output file granularity: what an interruption can lose per writer")
+    resume: bool = _setting(False, "skip files already present in the output's results")
 
     def __post_init__(self):
         if self.format not in ("parquet", "csv", "jsonl"):
