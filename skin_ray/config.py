@@ -39,7 +39,6 @@ class TrainConfig:
     cpus_per_worker: float = _setting(1.0, "CPUs reserved for each worker")
     placement_strategy: str = _setting("PACK", "PACK, or SPREAD to place workers on different nodes")
     resources_timeout_s: float = _setting(120.0, "give up if the workers' CPUs are not free within this many seconds")
-    tta_views: int = _setting(1, "ship a model that averages over this many flips/rotations of each image (1, 2, 4 or 8)")
 
     def __post_init__(self):
         if self.batch_size % self.workers:

@@ -91,59 +91,6 @@ def _make_default() -> keras.Model:
     return keras.Model(inputs, outputs, name="default")
 
 
-@keras.saving.register_keras_serializable(package="skin_ray")
-class DihedralViews(layers.Layer):
-    """(N, H, W, C) -> (views * N, H, W, C): the batch under `views` of the 8 symmetries of a square.
-
-    A lesion has no orientation, so these views are equally valid pictures of it; 4 views are the flips,
-    8 add the transposes (the 90-degree rotations).
-    """
-
-    def __init__(self, views: int = 8, **kwargs):
-        super().__init__(**kwargs)
-        if views not in (1, 2, 4, 8):
-            raise ValueError(f"views must be 1, 2, 4 or 8, not {views}")
-        self.views = views
-
-    def call(self, images):
-        flips = [images, ops.flip(images, axis=2), ops.flip(images, axis=1), ops.flip(ops.flip(images, axis=1), axis=2)]
-        transposed = ops.transpose(images, (0, 2, 1, 3))
-        turns = [transposed, ops.flip(transposed, axis=2), ops.flip(transposed, axis=1),
-                 ops.flip(ops.flip(transposed, axis=1), axis=2)]
-        return ops.concatenate((flips + turns)[: self.views], axis=0)
-
-    def get_config(self):
-        return {**super().get_config(), "views": self.views}
-
-
-@keras.saving.register_keras_serializable(package="skin_ray")
-class ViewMean(layers.Layer):
-    """(views * N, F) -> (N, F): averages the features of each image's views."""
-
-    def __init__(self, views: int = 8, **kwargs):
-        super().__init__(**kwargs)
-        self.views = views
-
-    def call(self, features):
-        return ops.mean(ops.reshape(features, (self.views, -1, features.shape[-1])), axis=0)
-
-    def get_config(self):
-        return {**super().get_config(), "views": self.views}
-
-
-def with_test_time_augmentation(model: keras.Model, views: int) -> keras.Model:
-    """The same trained layers (shared, not copied) run on `views` symmetric views of each image, their
-    features averaged before the classifier. Averaging before the last layer keeps that layer the model's
-    output, so calibration can still be folded into it. Costs `views` times the inference compute."""
-    inputs = keras.Input(model.input_shape[1:])
-    x = DihedralViews(views)(inputs)
-    chain = [layer for layer in model.layers if not isinstance(layer, layers.InputLayer)]
-    for layer in chain[:-1]:  # both architectures are chains: feature layers, then the classifier
-        x = layer(x)
-    outputs = chain[-1](ViewMean(views)(x))
-    return keras.Model(inputs, outputs, name=f"{model.name}_tta{views}")
-
-
 def make_augmenter(seed: int | None = None) -> keras.Sequential:
     """Training-time augmentation for dermoscopy and clinical photos.
 

@@ -32,7 +32,6 @@ from skin_ray import metrics, storage
 from skin_ray.bundle import BundleMetadata, save_bundle
 from skin_ray.config import TrainConfig
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, discover, image_dataset, split_by_content
-from skin_ray.model import make_augmenter, make_model, with_test_time_augmentation
 from skin_ray.runtime import limit_tensorflow_threads, wait_for_resources
 
 logger = logging.getLogger(__name__)
@@ -103,8 +102,6 @@ def train(config: TrainConfig) -> TrainOutcome:
     best = result.get_best_checkpoint(metric="val_auc", mode="max")
     with best.as_directory() as checkpoint_dir:
         model = _model_from_checkpoint(config.arch, checkpoint_dir)
-    if config.tta_views > 1:
-        model = with_test_time_augmentation(model, config.tta_views)
     metadata = finalize_bundle(model, config, split, history)
     save_bundle(model, metadata, config.output)
     return TrainOutcome(config.output, metadata.metrics, history)
@@ -196,6 +193,8 @@ def train_loop_per_worker(config: dict) -> None:
     limit_tensorflow_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     import keras
     import tensorflow as tf
+
+    from skin_ray.model import make_augmenter, make_model
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     rank = context.get_world_rank()
@@ -326,6 +325,8 @@ def _restore(model, optimizer, directory: str) -> list[dict]:
 
 
 def _model_from_checkpoint(arch: str, directory: str):
+    from skin_ray.model import make_model
+
     model = make_model(arch)
     model.load_weights(Path(directory, WEIGHTS_FILE))
     return model
