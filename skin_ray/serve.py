@@ -11,6 +11,7 @@ batches arrays and runs the network. Run it with `skin-ray serve`, or with Ray's
 import asyncio
 import logging
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from skin_ray.preprocess import ImageDecodeError, preprocess_image
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "page.html"
+DEFAULTS = ServeSettings()
 
 
 # Fractional CPUs: on a small machine a replica must not hold a whole CPU that training or a Ray Data job
@@ -68,7 +70,7 @@ class SkinModel:
         if user_config.get("model") and user_config["model"] != self.predictor.bundle.uri:
             self._load(user_config["model"])
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s)
     async def predict(self, images: list[np.ndarray]) -> list[dict]:
         predictor = self.predictor
         # The forward pass runs off the event loop so requests keep arriving (and the next batch forms).
@@ -91,8 +93,6 @@ class SkinModel:
         return results
 
     def metadata(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self.predictor.metadata)
 
     def stats(self) -> dict:

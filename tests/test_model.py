@@ -1,0 +1,45 @@
+"""The architectures and the invariances the default model is built to have."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from skin_ray.model import ShadesOfGray, make_augmenter, make_model
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).random((3, 170, 170, 3), dtype=np.float32)
+
+
+def test_seed_is_the_original_network():
+    model = make_model("seed")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]
+    assert [model.layers[i].filters for i in (0, 2)] == [32, 64]
+    assert model.layers[-2].units == 128 and model.layers[-1].units == 2
+    assert model.output_shape == (None, 2)
+
+
+def test_default_is_small_and_ends_in_a_two_way_softmax(images):
+    model = make_model("default")
+    assert model.count_params() < 2_000_000  # ships in the repository: a few MB
+    probabilities = model(images).numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        make_model("resnet")
+
+
+def test_colour_constancy_removes_per_channel_gains(images):
+    """A clinic's white balance or exposure (a gain per channel) does not change what the network sees."""
+    gains = np.array([1.3, 0.8, 0.6], dtype=np.float32)
+    layer = ShadesOfGray()
+    np.testing.assert_allclose(layer(images * gains).numpy(), layer(images).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_augmenter_keeps_shape_and_range(images):
+    augmented = make_augmenter(seed=1)(images, training=True).numpy()
+    assert augmented.shape == images.shape
+    assert not np.allclose(augmented, images)
+    assert augmented.min() >= -0.05 and augmented.max() <= 1.05
