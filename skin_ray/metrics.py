@@ -104,6 +104,10 @@ def summary(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float) -> dict[
     }
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
+
+
 def fit_platt(y_true: np.ndarray, logit_gap: np.ndarray, iterations: int = 50) -> tuple[float, float]:
     """Fit (a, c) so that sigmoid(a * logit_gap + c) is calibrated, by Newton's method on the log loss.
 
@@ -127,7 +131,7 @@ def _newton_log_loss(y_true, design: np.ndarray, iterations: int, base: np.ndarr
     params = np.zeros(design.shape[1])
     params[0] = 1.0 if design.shape[1] == 2 else 0.0
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(base + design @ params)))
+        p = sigmoid(base + design @ params)
         gradient = design.T @ (p - y)
         hessian = design.T @ (design * (p * (1 - p))[:, None]) + 1e-6 * np.eye(design.shape[1])
         step = np.linalg.solve(hessian, gradient)

@@ -169,7 +169,7 @@ def _crossfit_ece(y_true: np.ndarray, gap: np.ndarray) -> float:
     out_of_fold = np.empty(len(y_true))
     for fold in (0, 1):
         scale, offset = metrics.fit_platt(y_true[folds != fold], gap[folds != fold])
-        out_of_fold[folds == fold] = 1 / (1 + np.exp(-(scale * gap[folds == fold] + offset)))
+        out_of_fold[folds == fold] = metrics.sigmoid(scale * gap[folds == fold] + offset)
     return metrics.expected_calibration_error(y_true, out_of_fold)
 
 

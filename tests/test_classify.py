@@ -159,7 +159,7 @@ def _classifier_actors(ray_session) -> list:
 def test_a_killed_classifier_actor_loses_no_rows(ray_session, untrained_bundle, tmp_path):
     source = tmp_path / "many"
     rng = np.random.default_rng(13)
-    for i in range(240):
+    for i in range(480):
         folder = source / f"part_{i % 4}"
         folder.mkdir(parents=True, exist_ok=True)
         lesion_image(("Cancer", "Non_Cancer")[i % 2], rng, size=200).save(folder / f"{i:04d}.jpg")
@@ -168,15 +168,14 @@ def test_a_killed_classifier_actor_loses_no_rows(ray_session, untrained_bundle, 
     job = threading.Thread(target=lambda: outcome.append(classify(config)), daemon=True)
     job.start()
     deadline = time.monotonic() + 180
-    while not _classifier_actors(ray_session) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # let it get going: some batches done, some in flight
-    victims = _classifier_actors(ray_session)
+    while not (victims := _classifier_actors(ray_session)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert victims, "no classifier actor appeared"
     os.kill(victims[0].pid, signal.SIGKILL)
+    assert not outcome, "the job ended before the kill: nothing was tested"
     job.join(timeout=600)
     assert outcome, "the job did not finish after an actor was killed"
-    assert outcome[0]["rows"] == outcome[0]["files"] == 240
+    assert outcome[0]["rows"] == outcome[0]["files"] == 480
     results = read_results(str(tmp_path / "out"), "parquet")
     assert results["path"].is_unique and results["error"].isna().all()
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
+from conftest import free_port
 from images import encode, lesion_image
 from PIL import Image
 from ray import serve
@@ -25,16 +23,10 @@ APP = "skin-ray-test"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(ray_session, untrained_bundle):
     """The app with a small upload limit and batches that wait long enough to fill under load."""
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(model=str(untrained_bundle), max_batch_size=16, batch_wait_timeout_s=0.05, max_upload_mb=2)
     serve.run(app_builder(settings), name=APP, route_prefix="/")

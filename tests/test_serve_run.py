@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from conftest import free_port
 from images import lesion_image
 from ray import serve
-from test_serve import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -59,7 +59,7 @@ def _photo(tmp_path: Path) -> Path:
 def test_serve_run_with_the_shipped_config(ray_session, tmp_path):
     """`serve run deployments/serve_config.yaml` as written, on a free port, serving the shipped model."""
     config = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     copy = tmp_path / "serve_config.yaml"
     copy.write_text(yaml.safe_dump(config))
@@ -76,7 +76,7 @@ def test_serve_run_with_the_shipped_config(ray_session, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_service(ray_session, untrained_bundle):
-    port = _free_port()
+    port = free_port()
     process = _start(["skin-ray", "serve", "--port", str(port), "--model", str(untrained_bundle)], ray_session)
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(url, process)
