@@ -30,7 +30,7 @@ POSITIVE_CLASS = "Cancer"
 
 @dataclass(frozen=True)
 class LabelledImages:
-    """Image URIs with their class indices into `class_names`, and what was left out."""
+    """Image URIs with their class indices into `class_names`."""
 
     paths: list[str]
     labels: list[int]
