@@ -25,7 +25,12 @@ from skin_ray.preprocess import IMAGE_SUFFIXES
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ("path", "label", "cancer_probability", "error", "model_version")
-FILE_SUFFIX = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".json"}
+# --format -> (file suffix Ray Data writes, its reader, the Dataset writer method)
+FORMATS = {
+    "parquet": (".parquet", ray.data.read_parquet, "write_parquet"),
+    "csv": (".csv", ray.data.read_csv, "write_csv"),
+    "jsonl": (".json", ray.data.read_json, "write_json"),
+}
 
 
 class Classifier:
@@ -60,15 +65,15 @@ def read_results(output: str, fmt: str, columns: list[str] | None = None):
     """The rows already in `output` as a pandas DataFrame (empty when there are none)."""
     import pandas as pd
 
+    suffix, read, _ = FORMATS[fmt]
     try:
-        has_results = any(p.endswith(FILE_SUFFIX[fmt]) for p in storage.list_files(output))
+        has_results = any(p.endswith(suffix) for p in storage.list_files(output))
     except FileNotFoundError:
         has_results = False
     if not has_results:
         return pd.DataFrame(columns=columns or list(RESULT_COLUMNS))
     filesystem, path = storage.pyarrow_filesystem(output)
-    read = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": ray.data.read_json}[fmt]
-    frame = read(path, filesystem=filesystem, file_extensions=[FILE_SUFFIX[fmt].lstrip(".")]).to_pandas()
+    frame = read(path, filesystem=filesystem, file_extensions=[suffix.lstrip(".")]).to_pandas()
     return frame[columns] if columns else frame
 
 
@@ -96,9 +101,9 @@ def classify(config: ClassifyConfig) -> dict:
         raise FileExistsError(f"{config.output} already holds {len(existing)} results; pass --resume or choose another --output")
     done = set(existing["path"])
     todo = [p for p in files if p not in done]
-    logger.info("%d image files in %s, %d already classified, %d to do", len(files), config.source, len(done & set(files)), len(todo))
+    logger.info("%d image files in %s, %d already classified, %d to do", len(files), config.source, len(files) - len(todo), len(todo))
     if todo:
-        write = {"parquet": "write_parquet", "csv": "write_csv", "jsonl": "write_json"}[config.format]
+        write = FORMATS[config.format][2]
         filesystem, path = storage.pyarrow_filesystem(config.output)
         # Results stream to DEST as they are produced; a file holds at least this many rows.
         getattr(build_pipeline(todo, config), write)(path, filesystem=filesystem, min_rows_per_file=config.rows_per_file)
