@@ -7,6 +7,8 @@ only, so a saved model is just the inference graph.
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import layers, ops
 
@@ -91,17 +93,65 @@ def _make_default() -> keras.Model:
     return keras.Model(inputs, outputs, name="default")
 
 
+class RandomZoomOutOntoSkin(layers.Layer):
+    """Shrink the image into a wider field of plain skin: the same lesion photographed from further away.
+
+    With `probability`, an image is scaled by a factor drawn log-uniformly from `scale_range`, shifted by up
+    to its free margin, and surrounded by its own skin colour (the mean of the middle thirds of its edges,
+    which avoids the dark corners of dermoscopy) with a soft edge and a little noise. Keras' RandomZoom
+    would fill the new field with mirror copies of the lesion, which no photo has.
+    """
+
+    def __init__(self, probability: float = 0.5, scale_range=(0.35, 1.0), seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.probability = probability
+        self.scale_range = tuple(scale_range)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        batch, size = ops.shape(images)[0], images.shape[1]
+        uniform = lambda low, high: keras.random.uniform((batch,), low, high, seed=self.seed_generator)  # noqa: E731
+        applied = uniform(0.0, 1.0) < self.probability
+        scale = ops.where(applied, ops.exp(uniform(*(math.log(s) for s in self.scale_range))), 1.0)
+        margin = (1.0 - scale) * size / 2
+        shift_x, shift_y = uniform(-1.0, 1.0) * margin, uniform(-1.0, 1.0) * margin
+        # affine_transform maps each output pixel to the input pixel it samples: x_in = (x_out - c - dx) / s + c.
+        centre, zero = (size - 1) / 2, ops.zeros_like(scale)
+        transform = ops.stack(
+            [1 / scale, zero, centre - (centre + shift_x) / scale, zero, 1 / scale, centre - (centre + shift_y) / scale, zero, zero],
+            axis=1,
+        )
+        distance_to_edge = ops.minimum(ops.arange(size, dtype="float32"), ops.arange(size, dtype="float32")[::-1])
+        ramp = ops.clip(distance_to_edge / (0.1 * size), 0.0, 1.0)
+        feather = ops.cast(ramp[:, None, None] * ramp[None, :, None], images.dtype)  # 1 inside, 0 at the edges
+        mask = ops.image.affine_transform(ops.broadcast_to(feather, (batch, size, size, 1)), transform)
+        shrunk = ops.image.affine_transform(images * feather, transform)  # alpha-premultiplied
+        third = slice(size // 3, 2 * size // 3)
+        edges = ops.concatenate(
+            [images[:, :6, third], images[:, -6:, third], ops.swapaxes(images[:, third, :6], 1, 2), ops.swapaxes(images[:, third, -6:], 1, 2)],
+            axis=1,
+        )
+        skin = ops.mean(edges, axis=(1, 2), keepdims=True)
+        skin = ops.clip(skin + 0.02 * keras.random.normal(ops.shape(images), seed=self.seed_generator), 0.0, 1.0)
+        return ops.where(applied[:, None, None, None], shrunk + (1.0 - mask) * skin, images)
+
+
 def make_augmenter(seed: int | None = None) -> keras.Sequential:
     """Training-time augmentation for dermoscopy and clinical photos.
 
-    Lesions have no canonical orientation (full-circle rotation, both flips). Other clinics frame the lesion
-    smaller and use other cameras, so zoom mostly outwards, translate, and jitter colour, contrast and focus.
+    Lesions have no canonical orientation (full-circle rotation, both flips). Other clinics take larger
+    photos with the lesion smaller in the frame and use other cameras, so half the images are zoomed out
+    onto plain skin (down to 35% of the frame), all are zoomed a little and translated, and colour,
+    contrast and focus are jittered.
     """
     return keras.Sequential(
         [
+            RandomZoomOutOntoSkin(probability=0.5, scale_range=(0.35, 1.0), seed=seed),
             layers.RandomFlip("horizontal_and_vertical", seed=seed),
             layers.RandomRotation(1.0, fill_mode="reflect", seed=seed),
-            layers.RandomZoom((-0.2, 0.6), fill_mode="reflect", seed=seed),
+            layers.RandomZoom((-0.2, 0.2), fill_mode="reflect", seed=seed),
             layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed),
             layers.RandomColorJitter(
                 value_range=(0, 1), brightness_factor=0.2, contrast_factor=0.2, saturation_factor=(0.35, 0.65),

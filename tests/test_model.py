@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from skin_ray.model import ShadesOfGray, make_augmenter, make_model
+from skin_ray.model import RandomZoomOutOntoSkin, ShadesOfGray, make_augmenter, make_model
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +43,16 @@ def test_augmenter_keeps_shape_and_range(images):
     assert augmented.shape == images.shape
     assert not np.allclose(augmented, images)
     assert augmented.min() >= -0.05 and augmented.max() <= 1.05
+
+
+def test_zoom_out_shrinks_the_lesion_onto_its_own_skin():
+    """A dark lesion on pink skin, zoomed out to half size: a quarter of the dark area, skin all around."""
+    skin = np.array([0.9, 0.7, 0.7], dtype=np.float32)
+    image = np.broadcast_to(skin, (1, 170, 170, 3)).copy()
+    image[0, 45:125, 45:125] = 0.2
+    zoomed = RandomZoomOutOntoSkin(probability=1.0, scale_range=(0.5, 0.5), seed=0)(image, training=True).numpy()[0]
+    dark = zoomed.mean(axis=-1) < 0.4
+    assert dark.sum() / (image[0].mean(axis=-1) < 0.4).sum() == pytest.approx(0.25, abs=0.05)
+    np.testing.assert_allclose(zoomed[:10].mean(axis=(0, 1)), skin, atol=0.02)
+    untouched = RandomZoomOutOntoSkin(probability=0.0, seed=0)(image, training=True).numpy()
+    np.testing.assert_array_equal(untouched, image)

@@ -1,0 +1,105 @@
+"""How a model holds up on another clinic's photos, simulated on its own validation split.
+
+    python benchmarks/robustness.py [--model BUNDLE ...] [--data DIR]
+
+The other clinic's photos are larger, frame the lesion smaller and come from other cameras. No such photos
+are used here (nothing is tuned to them): each validation image of the bundle's own split is re-photographed
+in three ways and scored through the real path (JPEG bytes -> `preprocess_image` -> model):
+- wider_field: the dermoscopic crop shrunk to 40% of the short side of a 1600x1200 photo, surrounded by
+  its own border colour with a soft edge (larger photo, lesion smaller in the frame);
+- camera_colour: another white balance, exposure and tone curve (per-channel gains, then a gamma of 0.8);
+- both.
+Prints one JSON line per model: ROC AUC per condition and its ratio to the unchanged images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from skin_ray import metrics, storage  # noqa: E402
+from skin_ray.data import discover, split_by_content  # noqa: E402
+from skin_ray.predictor import Predictor  # noqa: E402
+from skin_ray.preprocess import preprocess_image  # noqa: E402
+from skin_ray.runtime import init_ray  # noqa: E402
+
+PHOTO_SIZE = (1600, 1200)
+LESION_FRACTION = 0.4
+CAMERA_GAINS = np.array([1.12, 0.97, 0.80])  # a warm white balance
+CAMERA_EXPOSURE = 0.85
+CAMERA_GAMMA = 0.8
+
+
+def wider_field(image: Image.Image) -> Image.Image:
+    side = int(min(PHOTO_SIZE) * LESION_FRACTION)
+    lesion = image.resize((side, side), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image)
+    border = np.concatenate([pixels[:8], pixels[-8:], pixels[:, :8].swapaxes(0, 1), pixels[:, -8:].swapaxes(0, 1)])
+    photo = Image.new("RGB", PHOTO_SIZE, tuple(int(v) for v in np.median(border.reshape(-1, 3), axis=0)))
+    # A soft-edged mask, so the model does not see the pasted square's outline.
+    mask = Image.new("L", (side, side), 0)
+    ImageDraw.Draw(mask).rectangle([side // 10, side // 10, side - side // 10, side - side // 10], fill=255)
+    photo.paste(lesion, ((PHOTO_SIZE[0] - side) // 2, (PHOTO_SIZE[1] - side) // 2), mask.filter(ImageFilter.GaussianBlur(side / 20)))
+    return photo
+
+
+def camera_colour(image: Image.Image) -> Image.Image:
+    pixels = np.asarray(image, dtype=np.float64) / 255.0
+    shifted = np.clip(pixels * CAMERA_GAINS * CAMERA_EXPOSURE, 0, 1) ** CAMERA_GAMMA
+    return Image.fromarray((shifted * 255).round().astype(np.uint8))
+
+
+CONDITIONS = {
+    "wider_field": wider_field,
+    "camera_colour": camera_colour,
+    "both": lambda image: wider_field(camera_colour(image)),
+}
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def score(predictor: Predictor, inputs: list[bytes]) -> np.ndarray:
+    images = np.stack([preprocess_image(data) for data in inputs])
+    return np.concatenate([predictor.cancer_probabilities(images[i : i + 64]) for i in range(0, len(images), 64)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="bundle to test (repeatable); default: the shipped one")
+    parser.add_argument("--data", default="../shared/datasets/skin_isic")
+    args = parser.parse_args()
+    init_ray()
+    images = discover(args.data)
+    for model in args.model or [None]:
+        predictor = Predictor.from_bundle(model)
+        split = split_by_content(images, predictor.metadata.training["validation_fraction"])
+        if split.fingerprint != predictor.metadata.data["fingerprint"]:
+            raise SystemExit(f"{args.data} is not the data {predictor.model_version} was trained on")
+        y_true = np.array(split.validation.labels) == predictor.metadata.positive_index
+        originals = [storage.read_bytes(path) for path in split.validation.paths]
+        auc = {"as_is": metrics.roc_auc(y_true, score(predictor, originals))}
+        for name, shift in CONDITIONS.items():
+            shifted = [jpeg_bytes(shift(Image.open(io.BytesIO(data)).convert("RGB"))) for data in originals]
+            auc[name] = metrics.roc_auc(y_true, score(predictor, shifted))
+        print(json.dumps({
+            "model": predictor.model_version,
+            "n": len(y_true),
+            "roc_auc": {name: round(value, 4) for name, value in auc.items()},
+            "ratio_to_as_is": {name: round(value / auc["as_is"], 3) for name, value in auc.items() if name != "as_is"},
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
