@@ -15,9 +15,12 @@ Prints one JSON line per model: ROC AUC per condition and its ratio to the uncha
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -30,6 +33,9 @@ from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import preprocess_image  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from images import encode  # noqa: E402
 
 PHOTO_SIZE = (1600, 1200)
 LESION_FRACTION = 0.4
@@ -64,12 +70,6 @@ CONDITIONS = {
 }
 
 
-def jpeg_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
-
-
 def score(predictor: Predictor, inputs: list[bytes]) -> np.ndarray:
     images = np.stack([preprocess_image(data) for data in inputs])
     return np.concatenate([predictor.cancer_probabilities(images[i : i + 64]) for i in range(0, len(images), 64)])
@@ -82,24 +82,30 @@ def main() -> None:
     args = parser.parse_args()
     init_ray()
     images = discover(args.data)
+
+    @functools.cache
+    def validation_inputs(validation_fraction: float):
+        """The split and each condition's JPEG bytes, made once for every model trained on that split."""
+        split = split_by_content(images, validation_fraction)
+        originals = [storage.read_bytes(path) for path in split.validation.paths]
+        inputs = {"as_is": originals}
+        for name, shift in CONDITIONS.items():
+            inputs[name] = [encode(shift(Image.open(io.BytesIO(data)).convert("RGB")), "JPEG", quality=92) for data in originals]
+        return split, inputs
+
     for model in args.model or [None]:
         predictor = Predictor.from_bundle(model)
-        split = split_by_content(images, predictor.metadata.training["validation_fraction"])
+        split, inputs = validation_inputs(predictor.metadata.training["validation_fraction"])
         if split.fingerprint != predictor.metadata.data["fingerprint"]:
             raise SystemExit(f"{args.data} is not the data {predictor.model_version} was trained on")
         y_true = np.array(split.validation.labels) == predictor.metadata.positive_index
-        originals = [storage.read_bytes(path) for path in split.validation.paths]
-        auc = {"as_is": metrics.roc_auc(y_true, score(predictor, originals))}
-        for name, shift in CONDITIONS.items():
-            shifted = [jpeg_bytes(shift(Image.open(io.BytesIO(data)).convert("RGB"))) for data in originals]
-            auc[name] = metrics.roc_auc(y_true, score(predictor, shifted))
+        auc = {name: metrics.roc_auc(y_true, score(predictor, data)) for name, data in inputs.items()}
         print(json.dumps({
             "model": predictor.model_version,
             "n": len(y_true),
             "roc_auc": {name: round(value, 4) for name, value in auc.items()},
             "ratio_to_as_is": {name: round(value / auc["as_is"], 3) for name, value in auc.items() if name != "as_is"},
         }), flush=True)
-
 
 if __name__ == "__main__":
     main()
