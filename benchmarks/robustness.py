@@ -107,5 +107,6 @@ def main() -> None:
             "ratio_to_as_is": {name: round(value / auc["as_is"], 3) for name, value in auc.items() if name != "as_is"},
         }), flush=True)
 
+
 if __name__ == "__main__":
     main()
