@@ -99,11 +99,13 @@ def main() -> None:
         if split.fingerprint != predictor.metadata.data["fingerprint"]:
             raise SystemExit(f"{args.data} is not the data {predictor.model_version} was trained on")
         y_true = np.array(split.validation.labels) == predictor.metadata.positive_index
-        auc = {name: metrics.roc_auc(y_true, score(predictor, data)) for name, data in inputs.items()}
+        p_cancer = {name: score(predictor, data) for name, data in inputs.items()}
+        auc = {name: metrics.roc_auc(y_true, p) for name, p in p_cancer.items()}
         print(json.dumps({
             "model": predictor.model_version,
             "n": len(y_true),
             "roc_auc": {name: round(value, 4) for name, value in auc.items()},
+            "roc_auc_ci95": {name: [round(bound, 3) for bound in metrics.roc_auc_interval(y_true, p)] for name, p in p_cancer.items()},
             "ratio_to_as_is": {name: round(value / auc["as_is"], 3) for name, value in auc.items() if name != "as_is"},
         }), flush=True)
 

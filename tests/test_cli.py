@@ -55,6 +55,8 @@ def test_evaluate_prints_metrics_and_writes_plots(ray_session, lesion_tree, untr
     assert summary["n"] == 240 and summary["errors"] == 0
     for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "threshold", "ece"):
         assert isinstance(summary[key], float), key
+    low, high = summary["roc_auc_ci95"]
+    assert low <= summary["roc_auc"] <= high
     assert summary["threshold"] == 0.5
     for name in ("roc.png", "confusion.png", "calibration.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

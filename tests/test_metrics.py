@@ -1,0 +1,38 @@
+"""The ROC AUC and its confidence interval against their definitions (plain numpy, no Ray)."""
+
+import numpy as np
+import pytest
+
+from skin_ray import metrics
+
+
+def scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and overlapping, rounded (so tied) scores of an imperfect classifier."""
+    rng = np.random.default_rng(seed)
+    y_true = rng.random(n) < 0.45
+    return y_true, np.round(rng.random(n) * 0.6 + 0.4 * y_true, 2)
+
+
+def test_roc_auc_is_the_share_of_correctly_ordered_pairs():
+    y_true, p_cancer = scores(300)
+    pos, neg = p_cancer[y_true], p_cancer[~y_true]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert metrics.roc_auc(y_true, p_cancer) == pytest.approx(pairwise, abs=1e-12)
+
+
+def test_roc_auc_interval_matches_the_bootstrap():
+    y_true, p_cancer = scores(400)
+    low, high = metrics.roc_auc_interval(y_true, p_cancer)
+    rng = np.random.default_rng(1)
+    resampled = [metrics.roc_auc(y_true[i], p_cancer[i]) for i in rng.integers(0, len(y_true), (1000, len(y_true)))]
+    boot_low, boot_high = np.percentile(resampled, [2.5, 97.5])
+    assert low < metrics.roc_auc(y_true, p_cancer) < high
+    assert (high - low) == pytest.approx(boot_high - boot_low, rel=0.15)
+    assert low == pytest.approx(boot_low, abs=0.01) and high == pytest.approx(boot_high, abs=0.01)
+    # Four times the cases, half the width.
+    big_low, big_high = metrics.roc_auc_interval(*scores(1600))
+    assert (big_high - big_low) == pytest.approx((high - low) / 2, rel=0.2)
+
+
+def test_roc_auc_interval_needs_both_classes():
+    assert np.isnan(metrics.roc_auc_interval(np.array([1, 1, 0]), np.array([0.9, 0.8, 0.1]))).all()
