@@ -9,7 +9,9 @@ in three ways and scored through the real path (JPEG bytes -> `preprocess_image`
   its own border colour with a soft edge (larger photo, lesion smaller in the frame);
 - camera_colour: another white balance, exposure and tone curve (per-channel gains, then a gamma of 0.8);
 - both.
-Prints one JSON line per model: ROC AUC per condition and its ratio to the unchanged images.
+Prints one JSON line per model: ROC AUC per condition with its 95% interval, its ratio to the unchanged
+images and, for every model after the first trained on the same split, the paired 95% interval of its AUC
+minus the first model's (an interval that excludes 0 is a real difference on these images).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main() -> None:
             inputs[name] = [encode(shift(Image.open(io.BytesIO(data)).convert("RGB")), "JPEG", quality=92) for data in originals]
         return split, inputs
 
+    first = None  # the first model's (version, split, scores): later models on the same split are paired with it
     for model in args.model or [None]:
         predictor = Predictor.from_bundle(model)
         split, inputs = validation_inputs(predictor.metadata.training["validation_fraction"])
@@ -101,13 +104,24 @@ def main() -> None:
         y_true = np.array(split.validation.labels) == predictor.metadata.positive_index
         p_cancer = {name: score(predictor, data) for name, data in inputs.items()}
         auc = {name: metrics.roc_auc(y_true, p) for name, p in p_cancer.items()}
-        print(json.dumps({
+        report = {
             "model": predictor.model_version,
             "n": len(y_true),
             "roc_auc": {name: round(value, 4) for name, value in auc.items()},
             "roc_auc_ci95": {name: [round(bound, 3) for bound in metrics.roc_auc_interval(y_true, p)] for name, p in p_cancer.items()},
             "ratio_to_as_is": {name: round(value / auc["as_is"], 3) for name, value in auc.items() if name != "as_is"},
-        }), flush=True)
+        }
+        if first is None:
+            first = predictor.model_version, split, p_cancer
+        elif first[1] is split:
+            report["minus_first_model"] = {
+                "model": first[0],
+                "roc_auc_difference_ci95": {
+                    name: [round(bound, 3) for bound in metrics.roc_auc_difference_interval(y_true, p, first[2][name])]
+                    for name, p in p_cancer.items()
+                },
+            }
+        print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,21 +26,45 @@ def roc_auc_interval(y_true: np.ndarray, p_cancer: np.ndarray, level: float = 0.
     """Confidence interval of the ROC AUC by DeLong's method (normal approximation, clipped to [0, 1]).
 
     It says how far the AUC of a few hundred validation images could move by the luck of which images were
-    drawn. Each case's placement (the share of the other class it outranks, ties counting half) comes from
-    ranks, so this runs in O(n log n) on any number of images (Sun and Xu, 2014).
+    drawn.
+    """
+    low, high = _delong_interval(y_true, [p_cancer], [1.0], level)
+    return float(np.clip(low, 0.0, 1.0)), float(np.clip(high, 0.0, 1.0))  # np.clip keeps a NaN, max() would not
+
+
+def roc_auc_difference_interval(
+    y_true: np.ndarray, p_cancer_a: np.ndarray, p_cancer_b: np.ndarray, level: float = 0.95
+) -> tuple[float, float]:
+    """Confidence interval of AUC(a) - AUC(b) for two models scored on the same images (paired DeLong).
+
+    Pairing removes the luck of the draw that both models share, so this is far narrower than comparing the
+    two models' own intervals: an interval that excludes 0 means one model ranks these cases better.
+    """
+    return _delong_interval(y_true, [p_cancer_a, p_cancer_b], [1.0, -1.0], level)
+
+
+def _delong_interval(y_true, scores: list[np.ndarray], weights: list[float], level: float) -> tuple[float, float]:
+    """Normal interval of the weighted sum of the models' AUCs, from the covariance of their placements.
+
+    A Cancer case's placement is the share of Non_Cancer cases it outranks, a Non_Cancer case's the share of
+    Cancer cases that outrank it (ties count half); the AUC is the mean of either. Placements come
+    from ranks, so this runs in O(n log n) on any number of images (Sun and Xu, 2014).
     """
     y_true = np.asarray(y_true).astype(bool)
-    p_cancer = np.asarray(p_cancer, dtype=np.float64)
     n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
     if n_pos < 2 or n_neg < 2:
         return float("nan"), float("nan")
-    ranks = _average_ranks(p_cancer)
-    positive_placements = (ranks[y_true] - _average_ranks(p_cancer[y_true])) / n_neg
-    negative_placements = 1.0 - (ranks[~y_true] - _average_ranks(p_cancer[~y_true])) / n_pos
-    auc = positive_placements.mean()
-    standard_error = math.sqrt(positive_placements.var(ddof=1) / n_pos + negative_placements.var(ddof=1) / n_neg)
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    return float(max(0.0, auc - z * standard_error)), float(min(1.0, auc + z * standard_error))
+    positive_placements, negative_placements = [], []
+    for p_cancer in scores:
+        p_cancer = np.asarray(p_cancer, dtype=np.float64)
+        ranks = _average_ranks(p_cancer)
+        positive_placements.append((ranks[y_true] - _average_ranks(p_cancer[y_true])) / n_neg)
+        negative_placements.append(1.0 - (ranks[~y_true] - _average_ranks(p_cancer[~y_true])) / n_pos)
+    weights = np.asarray(weights)
+    estimate = float(weights @ np.mean(positive_placements, axis=1))
+    covariance = np.atleast_2d(np.cov(positive_placements)) / n_pos + np.atleast_2d(np.cov(negative_placements)) / n_neg
+    half_width = NormalDist().inv_cdf(0.5 + level / 2) * math.sqrt(max(0.0, float(weights @ covariance @ weights)))
+    return estimate - half_width, estimate + half_width
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The ROC AUC and its confidence interval against their definitions (plain numpy, no Ray)."""
+"""The ROC AUC and its confidence intervals against their definitions (plain numpy, no Ray)."""
 
 import numpy as np
 import pytest
@@ -32,6 +32,23 @@ def test_roc_auc_interval_matches_the_bootstrap():
     # Four times the cases, half the width.
     big_low, big_high = metrics.roc_auc_interval(*scores(1600))
     assert (big_high - big_low) == pytest.approx((high - low) / 2, rel=0.2)
+
+
+def test_roc_auc_difference_interval_matches_the_paired_bootstrap():
+    y_true, p_a = scores(400)
+    p_b = np.round(p_a + np.random.default_rng(2).normal(0, 0.06, len(p_a)), 2)  # a noisier copy of model a
+    low, high = metrics.roc_auc_difference_interval(y_true, p_a, p_b)
+    rng = np.random.default_rng(3)
+    differences = [
+        metrics.roc_auc(y_true[i], p_a[i]) - metrics.roc_auc(y_true[i], p_b[i])
+        for i in rng.integers(0, len(y_true), (1000, len(y_true)))
+    ]
+    boot_low, boot_high = np.percentile(differences, [2.5, 97.5])
+    assert 0 < low < high  # the noisier copy ranks worse, and pairing sees it
+    assert low == pytest.approx(boot_low, abs=0.005) and high == pytest.approx(boot_high, abs=0.005)
+    # Unpaired, the two models' own intervals overlap: only the paired interval tells them apart.
+    assert metrics.roc_auc_interval(y_true, p_b)[1] > metrics.roc_auc_interval(y_true, p_a)[0]
+    assert metrics.roc_auc_difference_interval(y_true, p_a, p_a) == (0.0, 0.0)
 
 
 def test_roc_auc_interval_needs_both_classes():
