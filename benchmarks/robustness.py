@@ -77,6 +77,10 @@ def score(predictor: Predictor, inputs: list[bytes]) -> np.ndarray:
     return np.concatenate([predictor.cancer_probabilities(images[i : i + 64]) for i in range(0, len(images), 64)])
 
 
+def rounded(interval: tuple[float, float]) -> list[float]:
+    return [round(bound, 3) for bound in interval]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="bundle to test (repeatable); default: the shipped one")
@@ -95,7 +99,7 @@ def main() -> None:
             inputs[name] = [encode(shift(Image.open(io.BytesIO(data)).convert("RGB")), "JPEG", quality=92) for data in originals]
         return split, inputs
 
-    first = None  # the first model's (version, split, scores): later models on the same split are paired with it
+    first_model = first_split = first_scores = None  # later models on the first one's split are paired with it
     for model in args.model or [None]:
         predictor = Predictor.from_bundle(model)
         split, inputs = validation_inputs(predictor.metadata.training["validation_fraction"])
@@ -108,16 +112,16 @@ def main() -> None:
             "model": predictor.model_version,
             "n": len(y_true),
             "roc_auc": {name: round(value, 4) for name, value in auc.items()},
-            "roc_auc_ci95": {name: [round(bound, 3) for bound in metrics.roc_auc_interval(y_true, p)] for name, p in p_cancer.items()},
+            "roc_auc_ci95": {name: rounded(metrics.roc_auc_interval(y_true, p)) for name, p in p_cancer.items()},
             "ratio_to_as_is": {name: round(value / auc["as_is"], 3) for name, value in auc.items() if name != "as_is"},
         }
-        if first is None:
-            first = predictor.model_version, split, p_cancer
-        elif first[1] is split:
+        if first_model is None:
+            first_model, first_split, first_scores = predictor.model_version, split, p_cancer
+        elif split is first_split:
             report["minus_first_model"] = {
-                "model": first[0],
+                "model": first_model,
                 "roc_auc_difference_ci95": {
-                    name: [round(bound, 3) for bound in metrics.roc_auc_difference_interval(y_true, p, first[2][name])]
+                    name: rounded(metrics.roc_auc_difference_interval(y_true, p, first_scores[name]))
                     for name, p in p_cancer.items()
                 },
             }
