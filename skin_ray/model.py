@@ -73,8 +73,22 @@ def _conv_bn(x, filters: int, strides: int = 1):
     return layers.ReLU()(x)
 
 
+def _residual_block(x, filters: int):
+    """Two 3x3 convolutions plus a 1x1-projected shortcut (ResNet's basic block).
+
+    The shortcut lets each stage start as a near-identity map; the last BatchNorm starts at zero scale so
+    the block begins as exactly its shortcut (Goyal et al., 2017).
+    """
+    shortcut = layers.Conv2D(filters, 1, use_bias=False)(x)
+    shortcut = layers.BatchNormalization(momentum=0.9, synchronized=True)(shortcut)
+    x = _conv_bn(x, filters)
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization(momentum=0.9, synchronized=True, gamma_initializer="zeros")(x)
+    return layers.ReLU()(layers.Add()([x, shortcut]))
+
+
 def _make_default() -> keras.Model:
-    """A small VGG-style network with BatchNorm and global average pooling (~1.2M parameters, ~5 MB).
+    """A small residual network with BatchNorm and global average pooling (~1.2M parameters, ~5 MB).
 
     A stride-2 stem keeps the cost on CPUs; global pooling (not Flatten) makes the head independent of where
     the lesion sits in the frame.
@@ -85,8 +99,7 @@ def _make_default() -> keras.Model:
     x = _conv_bn(x, 32)
     for filters in (64, 128, 256):
         x = layers.MaxPooling2D(2)(x)
-        x = _conv_bn(x, filters)
-        x = _conv_bn(x, filters)
+        x = _residual_block(x, filters)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="classifier")(x)

@@ -83,14 +83,15 @@ def test_class_order_comes_from_the_bundle(untrained_bundle, tmp_path):
 def test_shipped_default_bundle_holds_its_recorded_quality():
     """The repository's model: trained with `skin-ray train`, small, calibrated, sensitive enough.
 
-    The foundation issue asks for ROC AUC >= 0.95; this model reaches 0.949 (README). The bound below guards
-    that figure against regressions; it is not the issue's target.
+    The foundation issue asks for ROC AUC >= 0.95; this model reaches 0.945 (README: it replaced a 0.949
+    model that is no better on these images, 95% interval +-0.017, and worse on a wider field of view). The
+    bound below guards that figure against regressions; it is not the issue's target.
     """
     bundle = load_bundle()
     meta = bundle.metadata
     assert meta.arch == "default" and meta.class_names == ["Cancer", "Non_Cancer"]
     assert sum(f.stat().st_size for f in Path(DEFAULT_BUNDLE).iterdir()) < 8 * 2**20
-    assert meta.metrics["validation"]["roc_auc"] >= 0.948
+    assert meta.metrics["validation"]["roc_auc"] >= 0.945
     assert meta.metrics["validation"]["ece"] <= 0.03
     assert meta.metrics["validation"]["ece_crossfit"] <= 0.03
     assert meta.metrics["validation"]["sensitivity"] >= meta.target_sensitivity
