@@ -65,12 +65,16 @@ def _make_seed() -> keras.Model:
     )
 
 
-def _conv_bn(x, filters: int, strides: int = 1):
-    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
+def _conv_bn(x, filters: int, kernel_size: int = 3, strides: int = 1, gamma_initializer: str = "ones"):
+    """Convolution then BatchNorm, no activation."""
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False)(x)
     # synchronized: batch statistics are all-reduced across workers, so every replica keeps the same
     # moving averages (unsynchronized, each worker's drift apart). momentum 0.9 settles within an epoch.
-    x = layers.BatchNormalization(momentum=0.9, synchronized=True)(x)
-    return layers.ReLU()(x)
+    return layers.BatchNormalization(momentum=0.9, synchronized=True, gamma_initializer=gamma_initializer)(x)
+
+
+def _conv_bn_relu(x, filters: int, strides: int = 1):
+    return layers.ReLU()(_conv_bn(x, filters, strides=strides))
 
 
 def _residual_block(x, filters: int):
@@ -79,11 +83,9 @@ def _residual_block(x, filters: int):
     The shortcut lets each stage start as a near-identity map; the last BatchNorm starts at zero scale so
     the block begins as exactly its shortcut (Goyal et al., 2017).
     """
-    shortcut = layers.Conv2D(filters, 1, use_bias=False)(x)
-    shortcut = layers.BatchNormalization(momentum=0.9, synchronized=True)(shortcut)
-    x = _conv_bn(x, filters)
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization(momentum=0.9, synchronized=True, gamma_initializer="zeros")(x)
+    shortcut = _conv_bn(x, filters, kernel_size=1)
+    x = _conv_bn_relu(x, filters)
+    x = _conv_bn(x, filters, gamma_initializer="zeros")
     return layers.ReLU()(layers.Add()([x, shortcut]))
 
 
@@ -95,8 +97,8 @@ def _make_default() -> keras.Model:
     """
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
     x = ShadesOfGray()(inputs)
-    x = _conv_bn(x, 32, strides=2)
-    x = _conv_bn(x, 32)
+    x = _conv_bn_relu(x, 32, strides=2)
+    x = _conv_bn_relu(x, 32)
     for filters in (64, 128, 256):
         x = layers.MaxPooling2D(2)(x)
         x = _residual_block(x, filters)
