@@ -23,7 +23,7 @@ class TrainConfig:
 
     data: str = _setting(MISSING, "labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
     output: str = _setting(MISSING, "where to write the bundle (directory or s3:// prefix)")
-    arch: str = _setting("default", "default (ours) or seed (the original notebook CNN)")
+    arch: str = _setting("default", "default (ours, residual), plain (ours, plain stages) or seed (the original notebook CNN)")
     workers: int = _setting(2, "Ray Train workers (MultiWorkerMirroredStrategy replicas)")
     epochs: int = _setting(40, "passes over the training split")
     batch_size: int = _setting(32, "global batch size, split evenly across workers")

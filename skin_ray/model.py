@@ -1,6 +1,7 @@
-"""The CNNs: `make_model(arch)` builds either the original notebook network or ours.
+"""The CNNs: `make_model(arch)` builds the original notebook network (`seed`) or one of ours: `default`, a
+small residual network, and `plain`, the same network with plain convolution stages (our first default).
 
-Both take the output of `preprocess_image` (170x170 RGB in [0, 1]) and end in a 2-way softmax whose index
+All take the output of `preprocess_image` (170x170 RGB in [0, 1]) and end in a 2-way softmax whose index
 order is the bundle's `class_names`. Augmentation lives in `make_augmenter`, applied by the training loop
 only, so a saved model is just the inference graph.
 """
@@ -14,7 +15,7 @@ from keras import layers, ops
 
 from skin_ray.preprocess import IMAGE_SIZE
 
-ARCHITECTURES = ("default", "seed")
+ARCHITECTURES = ("default", "plain", "seed")
 NUM_CLASSES = 2
 
 
@@ -42,7 +43,9 @@ class ShadesOfGray(layers.Layer):
 
 def make_model(arch: str = "default") -> keras.Model:
     if arch == "default":
-        return _make_default()
+        return _make_ours(_residual_block, name="default")
+    if arch == "plain":
+        return _make_ours(_plain_block, name="plain")
     if arch == "seed":
         return _make_seed()
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -89,8 +92,13 @@ def _residual_block(x, filters: int):
     return layers.ReLU()(layers.Add()([x, shortcut]))
 
 
-def _make_default() -> keras.Model:
-    """A small residual network with BatchNorm and global average pooling (~1.2M parameters, ~5 MB).
+def _plain_block(x, filters: int):
+    """Two 3x3 convolutions (VGG's stage)."""
+    return _conv_bn_relu(_conv_bn_relu(x, filters), filters)
+
+
+def _make_ours(block, name: str) -> keras.Model:
+    """A stem, three pooled stages of `block`, global average pooling (~1.2M parameters, ~5 MB).
 
     A stride-2 stem keeps the cost on CPUs; global pooling (not Flatten) makes the head independent of where
     the lesion sits in the frame.
@@ -101,11 +109,11 @@ def _make_default() -> keras.Model:
     x = _conv_bn_relu(x, 32)
     for filters in (64, 128, 256):
         x = layers.MaxPooling2D(2)(x)
-        x = _residual_block(x, filters)
+        x = block(x, filters)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="classifier")(x)
-    return keras.Model(inputs, outputs, name="default")
+    return keras.Model(inputs, outputs, name=name)
 
 
 class RandomZoomOutOntoSkin(layers.Layer):

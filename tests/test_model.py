@@ -22,8 +22,9 @@ def test_seed_is_the_original_network():
     assert model.output_shape == (None, 2)
 
 
-def test_default_is_small_and_ends_in_a_two_way_softmax(images):
-    model = make_model("default")
+@pytest.mark.parametrize("arch", ["default", "plain"])
+def test_ours_are_small_and_end_in_a_two_way_softmax(arch, images):
+    model = make_model(arch)
     assert model.count_params() < 2_000_000  # ships in the repository: a few MB
     probabilities = model(images).numpy()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
