@@ -1,4 +1,4 @@
-"""The `skin-ray` command line: train, evaluate, predict, serve, classify."""
+"""The `skin-ray` command line: train, ensemble, evaluate, predict, serve, classify."""
 
 from __future__ import annotations
 
@@ -54,6 +54,24 @@ def _run_train(args) -> int:
     init_ray()
     outcome = train(config)
     print(json.dumps({"bundle": outcome.bundle_uri, **outcome.metrics["validation"]}))
+    return 0
+
+
+def _add_ensemble(commands) -> None:
+    parser = commands.add_parser("ensemble", help="combine bundles trained on one split into a bundle averaging them")
+    parser.add_argument("members", nargs="+", help="two or more bundles (directories or s3:// prefixes)")
+    parser.add_argument("--output", required=True, help="where to write the ensemble bundle")
+    parser.add_argument("--data", help="the members' labelled image tree, if it moved since they were trained")
+    parser.add_argument("--target-sensitivity", type=float, default=0.90, help="Cancer sensitivity the threshold must keep")
+
+
+def _run_ensemble(args) -> int:
+    from skin_ray.ensemble import build_ensemble
+    from skin_ray.runtime import init_ray
+
+    init_ray()
+    metadata = build_ensemble(args.members, args.output, args.data, args.target_sensitivity)
+    print(json.dumps({"bundle": args.output, "model_version": metadata.model_version, **metadata.metrics["validation"]}))
     return 0
 
 
@@ -154,6 +172,7 @@ def _run_serve(args) -> int:
 
 COMMANDS = {
     "train": (_add_train, _run_train),
+    "ensemble": (_add_ensemble, _run_ensemble),
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
     "serve": (_add_serve, _run_serve),

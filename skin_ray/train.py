@@ -108,7 +108,17 @@ def train(config: TrainConfig) -> TrainOutcome:
 
 
 def finalize_bundle(model, config: TrainConfig, split, history: list[dict]) -> BundleMetadata:
-    """Calibrate the model in place on the validation split, choose the threshold, describe the bundle.
+    """Calibrate the best checkpoint's model in place, choose its threshold, describe the bundle."""
+    threshold, bundle_metrics = calibrate(model, split, config.target_sensitivity)
+    bundle_metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
+    return describe_bundle(
+        model, config.arch, split, threshold, config.target_sensitivity, bundle_metrics,
+        training={**asdict(config), "epochs_run": len(history)}, source=config.data,
+    )
+
+
+def calibrate(model, split, target_sensitivity: float) -> tuple[float, dict]:
+    """Calibrate `model` in place on the validation split; return the threshold and the bundle's metrics.
 
     Platt scaling is folded into the last Dense layer, so every consumer gets calibrated probabilities from
     the plain model. Because calibration and threshold are fitted on the split they are reported on, the
@@ -123,25 +133,31 @@ def finalize_bundle(model, config: TrainConfig, split, history: list[dict]) -> B
     scale, offset = metrics.fit_platt(y_true, gap)
     _fold_platt_into_classifier(model, scale, offset)
     _, p_cancer = score_dataset(forward, validation)
-    threshold = metrics.threshold_for_sensitivity(y_true, p_cancer, config.target_sensitivity)
+    threshold = metrics.threshold_for_sensitivity(y_true, p_cancer, target_sensitivity)
     summary = metrics.summary(y_true, p_cancer, threshold)
     summary.update(
         ece_uncalibrated=metrics.expected_calibration_error(y_true, p_raw),
         ece_crossfit=_crossfit_ece(y_true, gap),
-        best_epoch=max(history, key=lambda row: row["val_auc"])["epoch"],
     )
+    return threshold, {"validation": summary, "calibration": {"platt_scale": scale, "platt_offset": offset}}
+
+
+def describe_bundle(
+    model, arch: str, split, threshold: float, target_sensitivity: float, bundle_metrics: dict, training: dict, source: str
+) -> BundleMetadata:
+    """The bundle.json of a calibrated model; its version names the architecture, the day and the weights."""
     weights_digest = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
     return BundleMetadata(
-        model_version=f"{config.arch}-{time.strftime('%Y%m%d')}-{weights_digest[:10]}",
-        arch=config.arch,
+        model_version=f"{arch}-{time.strftime('%Y%m%d')}-{weights_digest[:10]}",
+        arch=arch,
         class_names=list(split.train.class_names),
         positive_class=POSITIVE_CLASS,
         threshold=threshold,
-        target_sensitivity=config.target_sensitivity,
-        metrics={"validation": summary, "calibration": {"platt_scale": scale, "platt_offset": offset}},
-        training={**asdict(config), "epochs_run": len(history)},
+        target_sensitivity=target_sensitivity,
+        metrics=bundle_metrics,
+        training=training,
         data={
-            "source": config.data,
+            "source": source,
             "fingerprint": split.fingerprint,
             "train": split.train.class_counts(),
             "validation": split.validation.class_counts(),

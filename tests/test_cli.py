@@ -13,7 +13,7 @@ from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
 
 
-def _skin_ray(*args: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
+def skin_ray_cli(*args: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **({"RAY_ADDRESS": ray_address} if ray_address else {})}
     return subprocess.run(["skin-ray", *args], capture_output=True, text=True, env=env, timeout=300)
 
@@ -23,7 +23,7 @@ def test_predict_prints_one_line_per_image_and_survives_bad_files(lesion_tree, u
     text = tmp_path / "notes.jpg"
     text.write_text("not a picture")
     missing = tmp_path / "missing.jpg"
-    result = _skin_ray("predict", *map(str, good), str(text), str(missing), "--model", str(untrained_bundle))
+    result = skin_ray_cli("predict", *map(str, good), str(text), str(missing), "--model", str(untrained_bundle))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["path"] for row in rows] == [*map(str, good), str(text), str(missing)]
@@ -41,7 +41,7 @@ def test_predict_reads_from_s3(lesion_tree, untrained_bundle, bucket):
     path = sorted((lesion_tree / "Non_Cancer").glob("*.jpg"))[0]
     uri = f"s3://{bucket}/one.jpg"
     storage.write_bytes(uri, path.read_bytes())
-    result = _skin_ray("predict", uri, "--model", str(untrained_bundle))
+    result = skin_ray_cli("predict", uri, "--model", str(untrained_bundle))
     (row,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert row["path"] == uri and row["error"] is None
 
@@ -49,7 +49,7 @@ def test_predict_reads_from_s3(lesion_tree, untrained_bundle, bucket):
 def test_evaluate_prints_metrics_and_writes_plots(ray_session, lesion_tree, untrained_bundle, tmp_path):
     report = tmp_path / "report"
     address = ray_session.get_runtime_context().gcs_address
-    result = _skin_ray("evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--report", str(report), ray_address=address)
+    result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--report", str(report), ray_address=address)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["n"] == 240 and summary["errors"] == 0
@@ -63,6 +63,6 @@ def test_evaluate_prints_metrics_and_writes_plots(ray_session, lesion_tree, untr
 
 
 def test_train_cli_rejects_a_batch_that_does_not_split(tmp_path):
-    result = _skin_ray("train", str(tmp_path), "--output", str(tmp_path / "b"), "--workers", "3", "--batch-size", "32")
+    result = skin_ray_cli("train", str(tmp_path), "--output", str(tmp_path / "b"), "--workers", "3", "--batch-size", "32")
     assert result.returncode != 0
     assert "multiple of --workers" in result.stderr
