@@ -58,11 +58,13 @@ def _run_train(args) -> int:
 
 
 def _add_ensemble(commands) -> None:
+    from skin_ray.config import TARGET_SENSITIVITY
+
     parser = commands.add_parser("ensemble", help="combine bundles trained on one split into a bundle averaging them")
     parser.add_argument("members", nargs="+", help="two or more bundles (directories or s3:// prefixes)")
     parser.add_argument("--output", required=True, help="where to write the ensemble bundle")
     parser.add_argument("--data", help="the members' labelled image tree, if it moved since they were trained")
-    parser.add_argument("--target-sensitivity", type=float, default=0.90, help="Cancer sensitivity the threshold must keep")
+    parser.add_argument("--target-sensitivity", type=float, default=TARGET_SENSITIVITY, help="Cancer sensitivity the threshold must keep")
 
 
 def _run_ensemble(args) -> int:

@@ -11,6 +11,8 @@ from dataclasses import MISSING, dataclass, field
 
 from pydantic import BaseModel, Field
 
+TARGET_SENSITIVITY = 0.90  # for Cancer, on validation: what a bundle's decision threshold must keep
+
 
 def _setting(default, help: str):
     """A dataclass field whose `help` is what `skin-ray --help` shows for it; MISSING makes it required."""
@@ -31,7 +33,7 @@ class TrainConfig:
     weight_decay: float = _setting(1e-4, "AdamW weight decay")
     seed: int = _setting(0, "random seed for initialisation and augmentation")
     validation_fraction: float = _setting(0.2, "share of distinct images held out, chosen by content hash")
-    target_sensitivity: float = _setting(0.90, "Cancer sensitivity the decision threshold must keep on validation")
+    target_sensitivity: float = _setting(TARGET_SENSITIVITY, "Cancer sensitivity the decision threshold must keep on validation")
     subset: str | None = _setting(None, "train only on images inside sub-folders of this name, e.g. Training")
     storage_path: str = _setting("~/skin_ray_runs", "Ray Train run and checkpoint storage (local path or s3://)")
     run_name: str | None = _setting(None, "name of the run under --storage-path (default: arch and time)")

@@ -18,6 +18,7 @@ import numpy as np
 from keras import layers
 
 from skin_ray.bundle import BundleMetadata, load_bundle, save_bundle
+from skin_ray.config import TARGET_SENSITIVITY
 from skin_ray.data import discover, split_by_content
 from skin_ray.model import NUM_CLASSES
 from skin_ray.preprocess import IMAGE_SIZE
@@ -41,7 +42,7 @@ def make_ensemble(members: list[keras.Model]) -> keras.Model:
     return keras.Model(inputs, outputs, name="ensemble")
 
 
-def build_ensemble(members: list[str], output: str, data: str | None = None, target_sensitivity: float = 0.90) -> BundleMetadata:
+def build_ensemble(members: list[str], output: str, data: str | None = None, target_sensitivity: float = TARGET_SENSITIVITY) -> BundleMetadata:
     """Write the ensemble of the bundles at `members` to `output`; `data` defaults to the members' own source."""
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two bundles")
@@ -51,10 +52,11 @@ def build_ensemble(members: list[str], output: str, data: str | None = None, tar
         meta = bundle.metadata
         if meta.data.get("fingerprint") != first.data.get("fingerprint") or meta.class_names != first.class_names:
             raise ValueError(f"{bundle.uri} was trained on another split or class order than {bundles[0].uri}")
-    images = discover(data or first.data["source"], class_names=tuple(first.class_names), subset=first.training.get("subset"))
+    source = data or first.data["source"]
+    images = discover(source, class_names=tuple(first.class_names), subset=first.training.get("subset"))
     split = split_by_content(images, first.training["validation_fraction"])
     if split.fingerprint != first.data["fingerprint"]:
-        raise ValueError(f"{data or first.data['source']} is not the data the members were trained on")
+        raise ValueError(f"{source} is not the data the members were trained on")
     model = make_ensemble([bundle.model for bundle in bundles])
     threshold, bundle_metrics = calibrate(model, split, target_sensitivity)
     training = {
@@ -66,8 +68,6 @@ def build_ensemble(members: list[str], output: str, data: str | None = None, tar
         "validation_fraction": first.training["validation_fraction"],
         "subset": first.training.get("subset"),
     }
-    metadata = describe_bundle(
-        model, "ensemble", split, threshold, target_sensitivity, bundle_metrics, training, source=data or first.data["source"]
-    )
+    metadata = describe_bundle(model, "ensemble", split, threshold, target_sensitivity, bundle_metrics, training, source)
     save_bundle(model, metadata, output)
     return metadata
