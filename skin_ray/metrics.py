@@ -156,6 +156,12 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
 
 
+def log_odds(p: np.ndarray) -> np.ndarray:
+    """The inverse of `sigmoid`, in float64, finite for probabilities of exactly 0 or 1."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
 def fit_platt(y_true: np.ndarray, logit_gap: np.ndarray, iterations: int = 50) -> tuple[float, float]:
     """Fit (a, c) so that sigmoid(a * logit_gap + c) is calibrated, by Newton's method on the log loss.
 

@@ -129,7 +129,7 @@ def calibrate(model, split, target_sensitivity: float) -> tuple[float, dict]:
     forward = tf.function(lambda images: model(images, training=False))
     validation = image_dataset(split.validation).materialize()
     y_true, p_raw = score_dataset(forward, validation)
-    gap = _logit_gap(p_raw)
+    gap = metrics.log_odds(p_raw)
     scale, offset = metrics.fit_platt(y_true, gap)
     _fold_platt_into_classifier(model, scale, offset)
     _, p_cancer = score_dataset(forward, validation)
@@ -164,11 +164,6 @@ def describe_bundle(
             "skipped": len(split.skipped),
         },
     )
-
-
-def _logit_gap(p_cancer: np.ndarray) -> np.ndarray:
-    p = np.clip(p_cancer.astype(np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
 
 
 def _fold_platt_into_classifier(model, scale: float, offset: float) -> None:

@@ -19,8 +19,10 @@ from skin_ray.model import make_model
 from skin_ray.predictor import Predictor
 
 
-def _log_odds(p: np.ndarray) -> np.ndarray:
-    return np.log(p) - np.log1p(-p)
+@pytest.fixture(scope="module")
+def lesion_split(lesion_tree):
+    """The split members trained on `lesion_tree` record, and the ensemble re-derives."""
+    return split_by_content(discover(str(lesion_tree)), 0.2)
 
 
 def _member(path: Path, arch: str, seed: int, data: Path, fingerprint: str) -> str:
@@ -39,15 +41,15 @@ def test_ensemble_output_is_the_softmax_of_the_mean_member_logit():
     keras.utils.set_random_seed(3)
     members = [make_model("seed"), make_model("plain")]
     images = np.random.default_rng(0).random((4, 170, 170, 3), dtype=np.float32)
-    p_members = [member(images).numpy()[:, 0].astype(np.float64) for member in members]
+    p_members = [member(images).numpy()[:, 0] for member in members]
     p_ensemble = make_ensemble(members)(images).numpy()[:, 0]
-    expected = 1 / (1 + np.exp(-np.mean([_log_odds(p) for p in p_members], axis=0)))
+    expected = metrics.sigmoid(np.mean([metrics.log_odds(p) for p in p_members], axis=0))
     np.testing.assert_allclose(p_ensemble, expected, rtol=1e-4)
     assert not np.allclose(p_members[0], p_members[1], rtol=1e-2)  # two different opinions were averaged
 
 
-def test_cli_writes_a_calibrated_bundle_of_its_members(ray_session, lesion_tree, tmp_path):
-    fingerprint = split_by_content(discover(str(lesion_tree)), 0.2).fingerprint
+def test_cli_writes_a_calibrated_bundle_of_its_members(ray_session, lesion_tree, lesion_split, tmp_path):
+    fingerprint = lesion_split.fingerprint
     members = [_member(tmp_path / name, arch, seed, lesion_tree, fingerprint) for name, arch, seed in (("a", "seed", 1), ("b", "default", 2))]
     result = skin_ray_cli(
         "ensemble", *members, "--output", str(tmp_path / "ensemble"), "--target-sensitivity", "0.8",
@@ -62,10 +64,9 @@ def test_cli_writes_a_calibrated_bundle_of_its_members(ray_session, lesion_tree,
     assert [member["model_version"] for member in meta.training["members"]] == ["seed-1", "default-2"]
     assert meta.data["fingerprint"] == fingerprint and meta.target_sensitivity == 0.8
     # Its probabilities are the members' mean log-odds through the recorded Platt calibration...
-    split = split_by_content(discover(str(lesion_tree)), 0.2)
-    rows = image_dataset(split.validation).take_all()
+    rows = image_dataset(lesion_split.validation).take_all()
     images = np.stack([row["image"] for row in rows])
-    mean_log_odds = np.mean([_log_odds(Predictor.from_bundle(m).cancer_probabilities(images).astype(np.float64)) for m in members], axis=0)
+    mean_log_odds = np.mean([metrics.log_odds(Predictor.from_bundle(m).cancer_probabilities(images)) for m in members], axis=0)
     platt = meta.metrics["calibration"]
     p_cancer = ensemble.cancer_probabilities(images)
     np.testing.assert_allclose(p_cancer, metrics.sigmoid(platt["platt_scale"] * mean_log_odds + platt["platt_offset"]), rtol=1e-3)
@@ -77,8 +78,8 @@ def test_cli_writes_a_calibrated_bundle_of_its_members(ray_session, lesion_tree,
     assert recomputed["sensitivity"] >= 0.8
 
 
-def test_refuses_members_of_another_split_or_data(ray_session, lesion_tree, tmp_path):
-    fingerprint = split_by_content(discover(str(lesion_tree)), 0.2).fingerprint
+def test_refuses_members_of_another_split_or_data(ray_session, lesion_tree, lesion_split, tmp_path):
+    fingerprint = lesion_split.fingerprint
     same = [_member(tmp_path / name, "seed", seed, lesion_tree, fingerprint) for name, seed in (("a", 1), ("b", 2))]
     other = _member(tmp_path / "other", "seed", 3, lesion_tree, "0" * 64)
     address = ray.get_runtime_context().gcs_address
