@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from dataclasses import fields
+from typing import Literal, get_args, get_origin
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,10 +19,10 @@ def _add_settings(parser, settings: type, positional: tuple[str, ...] = ()) -> N
     reaches each setting without repeating its default. Names in `positional` become positional arguments,
     `output` a required option."""
     if hasattr(settings, "model_fields"):  # pydantic
-        options = {name: (f.default, f.description) for name, f in settings.model_fields.items()}
+        options = {name: (f.default, f.description, f.annotation) for name, f in settings.model_fields.items()}
     else:
-        options = {f.name: (f.default, f.metadata.get("help")) for f in fields(settings)}
-    for name, (default, help_text) in options.items():
+        options = {f.name: (f.default, f.metadata.get("help"), f.type) for f in fields(settings)}
+    for name, (default, help_text, annotation) in options.items():
         flag = f"--{name.replace('_', '-')}"
         if name in positional:
             parser.add_argument(name, help=help_text)
@@ -30,7 +31,10 @@ def _add_settings(parser, settings: type, positional: tuple[str, ...] = ()) -> N
         elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=type(default) if default is not None else str, default=default, help=help_text)
+            choices = get_args(annotation) if get_origin(annotation) is Literal else None
+            parser.add_argument(
+                flag, type=type(default) if default is not None else str, default=default, choices=choices, help=help_text
+            )
 
 
 def _settings_from(args, settings: type):
@@ -152,20 +156,23 @@ def _run_serve(args) -> int:
     import signal
     import threading
 
-    from ray import serve
-
-    from skin_ray.runtime import init_ray
     from skin_ray.config import ServeSettings
-    from skin_ray.serve import app_builder
+    from skin_ray.runtime import init_ray
 
     settings = _settings_from(args, ServeSettings)
-    init_ray()
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app_builder(settings), name="skin-ray", route_prefix="/")
-    print(f"skin-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
+    # Handlers first: the service answers (through HAProxy) before serve.run returns, and a stop asked for
+    # while it starts must still drain rather than kill the process.
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    init_ray()
+    from ray import serve
+
+    from skin_ray.serve import app_builder
+
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app_builder(settings), name="skin-ray", route_prefix="/")
+    print(f"skin-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     stop.wait()
     print("shutting down: in-flight requests finish first", flush=True)
     serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s) before they stop

@@ -8,6 +8,7 @@ no TensorFlow, no Ray.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -72,7 +73,18 @@ class ServeSettings(BaseModel):
     flags and Python."""
 
     model: str | None = Field(None, description="bundle directory or s3:// prefix; None = the shipped model")
-    max_batch_size: int = Field(32, ge=1, description="largest batch the model replica forms")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    layout: Literal["fused", "split"] = Field(
+        "fused",
+        description="fused: one deployment decodes, batches and predicts (fastest on one node); split: Ingress "
+        "replicas decode and batch, SkinModel replicas predict (decoding and the model scale apart on a cluster)",
+    )
+    max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
+    batch_wait_timeout_s: float = Field(
+        0.1, ge=0, description="longest a batch waits for images still being decoded (it never waits when none are)"
+    )
+    decode_threads: int = Field(2, ge=1, description="threads decoding uploads in each Ingress replica")
+    max_pending_images: int = Field(
+        256, ge=1, description="images decoding or waiting for the model per Ingress replica; beyond it, 503"
+    )
     max_upload_mb: float = Field(10.0, gt=0, description="largest request body accepted")
     max_batch_files: int = Field(16, ge=1, description="most files in one /predict/batch request")

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from skin_ray.bundle import Bundle, load_bundle
+from skin_ray.preprocess import to_model_input
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.metadata.class_names)), dtype=np.float32)
         return self._forward(tf.convert_to_tensor(images, dtype=tf.float32)).numpy()
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities for a batch of uint8 pixels from `decode_pixels`."""
+        return self.predict_arrays(to_model_input(pixels))
 
     def cancer_probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.predict_arrays(images)[:, self.metadata.positive_index]

@@ -13,12 +13,31 @@ logger = logging.getLogger(__name__)
 # scheduled at once; they share the physical cores, and TensorFlow's pools are capped to match.
 MIN_LOCAL_CPUS = 8
 
+# Ray Serve's fast path (Ray 2.55+): HAProxy forwards requests straight to the ingress replicas' own HTTP
+# servers instead of through a Python proxy actor (measured here: the proxy spent ~4 ms of CPU per request,
+# HAProxy 0.15 ms), and replicas talk gRPC. Ray's processes read these at start, so they are set before a
+# local Ray starts; a cluster sets them in its pods (cluster/rayservice.yaml).
+SERVE_ENVIRONMENT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # An ingress replica that stops stays up this long so load balancers can drop it (30 s by default);
+    # the only balancer of a local Ray is its HAProxy, which learns at once.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+
+
+def use_serve_fast_path() -> None:
+    """Put SERVE_ENVIRONMENT in this process's environment (what is set already wins), for a Ray it starts."""
+    for name, value in SERVE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the running cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or start a local Ray."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    use_serve_fast_path()
     try:
         ray.init(address="auto", log_to_driver=True)
         logger.info("connected to the running Ray cluster")

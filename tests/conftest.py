@@ -47,11 +47,13 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def ray_context(s3_endpoint):
-    """The session's local Ray. Started after the S3 variables are set, so its workers inherit them."""
+    """The session's local Ray, with Serve's fast path as `skin-ray` starts it. Started after the S3 variables
+    are set, so its workers inherit them."""
     import ray
 
-    from skin_ray.runtime import MIN_LOCAL_CPUS
+    from skin_ray.runtime import MIN_LOCAL_CPUS, use_serve_fast_path
 
+    use_serve_fast_path()
     context = ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=True)
     yield context
     ray.shutdown()

@@ -90,9 +90,9 @@ def main(data: str, bundle: str, scratch: str) -> None:
 
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(model=bundle)
-    model = SkinModel.options(num_replicas=2).bind(settings.model, settings.max_batch_size, settings.batch_wait_timeout_s)
-    serve.run(Ingress.options(num_replicas=2).bind(model, settings.max_upload_mb, settings.max_batch_files), name="skin-ray")
+    settings = ServeSettings(model=bundle, layout="split")  # the cluster layout: decoding and the model apart
+    model = SkinModel.options(num_replicas=2).bind(settings.model)
+    serve.run(Ingress.options(num_replicas=2).bind(settings, model), name="skin-ray")
     image = next(Path(data).rglob("*.jpg")).read_bytes()
     report["serve_status_codes"] = [
         httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("x.jpg", image, "image/jpeg")}, timeout=60).status_code

@@ -57,6 +57,16 @@ def test_rayservice_serves_the_same_application_as_the_serve_config():
     assert embedded["applications"] == local["applications"]
 
 
+def test_rayservice_pods_turn_on_the_serve_fast_path():
+    """The same HAProxy/throughput variables `skin-ray serve` sets for a local Ray, in every pod of the service."""
+    from skin_ray.runtime import SERVE_ENVIRONMENT
+
+    fast_path = {name: SERVE_ENVIRONMENT[name] for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")}
+    for container in _containers(yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())):
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert fast_path.items() <= env.items(), container["name"]
+
+
 def _containers(document: dict) -> list[dict]:
     spec = document["spec"].get("rayClusterSpec") or document["spec"].get("rayClusterConfig") or document["spec"]
     groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
