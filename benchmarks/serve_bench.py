@@ -1,44 +1,44 @@
-"""Online prediction throughput and latency, all in one script with the same model and images.
+"""Online prediction throughput and latency: ceilings, a plain uvicorn app and every serving layout, one run.
 
-    python benchmarks/serve_bench.py [--model BUNDLE] [--requests 192] [--concurrency 1 16 64]
+    python benchmarks/serve_bench.py [--model BUNDLE] [--seconds 15] [--concurrency 1 16 64]
+    python benchmarks/serve_bench.py --peers [--peers-only mosec,litserve,pytriton,bentoml,fastapi-pob]
 
-(a) ceiling: in-process, decode + batched predict (no HTTP);
-(b) plain: a FastAPI app under uvicorn (separate process) that decodes and predicts once per request with
-    the fastest single-image call, the original's design written well;
-(c) skin-ray: this project's Serve app (ingress decodes, model replica batches) on a local Ray;
-(d) fused: the same Serve app with decoding and batching in one deployment, to measure the ingress->model hop.
-The load generator sends a fixed number of requests at each concurrency. Prints one JSON line.
+Default: the in-process ceilings (single thread: decode then batch-32 predict; pipelined: decoding on two
+threads overlapped with batch-32 inference; and one image alone), a plain FastAPI app under uvicorn that
+decodes and predicts once per request, then `skin-ray serve` itself in each layout (the shipped default,
+the split layout, and the default without Ray's fast path), `serve run deployments/serve_config.yaml`, and
+`POST /predict/batch` with 16 images per request.
+--peers: the serving systems in ../shared/peers (its run_peers.sh, README there) on the same model file,
+then `skin-ray serve` as shipped, in the same round.
+
+Every HTTP figure comes from the peers' closed-loop client (../shared/peers/loadgen.py: C clients, each
+keeping one multipart JPEG upload in flight), run with this interpreter, so every server meets the same
+client. Servers run one at a time, each in its own process group, and are stopped before the next starts.
+Prints a table and, last, one JSON line.
 """
 
 import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "skin_isic"
-
-
-def load_images(count: int) -> list[bytes]:
-    if REAL_DATA.is_dir():
-        paths = sorted(REAL_DATA.glob("*/*.jpg"))[::7][:count]
-        return [p.read_bytes() for p in paths]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from images import encode, lesion_image
-
-    rng = np.random.default_rng(0)
-    return [encode(lesion_image(("Cancer", "Non_Cancer")[i % 2], rng, size=224), "JPEG") for i in range(count)]
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT.parent / "shared" / "peers"
+IMAGES = ROOT.parent / "shared" / "datasets" / "skin_isic" / "Cancer"  # the folder the peers measure with
+LOADGEN = PEERS / "loadgen.py"
+NO_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
 
 
 def free_port() -> int:
@@ -47,35 +47,133 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ceiling_images_per_second(model, images: list, batch_size: int = 32) -> float:
+def ceilings(model: str | None, images: list[bytes], batch_size: int = 32) -> dict:
+    """In-process images/s with no HTTP: sequential and pipelined decode + batch predict, and one image alone."""
     from skin_ray.predictor import Predictor
-    from skin_ray.preprocess import preprocess_image
+    from skin_ray.preprocess import decode_pixels
 
     predictor = Predictor.from_bundle(model)
-    predictor.predict_arrays(np.stack([preprocess_image(images[0])]))
+    batches = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+    predictor.predict_pixels(np.stack([decode_pixels(data) for data in batches[0]]))
+
     started = time.perf_counter()
-    for start in range(0, len(images), batch_size):
-        predictor.predict_arrays(np.stack([preprocess_image(data) for data in images[start : start + batch_size]]))
-    return len(images) / (time.perf_counter() - started)
+    for batch in batches:
+        predictor.predict_pixels(np.stack([decode_pixels(data) for data in batch]))
+    sequential = len(images) / (time.perf_counter() - started)
+
+    with ThreadPoolExecutor(2) as decoders:  # decoding runs ahead while the model computes the previous batch
+        started = time.perf_counter()
+        decoded = [decoders.map(decode_pixels, batch) for batch in batches]
+        for pixels in decoded:
+            predictor.predict_pixels(np.stack(list(pixels)))
+        pipelined = len(images) / (time.perf_counter() - started)
+
+    single_ms = []
+    for data in images[:64]:
+        started = time.perf_counter()
+        predictor.predict_pixels(decode_pixels(data)[None])
+        single_ms.append(1000 * (time.perf_counter() - started))
+    return {"sequential": round(sequential, 1), "pipelined": round(pipelined, 1),
+            "single_image_ms": round(float(np.median(single_ms)), 1)}
+
+
+def load(url: str, concurrency: list[int], seconds: float) -> dict:
+    """The peers' client against `url`; {concurrency: {rps, p50_ms, p99_ms, errors}}."""
+    command = [sys.executable, str(LOADGEN), "--url", url, "--flavour", "multipart", "--images", str(IMAGES),
+               "--concurrency", ",".join(map(str, concurrency)), "--seconds", str(seconds), "--warmup", "8"]
+    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    return {level["concurrency"]: {key: level[key] for key in ("rps", "p50_ms", "p99_ms", "errors")}
+            for level in result["levels"]}
+
+
+def load_batches(url: str, images: list[bytes], files_per_request: int, clients: int, seconds: float) -> dict:
+    """Closed loop of `clients`, each keeping one `POST /predict/batch` of `files_per_request` images in flight."""
+    import aiohttp
+
+    async def run() -> dict:
+        done, latencies, errors = 0, [], 0
+        deadline = time.perf_counter() + seconds
+
+        async def client(session, offset):
+            nonlocal done, errors
+            while time.perf_counter() < deadline:
+                form = aiohttp.FormData()
+                for i in range(files_per_request):
+                    form.add_field("files", images[(offset + i) % len(images)], filename=f"{i}.jpg", content_type="image/jpeg")
+                started = time.perf_counter()
+                async with session.post(url, data=form) as response:
+                    results = (await response.json()).get("results", [])
+                latencies.append(time.perf_counter() - started)
+                ok = sum("label" in result for result in results)
+                done, errors = done + ok, errors + files_per_request - ok
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            started = time.perf_counter()
+            await asyncio.gather(*(client(session, k * files_per_request) for k in range(clients)))
+            elapsed = time.perf_counter() - started
+        return {"images_per_s": round(done / elapsed, 1), "p50_ms": round(1000 * float(np.median(latencies)), 1),
+                "errors": errors}
+
+    return asyncio.run(run())
+
+
+class Server:
+    """A server command in its own process group: started, awaited until it answers, stopped with SIGINT."""
+
+    def __init__(self, command: list[str], health_url: str, env: dict | None = None):
+        self.health_url = health_url
+        self.process = subprocess.Popen(
+            command, env={**os.environ, **(env or {})}, cwd=ROOT, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # A benchmark started in the background inherits an ignored SIGINT; the server must see Ctrl-C.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+
+    def __enter__(self):
+        import httpx
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.process.args} exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.health_url, timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{self.health_url} did not come up")
+
+    def __exit__(self, *_):
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(timeout=120)
+        finally:
+            try:  # whatever the server left in its group (a crashed Ray's workers) must not load the next one
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
 
 
 PLAIN_APP = '''
-import sys
 import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from starlette.concurrency import run_in_threadpool
 from skin_ray.predictor import Predictor
-from skin_ray.preprocess import preprocess_image
+from skin_ray.preprocess import decode_pixels
 from skin_ray.runtime import limit_tensorflow_threads
 
 limit_tensorflow_threads()
-predictor = Predictor.from_bundle(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None)
-predictor.predict_arrays(np.zeros((1, 170, 170, 3), np.float32))
+predictor = Predictor.from_bundle(MODEL)
 app = FastAPI()
 
 def classify(data: bytes) -> dict:
-    probabilities = predictor.predict_arrays(preprocess_image(data)[None])[0]
-    return predictor.to_prediction(probabilities).__dict__
+    return predictor.to_prediction(predictor.predict_pixels(decode_pixels(data)[None])[0]).__dict__
+
+@app.get("/healthz")
+def healthz():
+    return {}
 
 @app.post("/predict")
 async def predict(file: UploadFile = File(...)):
@@ -83,138 +181,107 @@ async def predict(file: UploadFile = File(...)):
 '''
 
 
-def start_plain_app(model: str | None, port: int, workdir: Path) -> subprocess.Popen:
-    (workdir / "plain_app.py").write_text(PLAIN_APP)
-    command = [sys.executable, "-c",
-               f"import sys, uvicorn; sys.argv = ['x', {model or ''!r}]; sys.path.insert(0, {str(workdir)!r}); "
-               f"import plain_app; uvicorn.run(plain_app.app, host='127.0.0.1', port={port}, log_level='warning')"]
-    return subprocess.Popen(command)
+def plain_command(model: str | None, port: int, workdir: Path) -> list[str]:
+    (workdir / "plain_app.py").write_text(PLAIN_APP.replace("MODEL", repr(model)))
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(workdir), "plain_app:app", "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "warning"]
 
 
-def start_serve_app(model: str | None, port: int, fused: bool) -> None:
-    from ray import serve
+def serve_run_command(port: int, workdir: Path) -> list[str]:
+    import yaml
 
-    from skin_ray.config import ServeSettings
-    from skin_ray.serve import app_builder
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    if fused:
-        serve.run(fused_app(model), name="fused", route_prefix="/fused")
-    else:
-        serve.run(app_builder(ServeSettings(model=model)), name="skin-ray", route_prefix="/")
+    config = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    (workdir / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    return ["serve", "run", str(workdir / "serve_config.yaml")]
 
 
-def fused_app(model: str | None):
-    """Decode and batch in one replica: no handle call between ingress and model."""
-    from ray import serve
+def layouts(model: str | None, workdir: Path) -> dict[str, tuple[list[str], dict]]:
+    """Label -> (command, extra environment) for every serving layout measured; {port} is filled in later."""
+    from skin_ray.runtime import SERVE_ENVIRONMENT
 
-    app = FastAPI()
-
-    @serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5})
-    @serve.ingress(app)
-    class Fused:
-        def __init__(self, model):
-            from skin_ray.predictor import Predictor
-            from skin_ray.runtime import limit_tensorflow_threads
-
-            limit_tensorflow_threads()
-            self.predictor = Predictor.from_bundle(model)
-
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-        async def predict_batch(self, images: list) -> list:
-            probabilities = await asyncio.to_thread(self.predictor.predict_arrays, np.stack(images))
-            return [self.predictor.to_prediction(row).__dict__ for row in probabilities]
-
-        @app.post("/predict")
-        async def predict(self, file: UploadFile = File(...)):
-            from skin_ray.preprocess import preprocess_image
-
-            return await self.predict_batch(await run_in_threadpool(preprocess_image, await file.read()))
-
-    return Fused.bind(model)
-
-
-async def load(url: str, images: list[bytes], requests: int, concurrency: int) -> dict:
-    import httpx
-
-    latencies: list[float] = []
-    failures = 0
-    queue = iter(range(requests))
-
-    async def worker(client):
-        nonlocal failures
-        for i in queue:
-            started = time.perf_counter()
-            response = await client.post(url, files={"file": ("x.jpg", images[i % len(images)], "image/jpeg")})
-            latencies.append(time.perf_counter() - started)
-            failures += response.status_code != 200
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        await client.post(url, files={"file": ("x.jpg", images[0], "image/jpeg")})  # warm-up
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+    serve = ["skin-ray", "serve", "--port", "{port}", *(["--model", model] if model else [])]
     return {
-        "images_per_s": round(requests / elapsed, 2),
-        "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
-        "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1),
-        "failures": failures,
+        "skin-ray serve (shipped: fused, HAProxy)": (serve, {}),
+        "skin-ray serve --layout split": ([*serve, "--layout", "split"], {}),
+        "skin-ray serve, Ray's default proxy": (serve, NO_FAST_PATH),
+        "serve run deployments/serve_config.yaml": (["serve-run"], SERVE_ENVIRONMENT),
     }
 
 
-def wait_until_up(url: str, timeout_s: float = 300) -> None:
-    import httpx
+def table(rows: dict[str, dict], concurrency: list[int], reference: float, reference_name: str) -> str:
+    lines = [f"| server | {' | '.join(f'c={c}' for c in concurrency)} | x {reference_name} at c={concurrency[-1]} |",
+             "| --- |" + " --- |" * (len(concurrency) + 1)]
+    for name, levels in rows.items():
+        cells = [f"{levels[c]['rps']:.1f} img/s (p50 {levels[c]['p50_ms']:.0f}, p99 {levels[c]['p99_ms']:.0f} ms)"
+                 + (f" errors {levels[c]['errors']}" if levels[c]["errors"] else "") for c in concurrency]
+        lines.append(f"| {name} | {' | '.join(cells)} | {levels[concurrency[-1]]['rps'] / reference:.2f} |")
+    return "\n".join(lines)
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=5)
-            return
-        except httpx.TransportError:
-            time.sleep(1)
-    raise RuntimeError(f"{url} did not come up")
+
+def run_layouts(args, images: list[bytes], workdir: Path) -> dict:
+    report: dict = {"ceiling": ceilings(args.model, images * 2)}
+    rows: dict[str, dict] = {}
+    port = free_port()
+    with Server(plain_command(args.model, port, workdir), f"http://127.0.0.1:{port}/healthz"):
+        rows["plain FastAPI + uvicorn, one predict per request"] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
+    for name, (command, env) in layouts(args.model, workdir).items():
+        port = free_port()
+        command = serve_run_command(port, workdir) if command == ["serve-run"] else [p.format(port=port) for p in command]
+        with Server(command, f"http://127.0.0.1:{port}/healthz", env):
+            rows[name] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
+            if name.startswith("skin-ray serve (shipped"):
+                report["predict_batch_16_files_4_clients"] = load_batches(
+                    f"http://127.0.0.1:{port}/predict/batch", images, 16, 4, args.seconds
+                )
+    ceiling = report["ceiling"]
+    print(f"in-process ceilings: single thread {ceiling['sequential']} img/s, pipelined {ceiling['pipelined']} img/s, "
+          f"one image {ceiling['single_image_ms']} ms")
+    print(table(rows, args.concurrency, ceiling["pipelined"], "pipelined ceiling"))
+    batch = report["predict_batch_16_files_4_clients"]
+    print(f"POST /predict/batch, 16 files per request, 4 clients: {batch['images_per_s']} img/s "
+          f"({batch['images_per_s'] / ceiling['pipelined']:.2f} x pipelined ceiling), p50 {batch['p50_ms']} ms")
+    report["servers"] = rows
+    return report
+
+
+def run_peers(args, workdir: Path) -> dict:
+    """../shared/peers/run_peers.sh on the shipped model file, then `skin-ray serve` with the same client."""
+    model_file = Path(args.model or ROOT / "skin_ray" / "bundles" / "default") / "model.keras"
+    out = workdir / "peers"
+    command = [str(PEERS / "run_peers.sh"), "--model", str(model_file), "--import", "skin_ray.model", "--images", str(IMAGES),
+               "--only", args.peers_only, "--concurrency", ",".join(map(str, args.concurrency)),
+               "--seconds", str(args.seconds), "--out", str(out)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    rows: dict[str, dict] = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        peer = json.loads(line)
+        if peer.get("status") == "ok":
+            rows[peer["peer"]] = {level["concurrency"]: {key: level[key] for key in ("rps", "p50_ms", "p99_ms", "errors")}
+                                  for level in peer["result"]["levels"]}
+    port = free_port()
+    with Server(["skin-ray", "serve", "--port", str(port)], f"http://127.0.0.1:{port}/healthz"):
+        rows["skin-ray serve (shipped)"] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
+    best = max((name for name in rows if not name.startswith("skin-ray")), key=lambda name: rows[name][args.concurrency[-1]]["rps"])
+    print(table(rows, args.concurrency, rows[best][args.concurrency[-1]]["rps"], f"best peer ({best})"))
+    return {"servers": rows, "best_peer": best}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="bundle (default: the shipped model)")
-    parser.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
+    parser.add_argument("--seconds", type=float, default=15, help="load time per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--peers", action="store_true", help="measure the peers of ../shared/peers instead of our layouts")
+    parser.add_argument("--peers-only", default="mosec,litserve,pytriton,bentoml,fastapi-pob", help="peers to run")
     args = parser.parse_args()
-    from skin_ray.runtime import init_ray, limit_tensorflow_threads
-
-    limit_tensorflow_threads()
-    images = load_images(64)
-    report: dict = {"benchmark": "serve", "data": "skin_isic" if REAL_DATA.is_dir() else "generated",
-                    "requests": args.requests, "cpus": os.cpu_count()}
-    report["a_ceiling_images_per_s"] = round(ceiling_images_per_second(args.model, images * 3), 2)
-
-    workdir = Path(os.environ.get("TMPDIR", "/tmp"))
-    plain_port = free_port()
-    plain = start_plain_app(args.model, plain_port, workdir)
-    try:
-        wait_until_up(f"http://127.0.0.1:{plain_port}/docs")
-        report["b_plain"] = {c: asyncio.run(load(f"http://127.0.0.1:{plain_port}/predict", images, args.requests, c))
-                             for c in args.concurrency}
-    finally:
-        plain.terminate()
-        plain.wait()
-
-    init_ray()
-    serve_port = free_port()
-    start_serve_app(args.model, serve_port, fused=False)
-    start_serve_app(args.model, serve_port, fused=True)
-    report["c_skin_ray"] = {c: asyncio.run(load(f"http://127.0.0.1:{serve_port}/predict", images, args.requests, c))
-                            for c in args.concurrency}
-    report["d_fused"] = {c: asyncio.run(load(f"http://127.0.0.1:{serve_port}/fused/predict", images, args.requests, c))
-                         for c in args.concurrency}
-    for c in args.concurrency:
-        serve_rate = report["c_skin_ray"][c]["images_per_s"]
-        report[f"ratio_c_over_a@{c}"] = round(serve_rate / report["a_ceiling_images_per_s"], 3)
-        report[f"ratio_c_over_b@{c}"] = round(serve_rate / report["b_plain"][c]["images_per_s"], 3)
-        report[f"ratio_c_over_d@{c}"] = round(serve_rate / report["d_fused"][c]["images_per_s"], 3)
-    print(json.dumps(report))
+    if not LOADGEN.is_file() or not IMAGES.is_dir():
+        sys.exit(f"needs the peers' client {LOADGEN} and the images in {IMAGES}")
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-bench-{os.getpid()}"
+    workdir.mkdir(parents=True)
+    images = [path.read_bytes() for path in sorted(IMAGES.glob("*.jpg"))[:256]]
+    report = run_peers(args, workdir) if args.peers else run_layouts(args, images, workdir)
+    print(json.dumps({"benchmark": "serve", "seconds": args.seconds, "cpus": os.cpu_count(), **report}))
 
 
 if __name__ == "__main__":
