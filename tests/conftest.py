@@ -14,6 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Several TensorFlow processes share two cores during the tests.
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
+# The tests' own Ray listens on loopback only. Without token auth there, the Ray CLIs the tests start
+# (`ray job submit`, `serve run`) and the Ray they talk to agree, whatever the shell exported.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 sys.path.insert(0, str(Path(__file__).parent))
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "skin_isic"

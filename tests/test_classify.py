@@ -187,7 +187,7 @@ def test_ray_job_submit(ray_context, mixed_tree, untrained_bundle, tmp_path):
         "ray", "job", "submit", "--address", f"http://{ray_context.dashboard_url}", "--working-dir", str(ROOT), "--",
         "skin-ray", "classify", str(mixed_tree), "--output", str(output), "--model", str(untrained_bundle), "--format", "csv",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
     summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"files"')][-1])
