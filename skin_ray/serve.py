@@ -268,7 +268,12 @@ class Ingress:
         self.page = PAGE.read_text()
 
     def reconfigure(self, user_config: dict) -> None:
-        """Fused layout: `user_config: {model: s3://...}` on Ingress swaps the bundle without downtime."""
+        """`user_config` on Ingress changes batching (`max_batch_size`, `batch_wait_timeout_s`) and, in the fused
+        layout, swaps the bundle (`model: s3://...`), all without downtime."""
+        if "max_batch_size" in user_config:
+            self.batcher.max_batch_size = int(user_config["max_batch_size"])
+        if "batch_wait_timeout_s" in user_config:
+            self.batcher.max_wait_s = float(user_config["batch_wait_timeout_s"])
         if isinstance(self.model, LoadedModel):
             self.model.reconfigure(user_config)
 
