@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "peers"
 IMAGES = ROOT.parent / "shared" / "datasets" / "skin_isic" / "Cancer"  # the folder the peers measure with
 LOADGEN = PEERS / "loadgen.py"
+SHIPPED = "skin-ray serve (shipped: fused, HAProxy)"
 NO_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
 
 
@@ -82,8 +84,12 @@ def load(url: str, concurrency: list[int], seconds: float) -> dict:
     command = [sys.executable, str(LOADGEN), "--url", url, "--flavour", "multipart", "--images", str(IMAGES),
                "--concurrency", ",".join(map(str, concurrency)), "--seconds", str(seconds), "--warmup", "8"]
     result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    return {level["concurrency"]: {key: level[key] for key in ("rps", "p50_ms", "p99_ms", "errors")}
-            for level in result["levels"]}
+    return by_concurrency(result["levels"])
+
+
+def by_concurrency(levels: list[dict]) -> dict:
+    """The client's per-level results -> {concurrency: {rps, p50_ms, p99_ms, errors}}."""
+    return {level["concurrency"]: {key: level[key] for key in ("rps", "p50_ms", "p99_ms", "errors")} for level in levels}
 
 
 def load_batches(url: str, images: list[bytes], files_per_request: int, clients: int, seconds: float) -> dict:
@@ -196,16 +202,19 @@ def serve_run_command(port: int, workdir: Path) -> list[str]:
     return ["serve", "run", str(workdir / "serve_config.yaml")]
 
 
-def layouts(model: str | None, workdir: Path) -> dict[str, tuple[list[str], dict]]:
-    """Label -> (command, extra environment) for every serving layout measured; {port} is filled in later."""
+def servers(model: str | None, workdir: Path) -> dict[str, tuple[Callable[[int], list[str]], dict]]:
+    """Label -> (the command for a port, extra environment) for every server measured."""
     from skin_ray.runtime import SERVE_ENVIRONMENT
 
-    serve = ["skin-ray", "serve", "--port", "{port}", *(["--model", model] if model else [])]
+    def skin_ray_serve(*flags: str) -> Callable[[int], list[str]]:
+        return lambda port: ["skin-ray", "serve", "--port", str(port), *(["--model", model] if model else []), *flags]
+
     return {
-        "skin-ray serve (shipped: fused, HAProxy)": (serve, {}),
-        "skin-ray serve --layout split": ([*serve, "--layout", "split"], {}),
-        "skin-ray serve, Ray's default proxy": (serve, NO_FAST_PATH),
-        "serve run deployments/serve_config.yaml": (["serve-run"], SERVE_ENVIRONMENT),
+        "plain FastAPI + uvicorn, one predict per request": (lambda port: plain_command(model, port, workdir), {}),
+        SHIPPED: (skin_ray_serve(), {}),
+        "skin-ray serve --layout split": (skin_ray_serve("--layout", "split"), {}),
+        "skin-ray serve, Ray's default proxy": (skin_ray_serve(), NO_FAST_PATH),
+        "serve run deployments/serve_config.yaml": (lambda port: serve_run_command(port, workdir), SERVE_ENVIRONMENT),
     }
 
 
@@ -222,15 +231,11 @@ def table(rows: dict[str, dict], concurrency: list[int], reference: float, refer
 def run_layouts(args, images: list[bytes], workdir: Path) -> dict:
     report: dict = {"ceiling": ceilings(args.model, images * 2)}
     rows: dict[str, dict] = {}
-    port = free_port()
-    with Server(plain_command(args.model, port, workdir), f"http://127.0.0.1:{port}/healthz"):
-        rows["plain FastAPI + uvicorn, one predict per request"] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
-    for name, (command, env) in layouts(args.model, workdir).items():
+    for name, (command, env) in servers(args.model, workdir).items():
         port = free_port()
-        command = serve_run_command(port, workdir) if command == ["serve-run"] else [p.format(port=port) for p in command]
-        with Server(command, f"http://127.0.0.1:{port}/healthz", env):
+        with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
             rows[name] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
-            if name.startswith("skin-ray serve (shipped"):
+            if name == SHIPPED:
                 report["predict_batch_16_files_4_clients"] = load_batches(
                     f"http://127.0.0.1:{port}/predict/batch", images, 16, 4, args.seconds
                 )
@@ -257,11 +262,11 @@ def run_peers(args, workdir: Path) -> dict:
     for line in (out / "results.jsonl").read_text().splitlines():
         peer = json.loads(line)
         if peer.get("status") == "ok":
-            rows[peer["peer"]] = {level["concurrency"]: {key: level[key] for key in ("rps", "p50_ms", "p99_ms", "errors")}
-                                  for level in peer["result"]["levels"]}
+            rows[peer["peer"]] = by_concurrency(peer["result"]["levels"])
     port = free_port()
-    with Server(["skin-ray", "serve", "--port", str(port)], f"http://127.0.0.1:{port}/healthz"):
-        rows["skin-ray serve (shipped)"] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
+    command, env = servers(args.model, workdir)[SHIPPED]
+    with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
+        rows[SHIPPED] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
     best = max((name for name in rows if not name.startswith("skin-ray")), key=lambda name: rows[name][args.concurrency[-1]]["rps"])
     print(table(rows, args.concurrency, rows[best][args.concurrency[-1]]["rps"], f"best peer ({best})"))
     return {"servers": rows, "best_peer": best}
