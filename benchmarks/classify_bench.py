@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from skin_ray.config import Locations
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "skin_isic"
+REAL_DATA = Locations.from_environment().data
 
 
 def source_images(scratch: Path) -> list[Path]:

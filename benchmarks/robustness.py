@@ -31,6 +31,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from skin_ray import metrics, storage  # noqa: E402
+from skin_ray.config import Locations  # noqa: E402
 from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import preprocess_image  # noqa: E402
@@ -84,7 +85,7 @@ def rounded(interval: tuple[float, float]) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="bundle to test (repeatable); default: the shipped one")
-    parser.add_argument("--data", default="../shared/datasets/skin_isic")
+    parser.add_argument("--data", default=str(Locations.from_environment().data), help="labelled image tree (SKIN_RAY_DATA)")
     args = parser.parse_args()
     init_ray()
     images = discover(args.data)

@@ -35,9 +35,11 @@ import numpy as np
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from skin_ray.config import Locations  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT.parent / "shared" / "peers"
-IMAGES = ROOT.parent / "shared" / "datasets" / "skin_isic" / "Cancer"  # the folder the peers measure with
+PEERS = Locations.from_environment().peers
+IMAGES = Locations.from_environment().data / "Cancer"  # the folder the peers measure with
 LOADGEN = PEERS / "loadgen.py"
 SHIPPED = "skin-ray serve (shipped: fused, HAProxy)"
 NO_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}

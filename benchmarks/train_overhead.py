@@ -21,7 +21,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "skin_isic"
+from skin_ray.config import Locations  # noqa: E402
+
+REAL_DATA = Locations.from_environment().data
 
 
 def make_subset(root: Path, per_class: int) -> Path:

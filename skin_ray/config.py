@@ -7,7 +7,9 @@ no TensorFlow, no Ray.
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -88,3 +90,25 @@ class ServeSettings(BaseModel):
     )
     max_upload_mb: float = Field(10.0, gt=0, description="largest request body accepted")
     max_batch_files: int = Field(16, ge=1, description="most files in one /predict/batch request")
+
+
+_SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside a checkout of this repository
+
+
+class Locations(BaseModel):
+    """Where the tests and benchmarks find what does not ship with the package. Each field is overridden by
+    the environment variable SKIN_RAY_<FIELD>, e.g. SKIN_RAY_DATA=/data/skin_isic."""
+
+    data: Path = Field(
+        _SHARED / "datasets" / "skin_isic",
+        description="the labelled ISIC images (Cancer/, Non_Cancer/): real-data tests skip and benchmarks fall "
+        "back to generated images without them",
+    )
+    kuberay_schemas: Path = Field(
+        _SHARED / "schemas" / "kuberay", description="KubeRay's CRD schemas: the manifest validation test skips without them"
+    )
+    peers: Path = Field(_SHARED / "peers", description="the peer-server harness that `serve_bench.py --peers` runs")
+
+    @classmethod
+    def from_environment(cls) -> Locations:
+        return cls(**{name: os.environ[var] for name in cls.model_fields if (var := f"SKIN_RAY_{name.upper()}") in os.environ})

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from skin_ray.config import Locations
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Several TensorFlow processes share two cores during the tests.
@@ -19,8 +21,11 @@ os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 sys.path.insert(0, str(Path(__file__).parent))
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "skin_isic"
-needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real data set not found at {REAL_DATA}")
+LOCATIONS = Locations.from_environment()
+REAL_DATA = LOCATIONS.data
+needs_real_data = pytest.mark.skipif(
+    not REAL_DATA.is_dir(), reason=f"real data set not found at {REAL_DATA} (SKIN_RAY_DATA sets where)"
+)
 
 
 def free_port() -> int:
