@@ -6,6 +6,9 @@ A bundle is a directory, local or under an `s3://` prefix:
     bundle.json     format version, class names in output-index order, positive class, input size,
                     preprocessing id, decision threshold, validation metrics, training config, data
                     fingerprint, creation time, package version
+    train_images.sha256
+                    the content hash of every training image, one per line (optional): how `evaluate`
+                    knows which of the images it scores the model has seen
 
 Loading refuses bundles of another format or preprocessing recipe, and uses Keras safe mode, so a bundle
 cannot run arbitrary code.
@@ -29,6 +32,7 @@ from skin_ray.preprocess import IMAGE_SIZE, PREPROCESSING_ID
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 METADATA_FILE = "bundle.json"
+TRAIN_DIGESTS_FILE = "train_images.sha256"
 DEFAULT_BUNDLE = str(Path(__file__).parent / "bundles" / "default")
 
 
@@ -63,12 +67,15 @@ class Bundle:
     model: keras.Model
     metadata: BundleMetadata
     uri: str
+    train_digests: frozenset[str] = frozenset()  # empty when the bundle does not record them
 
 
-def save_bundle(model: keras.Model, metadata: BundleMetadata, uri: str) -> None:
+def save_bundle(model: keras.Model, metadata: BundleMetadata, uri: str, train_digests: tuple[str, ...] = ()) -> None:
     with tempfile.TemporaryDirectory() as staging:
         model.save(Path(staging, MODEL_FILE))
         Path(staging, METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+        if train_digests:
+            Path(staging, TRAIN_DIGESTS_FILE).write_text("".join(f"{digest}\n" for digest in sorted(train_digests)))
         storage.upload_dir(staging, uri)
 
 
@@ -95,4 +102,6 @@ def _load_local(directory: str, uri: str) -> Bundle:
             f"{uri} was trained with preprocessing {metadata.preprocessing!r}, this version has {PREPROCESSING_ID!r}"
         )
     model = keras.saving.load_model(Path(directory, MODEL_FILE), compile=False, safe_mode=True)
-    return Bundle(model=model, metadata=metadata, uri=uri)
+    digests_path = Path(directory, TRAIN_DIGESTS_FILE)
+    train_digests = frozenset(digests_path.read_text().split()) if digests_path.is_file() else frozenset()
+    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests)

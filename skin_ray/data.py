@@ -94,30 +94,32 @@ class Split:
     validation: LabelledImages
     fingerprint: str  # sha256 over the sorted content hashes of every usable image
     skipped: dict[str, str]  # path -> reason, for files that cannot be decoded
+    train_digests: tuple[str, ...] = ()  # sorted sha256 of the training images: what a bundle was trained on
+
+
+def in_validation(sha256: str, validation_fraction: float) -> bool:
+    """The split's rule: the first 8 hex digits of a sha256 are uniform on [0, 2^32), a stable coin flip per
+    distinct content, so identical images always land on the same side."""
+    return bool(sha256) and int(sha256[:8], 16) / 2**32 < validation_fraction
 
 
 def split_by_content(images: LabelledImages, validation_fraction: float = 0.2) -> Split:
     """Hash and check every file in parallel, drop undecodable ones, and split by content hash."""
-    inspected = (
-        ray.data.from_items([{"path": p} for p in images.paths])
-        .map_batches(_inspect_batch, batch_size=64)
-        .to_pandas()
-        .set_index("path")
-        .loc[images.paths]
-    )
+    files = ray.data.from_items([{"path": p} for p in images.paths])
+    files.set_name("check-images")  # what its progress line is called
+    inspected = files.map_batches(_inspect_batch, batch_size=64).to_pandas().set_index("path").loc[images.paths]
     usable = (inspected["error"] == "").to_numpy()
     skipped = inspected.loc[~usable, "error"].to_dict()
     for path, reason in skipped.items():
         logger.warning("skipping %s: %s", path, reason)
     digests = inspected["sha256"].to_numpy()
-    # The first 8 hex digits of a sha256 are uniform on [0, 2^32): a stable coin flip per distinct content.
-    in_validation = np.array([int(d[:8], 16) / 2**32 < validation_fraction if d else False for d in digests])
-    fingerprint = hashlib.sha256("\n".join(sorted(digests[usable])).encode()).hexdigest()
+    validation = np.array([in_validation(d, validation_fraction) for d in digests])
     return Split(
-        train=images.select(usable & ~in_validation),
-        validation=images.select(usable & in_validation),
-        fingerprint=fingerprint,
+        train=images.select(usable & ~validation),
+        validation=images.select(usable & validation),
+        fingerprint=hashlib.sha256("\n".join(sorted(digests[usable])).encode()).hexdigest(),
         skipped=skipped,
+        train_digests=tuple(sorted(set(digests[usable & ~validation]))),
     )
 
 
@@ -125,13 +127,17 @@ def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> d
     """Read and preprocess each path (a Ray Data map_batches function).
 
     A file that cannot become a model input gets a zero image and an `error` of the form "reason: detail"
-    (ImageDecodeError's reasons, `too_large` or `unreadable`); the others get an empty error.
+    (ImageDecodeError's reasons, `too_large` or `unreadable`); the others get an empty error. `sha256` is
+    the file's content hash (empty when unreadable), what a bundle's training split is recorded by.
     """
     images = np.zeros((len(batch["path"]), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
-    errors = []
+    errors, digests = [], []
     for i, path in enumerate(batch["path"]):
+        digests.append("")
         try:
-            images[i] = preprocess_image(storage.read_bytes(path, max_bytes))
+            data = storage.read_bytes(path, max_bytes)
+            digests[-1] = hashlib.sha256(data).hexdigest()
+            images[i] = preprocess_image(data)
             errors.append("")
         except ImageDecodeError as exc:
             errors.append(str(exc))
@@ -139,7 +145,7 @@ def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> d
             errors.append(f"too_large: {exc}")
         except OSError as exc:
             errors.append(f"unreadable: {exc}")
-    return {**batch, "image": images, "error": np.array(errors, dtype=object)}
+    return {**batch, "image": images, "error": np.array(errors, dtype=object), "sha256": np.array(digests, dtype=object)}
 
 
 def image_dataset(images: LabelledImages, shuffle: bool = False) -> ray.data.Dataset:

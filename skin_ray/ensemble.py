@@ -69,5 +69,5 @@ def build_ensemble(members: list[str], output: str, data: str | None = None, tar
         "subset": first.training.get("subset"),
     }
     metadata = describe_bundle(model, "ensemble", split, threshold, target_sensitivity, bundle_metrics, training, source)
-    save_bundle(model, metadata, output)
+    save_bundle(model, metadata, output, split.train_digests)
     return metadata

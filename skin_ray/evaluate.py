@@ -2,64 +2,109 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from skin_ray import metrics
-from skin_ray.data import discover, image_dataset
+from skin_ray.data import discover, image_dataset, in_validation
 from skin_ray.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
+SPLITS = ("all", "validation")
 
-def evaluate(data: str, model: str | None = None, report_dir: str | None = None, subset: str | None = None) -> dict:
+
+def evaluate(
+    data: str, model: str | None = None, report_dir: str | None = None, subset: str | None = None, split: str = "all"
+) -> dict:
     """Score every image below `data` (decoding runs in parallel on Ray Data); return the summary figures.
 
-    Undecodable files are counted in `errors` and left out of the figures.
+    `split="validation"` scores only the images the bundle's content-hash split holds out (on the bundle's
+    own data: exactly its validation split). Undecodable files are counted in `errors` and left out of the
+    figures; images the bundle was trained on are counted in `seen_in_training`, with a warning, because
+    they flatter it.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     predictor = Predictor.from_bundle(model)
     meta = predictor.metadata
+    validation_fraction = meta.training.get("validation_fraction")
+    if split == "validation" and validation_fraction is None:
+        raise ValueError(f"{predictor.bundle.uri} does not record its validation split; use --split all")
     images = discover(data, class_names=tuple(meta.class_names), subset=subset)
-    positive = meta.positive_index
-    y_true, p_cancer, errors = [], [], 0
-    for batch in image_dataset(images).iter_batches(batch_size=64):
+    dataset = image_dataset(images)
+    dataset.set_name("evaluate")  # what its progress line is called
+    y_true, p_cancer, errors, seen, held_out = [], [], 0, 0, 0
+    for batch in dataset.iter_batches(batch_size=64):
         ok = batch["error"] == ""
         errors += int((~ok).sum())
         for path, reason in zip(batch["path"][~ok], batch["error"][~ok]):
             logger.warning("left out %s: %s", path, reason)
+        if split == "validation":
+            keep = np.array([in_validation(digest, validation_fraction) for digest in batch["sha256"]], dtype=bool)
+            held_out += int((ok & ~keep).sum())
+            ok &= keep
+        seen += int(sum(digest in predictor.bundle.train_digests for digest in batch["sha256"][ok]))
         if ok.any():
-            y_true.append(batch["label"][ok] == positive)
+            y_true.append(batch["label"][ok] == meta.positive_index)
             p_cancer.append(predictor.cancer_probabilities(batch["image"][ok]))
+    if not y_true:
+        raise ValueError(f"no image below {data} is left to score" + (" in the bundle's validation split" if split == "validation" else ""))
     y_true = np.concatenate(y_true).astype(np.int64)
     p_cancer = np.concatenate(p_cancer)
-    summary = {**metrics.summary(y_true, p_cancer, meta.threshold), "errors": errors, "model_version": meta.model_version}
+    summary = {
+        **metrics.summary(y_true, p_cancer, meta.threshold),
+        "errors": errors,
+        "seen_in_training": seen,
+        "split": split,
+        "model_version": meta.model_version,
+        "data": data,
+    }
+    if split == "validation":
+        summary["not_in_validation"] = held_out
+    if seen:
+        logger.warning(
+            "%d of the %d images scored were in %s's training split, so these figures flatter it; "
+            "--split validation scores only the images it held out", seen, summary["n"], meta.model_version,
+        )
+    elif not predictor.bundle.train_digests:
+        logger.info("%s does not record its training images; overlap with them was not checked", meta.model_version)
     if report_dir:
-        write_plots(y_true, p_cancer, meta.threshold, Path(report_dir))
+        write_report(y_true, p_cancer, summary, Path(report_dir))
     return summary
 
 
-def write_plots(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, report_dir: Path) -> None:
-    """roc.png, confusion.png and calibration.png in `report_dir`."""
+def write_report(y_true: np.ndarray, p_cancer: np.ndarray, summary: dict, report_dir: Path) -> None:
+    """summary.json, roc.png, confusion.png and calibration.png in `report_dir`; every plot says what was
+    scored (n, model version, data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     report_dir.mkdir(parents=True, exist_ok=True)
-    summary = metrics.summary(y_true, p_cancer, threshold)
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    threshold = summary["threshold"]
+    data = Path(summary["data"]).name + (", its validation split" if summary["split"] == "validation" else "")
+    scored = f"{data}: n={summary['n']} ({summary['tp'] + summary['fn']} Cancer)\nmodel {summary['model_version']}"
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    def save(fig, ax, title: str, name: str) -> None:
+        ax.set_title(f"{title}\n{scored}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(report_dir / name, dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.8, 5))
     fpr, tpr = metrics.roc_curve(y_true, p_cancer)
     ax.plot(fpr, tpr, label=f"ROC AUC {summary['roc_auc']:.3f}")
     ax.plot([0, 1], [0, 1], "k:", linewidth=1)
     ax.scatter([1 - summary["specificity"]], [summary["sensitivity"]], color="red", zorder=3, label=f"threshold {threshold:.3f}")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity (Cancer)", title="ROC")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity (Cancer)")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(report_dir / "roc.png", dpi=120)
-    plt.close(fig)
+    save(fig, ax, "ROC", "roc.png")
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
     grid = np.array([[summary["tp"], summary["fn"]], [summary["fp"], summary["tn"]]])
@@ -68,10 +113,7 @@ def write_plots(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, repo
         ax.text(col, row, str(count), ha="center", va="center", color="white" if count > grid.max() / 2 else "black")
     ax.set_xticks([0, 1], ["called Cancer", "called Non_Cancer"])
     ax.set_yticks([0, 1], ["Cancer", "Non_Cancer"])
-    ax.set_title(f"Confusion at threshold {threshold:.3f}")
-    fig.tight_layout()
-    fig.savefig(report_dir / "confusion.png", dpi=120)
-    plt.close(fig)
+    save(fig, ax, f"Confusion at threshold {threshold:.3f}", "confusion.png")
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     predicted, observed, counts = metrics.reliability(y_true, p_cancer)
@@ -79,8 +121,6 @@ def write_plots(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, repo
     ax.plot(predicted, observed, "o-", label=f"ECE {summary['ece']:.3f}")
     for x, y, n in zip(predicted, observed, counts):
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set(xlabel="predicted Cancer probability", ylabel="observed Cancer rate", title="Calibration (10 bins)")
+    ax.set(xlabel="predicted Cancer probability", ylabel="observed Cancer rate")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(report_dir / "calibration.png", dpi=120)
-    plt.close(fig)
+    save(fig, ax, "Calibration (10 bins)", "calibration.png")
