@@ -12,6 +12,7 @@ with Ray's own CLI: `serve run deployments/serve_config.yaml`.
 
 import asyncio
 import logging
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,13 +20,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, Request, UploadFile
+import ray
+from fastapi import File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
 
+import skin_ray
 from skin_ray.config import ServeSettings
 from skin_ray.preprocess import ImageDecodeError, decode_pixels
 
@@ -61,8 +66,11 @@ class Batcher:
         self._ready: list[tuple[np.ndarray, asyncio.Future]] = []
         self._arrived = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        # A bucket per size, edges between the integers: Ray exports a histogram's sum as count x bucket
+        # midpoint, which is then exact (with edges at 1, 2, 4, ... six batches of one summed to 3).
         self._histogram = metrics.Histogram(
-            "skin_ray_batch_size", description="images per forward pass", boundaries=[1, 2, 4, 8, 16, 32, 64, 128]
+            "skin_ray_batch_size", description="images per forward pass",
+            boundaries=[size + 0.5 for size in range(max_batch_size + 1)],
         )
 
     async def classify(self, decode: Callable[[], Awaitable[np.ndarray]]) -> dict:
@@ -183,16 +191,51 @@ class SkinModel:
         self.model.reconfigure(user_config)
 
 
-app = FastAPI(
+# /docs and /redoc serve their scripts from the package (fastapi-offline), so they work without internet.
+app = FastAPIOffline(
     title="skin-ray",
+    version=skin_ray.__version__,
     description="Classifies skin-lesion images as Cancer or Non_Cancer. Not a medical diagnosis.",
 )
 
 
+class PredictionResponse(BaseModel):
+    label: str = Field(description="Cancer or Non_Cancer, decided by the bundle's threshold (not the larger probability)")
+    cancer_probability: float = Field(ge=0, le=1, description="calibrated probability of Cancer")
+    probabilities: dict[str, float] = Field(description="every class's probability")
+    threshold: float = Field(description="Cancer probability at or above which the label is Cancer")
+    model_version: str
+
+
+class FilePrediction(PredictionResponse):
+    filename: str | None
+
+
+class FileError(BaseModel):
+    filename: str | None
+    error: str = Field(description="why this file was not classified; the other files were")
+
+
+class BatchResponse(BaseModel):
+    results: list[FilePrediction | FileError] = Field(description="one per uploaded file, in order")
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what was wrong, in a sentence")
+
+
+def _errors(**described: str) -> dict:
+    return {int(status.removeprefix("e")): {"model": ErrorResponse, "description": text} for status, text in described.items()}
+
+
+NO_FILE = "no file in the multipart field"
+OVERLOADED = "overloaded: more images waiting than max_pending_images; retry shortly"
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    missing = [".".join(map(str, error["loc"][1:])) for error in exc.errors()]
-    return JSONResponse(status_code=422, content={"detail": f"no file: send the image(s) as multipart field {missing}"})
+    fields = ", ".join(sorted({repr(".".join(map(str, error["loc"][1:]))) for error in exc.errors()}))
+    return JSONResponse(status_code=422, content={"detail": f"no file: send the image(s) as multipart field {fields}"})
 
 
 class BodySizeLimit:
@@ -243,6 +286,20 @@ def _declared_type_error(upload: UploadFile) -> str | None:
     return None
 
 
+# Helpers of Ingress are defined above it: @serve.ingress copies the class's functions with the module's
+# globals as they are at that line.
+def _node_metrics_url() -> str:
+    """Where Ray's metrics agent on this node exports Prometheus text (a port Ray picks at start)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(node for node in ray.nodes() if node["NodeID"] == node_id)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def _read_url(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
 # max_ongoing_requests is above max_pending_images so the Batcher's JSON 503 answers overload before
 # Serve's own plain-text one would.
 @serve.deployment(max_ongoing_requests=512, max_queued_requests=512, ray_actor_options={"num_cpus": 0.5})
@@ -266,6 +323,7 @@ class Ingress:
         )
         app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_upload_mb * 2**20))
         self.page = PAGE.read_text()
+        self.metrics_url = _node_metrics_url()
 
     def reconfigure(self, user_config: dict) -> None:
         """`user_config` on Ingress changes batching (`max_batch_size`, `batch_wait_timeout_s`) and, in the fused
@@ -293,14 +351,30 @@ class Ingress:
         self.predictions.inc(tags={"label": result["label"]})
         return result
 
-    @app.post("/predict", summary="Classify one image (multipart field `file`)")
+    @app.post(
+        "/predict",
+        summary="Classify one image (multipart field `file`)",
+        response_model=PredictionResponse,
+        responses=_errors(
+            e400="not a decodable image (the reason: empty, truncated, corrupt, not_an_image, too_many_pixels)",
+            e413="request body larger than max_upload_mb",
+            e415="declared content type is not an image",
+            e422=NO_FILE,
+            e503=OVERLOADED,
+        ),
+    )
     async def predict(self, file: UploadFile = File(...)) -> JSONResponse:
         result = await self._classify(file)
         if "error" in result:
             return JSONResponse(status_code=result["status"], content={"detail": result["error"]})
         return JSONResponse(result)
 
-    @app.post("/predict/batch", summary="Classify several images (multipart field `files`, repeated)")
+    @app.post(
+        "/predict/batch",
+        summary="Classify several images (multipart field `files`, repeated)",
+        response_model=BatchResponse,
+        responses=_errors(e413="body larger than max_upload_mb, or more files than max_batch_files", e422=NO_FILE),
+    )
     async def predict_batch(self, files: list[UploadFile] = File(...)) -> JSONResponse:
         if len(files) > self.max_batch_files:
             return JSONResponse(
@@ -315,7 +389,11 @@ class Ingress:
         ]
         return JSONResponse({"results": entries})
 
-    @app.get("/healthz", summary="200 once the model is loaded and answered a warm-up prediction")
+    @app.get(
+        "/healthz",
+        summary="200 once the model is loaded and answered a warm-up prediction",
+        responses=_errors(e503="the model is not ready"),
+    )
     async def healthz(self) -> JSONResponse:
         try:
             metadata = await self.model.metadata()
@@ -330,6 +408,19 @@ class Ingress:
     @app.get("/stats", summary="Batch sizes this Ingress replica has formed")
     async def stats(self) -> dict:
         return {"batch_sizes": {str(size): count for size, count in sorted(self.batcher.batch_sizes.items())}}
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        summary="Prometheus metrics of this replica's node: ours (ray_skin_ray_*), Serve's (ray_serve_*) and Ray's",
+        responses=_errors(e503="Ray's metrics exporter on this node did not answer"),
+    )
+    async def metrics_text(self) -> Response:
+        try:
+            text = await asyncio.get_running_loop().run_in_executor(None, _read_url, self.metrics_url)
+        except OSError as exc:
+            return JSONResponse(status_code=503, content={"detail": f"metrics exporter unavailable: {exc}"})
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:

@@ -14,10 +14,13 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from conftest import LOCATIONS
+
+from skin_ray.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
+CRDS = LOCATIONS.kuberay_schemas
 MANIFESTS = {
     "raycluster.yaml": "ray.io_rayclusters.yaml",
     "rayservice.yaml": "ray.io_rayservices.yaml",
@@ -32,7 +35,7 @@ def _crd_schema(crd_file: str, api_version: str) -> dict:
     return served[api_version.split("/")[1]]
 
 
-@pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas not found at {CRDS}")
+@pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas not found at {CRDS} (SKIN_RAY_KUBERAY_SCHEMAS sets where)")
 @pytest.mark.parametrize("manifest", list(MANIFESTS))
 def test_manifest_matches_the_kuberay_crd(manifest):
     document = yaml.safe_load((CLUSTER / manifest).read_text())
@@ -91,6 +94,16 @@ def test_every_image_is_built_on_the_pinned_ray():
         document = yaml.safe_load((CLUSTER / manifest).read_text())
         spec = document["spec"].get("rayClusterSpec") or document["spec"].get("rayClusterConfig") or document["spec"]
         assert spec["rayVersion"] == ray_version
+
+
+def test_the_image_alone_serves_on_every_interface_of_its_exposed_port():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    (exposed,) = re.findall(r"^EXPOSE (\d+)$", dockerfile, re.M)
+    (command,) = [json.loads(cmd) for cmd in re.findall(r"^CMD (\[.*\])$", dockerfile, re.M)]
+    assert command[0] == "skin-ray"
+    args = build_parser().parse_args(command[1:])
+    assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", int(exposed))
+    assert f"docker run --rm -p {exposed}:{exposed} " in (CLUSTER / "README.md").read_text()
 
 
 def test_three_jobs_use_both_nodes_of_a_real_two_node_cluster(lesion_tree, untrained_bundle, tmp_path):

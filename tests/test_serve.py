@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 from conftest import free_port
@@ -55,7 +57,6 @@ def test_endpoints(client, jpeg):
     assert client.get("/healthz").json()["model_version"] == "untrained-test"
     metadata = client.get("/model").json()
     assert metadata["class_names"] == ["Cancer", "Non_Cancer"] and metadata["positive_class"] == "Cancer"
-    assert client.get("/docs").status_code == 200
     assert "/predict/batch" in client.get("/openapi.json").json()["paths"]
     page = client.get("/")
     assert page.status_code == 200 and "not a medical diagnosis" in page.text
@@ -205,23 +206,58 @@ def test_served_probabilities_equal_the_predictor_on_the_same_files(request, unt
     np.testing.assert_allclose(served, expected, atol=1e-5)
 
 
-def test_prometheus_metrics_are_exported(service, client, jpeg):
-    import ray
+def test_docs_work_offline(client):
+    """/docs loads its script and style from the service itself, never from a CDN."""
+    page = client.get("/docs").text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert assets and not [url for url in assets if "//" in url], assets
+    for url in assets:
+        response = client.get(url)
+        assert response.status_code == 200 and len(response.content) > 1000, url
+    assert client.get("/redoc").status_code == 200
 
-    _post(client, jpeg)
+
+def test_openapi_documents_every_answer_and_the_errors_match_it(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictionResponse")
+    for status in ("400", "413", "415", "422", "503"):
+        assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), status
+    assert "HTTPValidationError" not in schemas  # FastAPI's own 422 shape, which this service never sends
+    for body, status in ((_post(client, b"").json(), 400), (client.post("/predict").json(), 422)):
+        jsonschema.validate(body, schemas["ErrorResponse"])
+    answer = _post(client, encode(lesion_image("Cancer", np.random.default_rng(2)), "JPEG")).json()
+    jsonschema.validate(answer, {**schemas["PredictionResponse"], "additionalProperties": False})
+
+
+def _series(text: str, name: str, application: str) -> float:
+    """The sum of one Prometheus series over every label set of `application`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith(name + "{") and f'application="{application}"' in line
+    )
+
+
+def test_metrics_on_the_app_count_every_batch_and_image(client, jpeg):
+    """GET /metrics: our series beside Serve's; the batch-size histogram agrees with the batches this replica
+    formed (its count is batches, its sum images), whatever came before this test."""
+    for _ in range(6):  # one at a time: six batches of one image
+        _post(client, jpeg)
     _post(client, b"", "empty.jpg")
-    # Ray exports application metrics, beside Serve's own, through each node's Prometheus endpoint.
-    node = ray.nodes()[0]
-    endpoint = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    deadline = time.monotonic() + 60
-    text = ""
-    while 'reason="empty"' not in text and time.monotonic() < deadline:
+    formed = {int(size): count for size, count in client.get("/stats").json()["batch_sizes"].items()}
+    assert formed.get(1, 0) >= 6
+    batches, images = sum(formed.values()), sum(size * count for size, count in formed.items())
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while True:
+        text = client.get("/metrics").text
+        exported = (_series(text, "ray_skin_ray_batch_size_count", APP), _series(text, "ray_skin_ray_batch_size_sum", APP))
+        if (exported == (batches, images) and 'reason="empty"' in text) or time.monotonic() > deadline:
+            break
         time.sleep(2)
-        text = httpx.get(endpoint, timeout=30).text
-    assert "serve_num_http_requests" in text  # Serve's own metrics, beside ours
-    assert "skin_ray_batch_size" in text
-    assert "skin_ray_predictions" in text
-    assert 'reason="empty"' in text
+    assert exported == (batches, images)
+    assert "ray_serve_num_http_requests" in text  # Serve's own metrics, beside ours
+    assert "ray_skin_ray_predictions_total" in text and 'reason="empty"' in text
 
 
 @pytest.mark.parametrize("layout", ["fused", "split"])

@@ -102,16 +102,44 @@ def test_upload_page_in_headless_chromium(cli_service, tmp_path):
             assert "not a medical diagnosis" in page.inner_text("#disclaimer")
             page.set_input_files("#file", str(_photo(tmp_path)))
             page.wait_for_selector("#label", timeout=60_000)
-            assert page.inner_text("#label") in ("Cancer", "Non_Cancer")
-            assert "Cancer probability" in page.inner_text("#probability")
-            assert page.is_visible("#preview")
+            assert page.inner_text("#label") in ("Cancer", "Not cancer")  # never the bundle's "Non_Cancer"
+            assert page.inner_text("#probability").startswith("Probability of cancer: ")
+            page.wait_for_selector("#preview", state="visible")
             page.screenshot(path=str(tmp_path / "page.png"))
-            # A broken file shows the service's reason, and the page keeps working.
+            assert page.evaluate("[percent(2.7e-5), percent(0.5), percent(0.99995)]") == [
+                "less than 0.1%", "50.0%", "more than 99.9%",
+            ]
+            # A broken "JPEG": the plain-language meaning and the service's reason, no preview, page still works.
             broken = tmp_path / "broken.jpg"
             broken.write_bytes(b"not really a jpeg")
             page.set_input_files("#file", str(broken))
-            page.wait_for_selector(".error", timeout=60_000)
-            assert "not_an_image" in page.inner_text("#result")
+            page.wait_for_selector("#error", timeout=60_000)
+            assert page.inner_text("#error").startswith("This file could not be read as a picture.")
+            assert "not_an_image" in page.inner_text("#error")
+            assert not page.is_visible("#preview")
+            # A text file is refused as not a picture (415), again without a broken-image preview.
+            notes = tmp_path / "notes.txt"
+            notes.write_text("a text file")
+            page.set_input_files("#file", str(notes))
+            page.wait_for_function("document.querySelector('#error')?.textContent.startsWith('This file is not a picture')")
+            assert not page.is_visible("#preview")
+            # Dropped onto the page, a photo is classified like a chosen one.
+            photo = list(_photo(tmp_path).read_bytes())
+            page.evaluate(
+                """(bytes) => {
+                    const transfer = new DataTransfer();
+                    transfer.items.add(new File([new Uint8Array(bytes)], "dropped.jpg", { type: "image/jpeg" }));
+                    document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+                }""",
+                photo,
+            )
+            page.wait_for_selector("#label", timeout=60_000)
+            page.wait_for_selector("#preview", state="visible")
+            # The API documentation is one click away and renders without internet.
+            page.click("text=HTTP API")
+            page.wait_for_selector(".swagger-ui .title", timeout=60_000)
+            assert "skin-ray" in page.inner_text(".swagger-ui .title")
+            assert page.get_by_text("/predict/batch", exact=True).first.is_visible()
         finally:
             browser.close()
 
