@@ -79,9 +79,10 @@ def read_results(output: str, fmt: str, columns: list[str] | None = None):
 
 def build_pipeline(paths: list[str], config: ClassifyConfig) -> ray.data.Dataset:
     max_bytes = int(config.max_file_mb * 2**20)
+    files = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // config.batch_size, 1000)))
+    files.set_name("classify")  # what its progress line is called
     return (
-        ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // config.batch_size, 1000)))
-        .map_batches(load_images, batch_size=config.batch_size, fn_kwargs={"max_bytes": max_bytes}, num_cpus=0.5)
+        files.map_batches(load_images, batch_size=config.batch_size, fn_kwargs={"max_bytes": max_bytes}, num_cpus=0.5)
         .map_batches(
             Classifier,
             fn_constructor_args=(config.model,),
@@ -92,14 +93,26 @@ def build_pipeline(paths: list[str], config: ClassifyConfig) -> ray.data.Dataset
     )
 
 
+def check_output(config: ClassifyConfig) -> None:
+    """Refuse an output that already holds results unless resuming; a listing only, no Ray needed."""
+    suffix = FORMATS[config.format][0]
+    try:
+        results = [p for p in storage.list_files(config.output) if p.endswith(suffix)]
+    except FileNotFoundError:
+        return
+    if results and not config.resume:
+        raise FileExistsError(
+            f"{config.output} already holds results ({len(results)} {suffix} files); pass --resume to classify "
+            "only the files not in them, or choose another --output"
+        )
+
+
 def classify(config: ClassifyConfig) -> dict:
     """Run the job; return the summary (files, classified, errors by reason, elapsed, images/s)."""
     started = time.perf_counter()
+    check_output(config)
     files = storage.list_files(config.source, IMAGE_SUFFIXES)
-    existing = read_results(config.output, config.format, ["path"])
-    if len(existing) and not config.resume:
-        raise FileExistsError(f"{config.output} already holds {len(existing)} results; pass --resume or choose another --output")
-    done = set(existing["path"])
+    done = set(read_results(config.output, config.format, ["path"])["path"])
     todo = [p for p in files if p not in done]
     logger.info("%d image files in %s, %d already classified, %d to do", len(files), config.source, len(files) - len(todo), len(todo))
     if todo:

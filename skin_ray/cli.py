@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import os
 import sys
 from dataclasses import fields
@@ -12,6 +12,11 @@ from typing import Literal, get_args, get_origin
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _result(value) -> None:
+    """A command's result: JSON on the process's stdout (see main for why not `sys.stdout`)."""
+    print(json.dumps(value), file=sys.__stdout__, flush=True)
 
 
 def _add_settings(parser, settings: type, positional: tuple[str, ...] = ()) -> None:
@@ -55,9 +60,9 @@ def _run_train(args) -> int:
     from skin_ray.train import train
 
     config = _settings_from(args, TrainConfig)
-    init_ray()
+    init_ray(verbose=args.verbose)
     outcome = train(config)
-    print(json.dumps({"bundle": outcome.bundle_uri, **outcome.metrics["validation"]}))
+    _result({"bundle": outcome.bundle_uri, **outcome.metrics["validation"]})
     return 0
 
 
@@ -75,9 +80,9 @@ def _run_ensemble(args) -> int:
     from skin_ray.ensemble import build_ensemble
     from skin_ray.runtime import init_ray
 
-    init_ray()
+    init_ray(verbose=args.verbose)
     metadata = build_ensemble(args.members, args.output, args.data, args.target_sensitivity)
-    print(json.dumps({"bundle": args.output, "model_version": metadata.model_version, **metadata.metrics["validation"]}))
+    _result({"bundle": args.output, "model_version": metadata.model_version, **metadata.metrics["validation"]})
     return 0
 
 
@@ -85,23 +90,50 @@ def _add_evaluate(commands) -> None:
     parser = commands.add_parser("evaluate", help="metrics and plots of a bundle on a labelled image tree")
     parser.add_argument("data", help="labelled image tree (directory or s3:// prefix)")
     parser.add_argument("--model", help="bundle directory or s3:// prefix (default: the shipped model)")
-    parser.add_argument("--report", help="directory for roc.png, confusion.png and calibration.png")
+    parser.add_argument("--report", help="directory for summary.json, roc.png, confusion.png and calibration.png")
     parser.add_argument("--subset", help="evaluate only images inside sub-folders of this name, e.g. Testing")
+    parser.add_argument(
+        "--split", choices=("all", "validation"), default="all",
+        help="validation: only the images the bundle's content-hash split held out from its training",
+    )
 
 
 def _run_evaluate(args) -> int:
     from skin_ray.evaluate import evaluate
     from skin_ray.runtime import init_ray
 
-    init_ray()
-    print(json.dumps(evaluate(args.data, args.model, args.report, args.subset)))
+    init_ray(verbose=args.verbose)
+    _result(evaluate(args.data, args.model, args.report, args.subset, args.split))
     return 0
 
 
 def _add_predict(commands) -> None:
-    parser = commands.add_parser("predict", help="classify image files; one JSON line per image")
-    parser.add_argument("images", nargs="+", help="image files (local paths or s3:// URIs)")
+    parser = commands.add_parser(
+        "predict", help="classify image files; one JSON line per image",
+        description="Classify image files, one JSON line per image. Exit status: 0 when every image was "
+        "classified, 1 when some could not be (their lines say why), 2 when there was nothing to classify.",
+    )
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively); local or s3:// (a prefix ends in /)")
     parser.add_argument("--model", help="bundle directory or s3:// prefix (default: the shipped model)")
+
+
+def _image_paths(arguments: list[str]) -> list[str]:
+    """Files as given; folders (and s3:// prefixes ending in /) replaced by the images below them."""
+    from pathlib import Path
+
+    from skin_ray import storage
+    from skin_ray.preprocess import IMAGE_SUFFIXES
+
+    paths = []
+    for argument in arguments:
+        if Path(argument).is_dir() or (storage.is_s3(argument) and argument.endswith("/")):
+            found = storage.list_files(argument, IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) below {argument}")
+            paths += found
+        else:
+            paths.append(argument)
+    return paths
 
 
 def _run_predict(args) -> int:
@@ -110,19 +142,24 @@ def _run_predict(args) -> int:
     from skin_ray.data import load_images
     from skin_ray.predictor import Predictor
 
+    paths = _image_paths(args.images)
     predictor = Predictor.from_bundle(args.model)
     chunk = 32  # bounds memory for long argument lists
-    for start in range(0, len(args.images), chunk):
-        batch = load_images({"path": np.array(args.images[start : start + chunk], dtype=object)})
+    failed = 0
+    for start in range(0, len(paths), chunk):
+        batch = load_images({"path": np.array(paths[start : start + chunk], dtype=object)})
         ok = batch["error"] == ""
+        failed += int((~ok).sum())
         rows = iter(predictor.predict_arrays(batch["image"][ok]))
         for path, error in zip(batch["path"], batch["error"]):
             row = {"path": path, "label": None, "cancer_probability": None, "error": error or None}
             if not error:
                 prediction = predictor.to_prediction(next(rows))
                 row.update(label=prediction.label, cancer_probability=prediction.cancer_probability)
-            print(json.dumps({**row, "model_version": predictor.model_version}), flush=True)
-    return 0
+            _result({**row, "model_version": predictor.model_version})
+    if failed:
+        print(f"skin-ray predict: {failed} of {len(paths)} files could not be classified")
+    return 1 if failed else 0
 
 
 def _add_classify(commands) -> None:
@@ -133,13 +170,14 @@ def _add_classify(commands) -> None:
 
 
 def _run_classify(args) -> int:
-    from skin_ray.classify import classify
+    from skin_ray.classify import check_output, classify
     from skin_ray.config import ClassifyConfig
     from skin_ray.runtime import init_ray
 
     config = _settings_from(args, ClassifyConfig)
-    init_ray()
-    print(json.dumps(classify(config)))
+    check_output(config)  # before Ray starts: a mistake in the command costs no start-up
+    init_ray(verbose=args.verbose)
+    _result(classify(config))
     return 0
 
 
@@ -147,8 +185,8 @@ def _add_serve(commands) -> None:
     from skin_ray.config import ServeSettings
 
     parser = commands.add_parser("serve", help="run the HTTP service (Ray Serve) until Ctrl-C")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, e.g. in a container)")
+    parser.add_argument("--port", type=int, default=8000, help="port of the HTTP service")
     _add_settings(parser, ServeSettings)
 
 
@@ -157,26 +195,45 @@ def _run_serve(args) -> int:
     import threading
 
     from skin_ray.config import ServeSettings
-    from skin_ray.runtime import init_ray
+    from skin_ray.runtime import StartupError, init_ray
 
     settings = _settings_from(args, ServeSettings)
+    _check_port_free(args.host, args.port)
     # Handlers first: the service answers (through HAProxy) before serve.run returns, and a stop asked for
     # while it starts must still drain rather than kill the process.
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    init_ray()
+    init_ray(verbose=args.verbose)
     from ray import serve
 
     from skin_ray.serve import app_builder
 
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app_builder(settings), name="skin-ray", route_prefix="/")
+    try:
+        serve.run(app_builder(settings), name="skin-ray", route_prefix="/")
+    except RuntimeError as exc:  # a replica failed to start; Serve keeps its traceback in the replica's log
+        serve.shutdown()
+        raise StartupError(f"{exc} Why is in Ray's Serve logs (a local Ray: /tmp/ray/session_latest/logs/serve/)") from None
     print(f"skin-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     stop.wait()
     print("shutting down: in-flight requests finish first", flush=True)
-    serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s) before they stop
+    # Deleting the app drains its replicas (graceful_shutdown_timeout_s) while the ingress still routes to
+    # them, and leaves Serve itself to the cluster; a local Ray stops with this process.
+    serve.delete("skin-ray")
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail in a second with a reason, rather than after Ray has started with a traceback."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); stop what uses it or pass --port") from None
 
 
 COMMANDS = {
@@ -189,20 +246,48 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Commands(argparse._SubParsersAction):
+    """Sub-commands that show their defaults in --help and accept --verbose."""
+
+    def add_parser(self, name, **kwargs):
+        parser = super().add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        parser.add_argument(
+            "--verbose", action="store_true", help="also print Ray's, Ray Data's and TensorFlow's own logs"
+        )
+        return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import skin_ray
+
     parser = argparse.ArgumentParser(prog="skin-ray", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"skin-ray {skin_ray.__version__}")
+    parser.register("action", "commands", _Commands)
+    commands = parser.add_subparsers(dest="command", required=True, action="commands")
     for add, _ in COMMANDS.values():
         add(commands)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from skin_ray.runtime import InsufficientResourcesError, limit_tensorflow_threads
+    return parser
 
-    limit_tensorflow_threads()
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Results on stdout, everything else (progress, epoch lines, warnings) on stderr, so stdout pipes into
+    # `jq`: Ray prints its raylets' warnings with print() to whatever sys.stdout is, so sys.stdout becomes
+    # stderr and results go to the process's own stdout.
+    sys.stdout = sys.stderr
+    from skin_ray.runtime import StartupError, configure_output, quiet_native_stderr
+
+    configure_output(args.verbose)
+    with contextlib.nullcontext() if args.verbose else quiet_native_stderr():
+        from skin_ray.runtime import limit_tensorflow_threads
+
+        limit_tensorflow_threads()  # imports TensorFlow, whose C++ prints notices while it loads
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, FileExistsError, InsufficientResourcesError) as exc:
-        # Mistakes in the input or the environment: a one-line reason, not a traceback.
+    except (OSError, ValueError, StartupError) as exc:
+        # Mistakes in the input or the environment (FileNotFoundError and FileExistsError are OSErrors): a
+        # one-line reason, not a traceback.
         parser.exit(2, f"skin-ray {args.command}: error: {exc}\n")
 
 

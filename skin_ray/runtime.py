@@ -1,9 +1,15 @@
-"""Connecting to Ray and sizing TensorFlow's thread pools, the same way for every job."""
+"""Connecting to Ray, sizing TensorFlow's thread pools and choosing what a command prints, the same way for
+every job."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import time
+import warnings
 
 import ray
 
@@ -32,20 +38,30 @@ def use_serve_fast_path() -> None:
         os.environ.setdefault(name, value)
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the running cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or start a local Ray."""
+def init_ray(num_cpus: int | None = None, verbose: bool = True) -> None:
+    """Join the running cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or start a local Ray.
+
+    `verbose=False` keeps Ray's own logs and what its workers print (TensorFlow's start-up notices,
+    per-process progress bars, collective-op chatter) in Ray's log files instead of this terminal; the
+    workers' exceptions still reach the driver.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     use_serve_fast_path()
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     try:
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", **quiet)
         logger.info("connected to the running Ray cluster")
     except ConnectionError:
-        ray.init(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1))
+        ray.init(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **quiet)
 
 
-class InsufficientResourcesError(RuntimeError):
+class StartupError(RuntimeError):
+    """A job or the service could not start; the message says why and what to do."""
+
+
+class InsufficientResourcesError(StartupError):
     pass
 
 
@@ -81,3 +97,79 @@ def limit_tensorflow_threads(intra_op: int | None = None) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(int(os.environ.get("TF_NUM_INTEROP_THREADS", 0)) or 2)
     except RuntimeError:
         logger.debug("TensorFlow already initialised; thread pools unchanged")
+
+
+def configure_output(verbose: bool) -> None:
+    """What a command prints. By default: its own lines, warnings and errors, and one progress line per Ray
+    Data job (a bar with rate and time left on a terminal, a plain line every 10 s otherwise). `verbose`
+    keeps every log of Ray, Ray Data and TensorFlow."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+    if verbose:
+        return
+    warnings.filterwarnings("ignore")  # library deprecation notices are for developers, not users
+    # Importing Ray Data and Serve configures their loggers, which the levels below then override.
+    import ray.serve  # noqa: F401
+    from ray.data import DataContext
+
+    # Ray configures handlers and levels of its own; only errors and Ray Data's progress pass.
+    for name in ("ray", "ray.data", "ray.train", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    progress = logging.getLogger("ray.data._internal.progress.logging_progress")
+    progress.setLevel(logging.INFO)
+    progress.addFilter(_ProgressLine())
+    DataContext.get_current().enable_operator_progress_bars = False  # one bar per job, not one per step
+
+
+class _ProgressLine(logging.Filter):
+    """Replaces the block Ray Data logs every 10 s when stdout is not a terminal (a banner, "Total Progress:
+    done/total", resources, a rule) by one line on stderr with the rate and the time left."""
+
+    _BANNER = re.compile(r"=+ Running Dataset: (\S+) =+")
+    _TOTAL = re.compile(r"Total Progress: (\d+)/(\d+|\?)")
+
+    def __init__(self):
+        super().__init__()
+        self.dataset, self.started = None, time.monotonic()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if banner := self._BANNER.fullmatch(message):
+            if banner.group(1) != self.dataset:
+                self.dataset, self.started = banner.group(1), time.monotonic()
+            return False
+        total = self._TOTAL.fullmatch(message)
+        if total is None:
+            return False
+        done, elapsed = int(total.group(1)), time.monotonic() - self.started
+        if not done:
+            return False
+        line = f"{self.dataset.rsplit('_', 2)[0] if self.dataset else 'progress'}: {done:,} rows"
+        if total.group(2) != "?":
+            line += f" of {int(total.group(2)):,}"
+        if elapsed > 0:
+            rate = done / elapsed
+            line += f", {rate:.1f}/s"
+            if total.group(2) != "?":
+                line += f", about {format_duration((int(total.group(2)) - done) / rate)} left"
+        print(line, file=sys.stderr, flush=True)
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    """"42 s" or "7 min": how progress lines say time left."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence file descriptor 2 for the duration: TensorFlow's C++ prints its oneDNN and CPU-feature
+    notices while it is imported, before any log level applies."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from skin_ray import metrics, storage
 from skin_ray.bundle import BundleMetadata, save_bundle
 from skin_ray.config import TrainConfig
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, discover, image_dataset, split_by_content
-from skin_ray.runtime import limit_tensorflow_threads, wait_for_resources
+from skin_ray.runtime import format_duration, limit_tensorflow_threads, wait_for_resources
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def train(config: TrainConfig) -> TrainOutcome:
         "steps_per_epoch": steps_per_epoch,
     }
     _wait_for_resources(config)
+    epoch_lines = EpochLines(config.epochs)
     storage_fs, storage_path = storage.pyarrow_filesystem(os.path.expanduser(config.storage_path))
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -94,17 +96,61 @@ def train(config: TrainConfig) -> TrainOutcome:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
             ),
+            callbacks=[epoch_lines.callback],
         ),
     )
-    result = trainer.fit()
+    with epoch_lines:
+        result = trainer.fit()
     with result.checkpoint.as_directory() as latest:
         history = json.loads(Path(latest, STATE_FILE).read_text())["history"]
     best = result.get_best_checkpoint(metric="val_auc", mode="max")
     with best.as_directory() as checkpoint_dir:
         model = _model_from_checkpoint(config.arch, checkpoint_dir)
     metadata = finalize_bundle(model, config, split, history)
-    save_bundle(model, metadata, config.output)
+    save_bundle(model, metadata, config.output, split.train_digests)
     return TrainOutcome(config.output, metadata.metrics, history)
+
+
+class EpochLines:
+    """One line per epoch on the driver's stdout, with the time left: rank 0's report travels from Ray Train's
+    controller (where callbacks run) through a queue to a thread here, so it is printed by this process
+    rather than forwarded, prefixed, from a worker's."""
+
+    def __init__(self, epochs: int):
+        from ray.util.queue import Queue
+
+        self.epochs = epochs
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.callback = _ReportToQueue(self.queue)
+        self._printer = threading.Thread(target=self._print, daemon=True)
+
+    def __enter__(self):
+        self._printer.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.queue.put(None)
+        self._printer.join(timeout=10)
+        self.queue.shutdown()
+
+    def _print(self) -> None:
+        while (row := self.queue.get()) is not None:
+            left = (self.epochs - row["epoch"]) * row["epoch_seconds"]
+            print(
+                f"epoch {row['epoch']}/{self.epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.3f}  "
+                f"val_accuracy {row['val_accuracy']:.3f}  val_auc {row['val_auc']:.4f}  best {row['best_val_auc']:.4f}  "
+                f"{row['epoch_seconds']:.0f}s" + (f"  about {format_duration(left)} left" if left else ""),
+                flush=True,
+            )
+
+
+class _ReportToQueue(ray.train.UserCallback):
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if "val_auc" in metrics[0]:  # rank 0 validates; the others report training figures only
+            self.queue.put(metrics[0])
 
 
 def finalize_bundle(model, config: TrainConfig, split, history: list[dict]) -> BundleMetadata:
@@ -295,12 +341,6 @@ def train_loop_per_worker(config: dict) -> None:
         best_auc = max(best_auc, summary["roc_auc"])
         epoch_metrics.update(
             val_accuracy=summary["accuracy"], val_auc=summary["roc_auc"], val_ece=summary["ece"], best_val_auc=best_auc,
-        )
-        print(
-            f"epoch {epoch + 1}/{epochs}  loss {epoch_metrics['loss']:.4f}  accuracy {epoch_metrics['accuracy']:.3f}  "
-            f"val_accuracy {summary['accuracy']:.3f}  "
-            f"val_auc {summary['roc_auc']:.4f}  best {best_auc:.4f}  {epoch_metrics['epoch_seconds']:.0f}s",
-            flush=True,
         )
         history.append(epoch_metrics)
         with tempfile.TemporaryDirectory() as checkpoint_dir:

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 
 import pytest
+from conftest import free_port
 
+import skin_ray
 from skin_ray import storage
+from skin_ray.bundle import METADATA_FILE, TRAIN_DIGESTS_FILE
+from skin_ray.data import in_validation
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
+
+# Where no Ray listens: a command that started or joined Ray before its own checks would fail on this
+# address instead of giving its one-line reason.
+NO_RAY = "127.0.0.1:1"
+# What the default (quiet) output must not contain: Ray's, Ray Data's and TensorFlow's own logs.
+NOISE = ("oneDNN", "absl::", "Token authentication", " INFO ", "RayTrainWorker", "Traceback")
 
 
 def skin_ray_cli(*args: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **({"RAY_ADDRESS": ray_address} if ray_address else {})}
     return subprocess.run(["skin-ray", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_quiet(stderr: str) -> None:
+    assert not [word for word in NOISE if word in stderr], stderr
 
 
 def test_predict_prints_one_line_per_image_and_survives_bad_files(lesion_tree, untrained_bundle, tmp_path):
@@ -24,7 +41,8 @@ def test_predict_prints_one_line_per_image_and_survives_bad_files(lesion_tree, u
     text.write_text("not a picture")
     missing = tmp_path / "missing.jpg"
     result = skin_ray_cli("predict", *map(str, good), str(text), str(missing), "--model", str(untrained_bundle))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # some files could not be classified
+    assert result.stderr == "skin-ray predict: 2 of 4 files could not be classified\n"
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["path"] for row in rows] == [*map(str, good), str(text), str(missing)]
     predictor = Predictor.from_bundle(str(untrained_bundle))
@@ -35,6 +53,54 @@ def test_predict_prints_one_line_per_image_and_survives_bad_files(lesion_tree, u
         assert row["cancer_probability"] == pytest.approx(expected.cancer_probability, abs=1e-6)
     assert rows[2]["error"].startswith("not_an_image") and rows[2]["label"] is None
     assert rows[3]["error"].startswith("unreadable")
+
+
+def test_predict_searches_folders_and_prints_nothing_else(lesion_tree, untrained_bundle, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(lesion_tree / "Cancer", folder / "nested")
+    (folder / "notes.txt").write_text("not an image suffix: not searched")
+    result = skin_ray_cli("predict", str(folder), "--model", str(untrained_bundle))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in (folder / "nested").glob("*.jpg"))
+    assert all(row["error"] is None for row in rows)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = skin_ray_cli("predict", str(empty), "--model", str(untrained_bundle))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("skin-ray predict: error: no image files") and result.stderr.count("\n") == 1
+
+
+def test_version_and_help_show_what_a_new_user_needs():
+    result = skin_ray_cli("--version")
+    assert result.stdout.strip() == f"skin-ray {skin_ray.__version__}"
+    result = skin_ray_cli("classify", "--help")
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    for shown in ("--batch-size BATCH_SIZE images per model call (default: 32)", "(default: parquet)", "--verbose"):
+        assert shown in help_text
+    assert "(default: 8000)" in " ".join(skin_ray_cli("serve", "--help").stdout.split())
+
+
+def test_classify_refuses_a_used_output_before_starting_ray(lesion_tree, tmp_path):
+    output = tmp_path / "results"
+    output.mkdir()
+    (output / "earlier.parquet").write_bytes(b"")
+    result = skin_ray_cli("classify", str(lesion_tree), "--output", str(output), ray_address=NO_RAY)
+    assert result.returncode == 2
+    assert result.stderr.startswith("skin-ray classify: error:") and "--resume" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting_ray():
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = skin_ray_cli("serve", "--port", str(port), ray_address=NO_RAY)
+    assert result.returncode == 2
+    assert result.stderr == f"skin-ray serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); stop what uses it or pass --port\n"
 
 
 def test_predict_reads_from_s3(lesion_tree, untrained_bundle, bucket):
@@ -51,8 +117,11 @@ def test_evaluate_prints_metrics_and_writes_plots(ray_session, lesion_tree, untr
     address = ray_session.get_runtime_context().gcs_address
     result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--report", str(report), ray_address=address)
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["n"] == 240 and summary["errors"] == 0
+    assert_quiet(result.stderr)
+    (line,) = result.stdout.splitlines()  # stdout holds the result alone
+    summary = json.loads(line)
+    assert json.loads((report / "summary.json").read_text()) == summary
+    assert summary["n"] == 240 and summary["errors"] == 0 and summary["seen_in_training"] == 0
     for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "threshold", "ece"):
         assert isinstance(summary[key], float), key
     low, high = summary["roc_auc_ci95"]
@@ -62,7 +131,63 @@ def test_evaluate_prints_metrics_and_writes_plots(ray_session, lesion_tree, untr
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    result = skin_ray_cli(
+        "train", str(lesion_tree), "--output", str(tmp_path / "bundle"), "--epochs", "2", "--workers", "1",
+        "--storage-path", str(tmp_path / "runs"), ray_address=address,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_quiet(result.stderr)
+    epochs = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[:2] for line in epochs] == [["epoch", "1/2"], ["epoch", "2/2"]], result.stderr
+    assert "left" in epochs[0] and "left" not in epochs[1]
+    assert "\x1b[" not in "".join(epochs) and "pid=" not in result.stderr
+    (summary,) = result.stdout.splitlines()  # stdout holds the result alone
+    assert json.loads(summary)["bundle"] == str(tmp_path / "bundle")
+    assert (tmp_path / "bundle" / TRAIN_DIGESTS_FILE).read_text().count("\n") == sum(json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["data"]["train"].values())
+
+
 def test_train_cli_rejects_a_batch_that_does_not_split(tmp_path):
     result = skin_ray_cli("train", str(tmp_path), "--output", str(tmp_path / "b"), "--workers", "3", "--batch-size", "32")
     assert result.returncode != 0
     assert "multiple of --workers" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def bundle_trained_on_lesion_tree(untrained_bundle, lesion_tree, tmp_path_factory):
+    """The untrained bundle, recorded as trained on the training side of a 0.3 content-hash split of the tree."""
+    bundle = tmp_path_factory.mktemp("recorded") / "bundle"
+    shutil.copytree(untrained_bundle, bundle)
+    metadata = json.loads((bundle / METADATA_FILE).read_text())
+    metadata["training"] = {"validation_fraction": 0.3}
+    (bundle / METADATA_FILE).write_text(json.dumps(metadata))
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in lesion_tree.rglob("*.jpg")]
+    trained_on = sorted(d for d in digests if not in_validation(d, 0.3))
+    (bundle / TRAIN_DIGESTS_FILE).write_text("".join(f"{d}\n" for d in trained_on))
+    return bundle, len(trained_on)
+
+
+def test_evaluate_warns_about_images_the_bundle_was_trained_on(ray_session, lesion_tree, bundle_trained_on_lesion_tree):
+    bundle, trained_on = bundle_trained_on_lesion_tree
+    address = ray_session.get_runtime_context().gcs_address
+    result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(bundle), ray_address=address)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 < trained_on < 240 and summary["seen_in_training"] == trained_on
+    assert f"{trained_on} of the 240 images scored were in untrained-test's training split" in result.stderr
+    assert "--split validation" in result.stderr
+
+    result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(bundle), "--split", "validation", ray_address=address)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 240 - trained_on and summary["not_in_validation"] == trained_on
+    assert summary["seen_in_training"] == 0 and "training split" not in result.stderr
+
+
+def test_evaluate_validation_split_needs_a_bundle_that_records_it(ray_session, lesion_tree, untrained_bundle):
+    address = ray_session.get_runtime_context().gcs_address
+    result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--split", "validation", ray_address=address)
+    assert result.returncode == 2
+    error = result.stderr.splitlines()[-1]  # after "connected to the running Ray cluster"
+    assert error.startswith("skin-ray evaluate: error:") and "does not record its validation split" in error
