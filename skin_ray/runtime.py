@@ -49,12 +49,12 @@ def init_ray(num_cpus: int | None = None, verbose: bool = True) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     use_serve_fast_path()
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    logs = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     try:
-        ray.init(address="auto", **quiet)
+        ray.init(address="auto", **logs)
         logger.info("connected to the running Ray cluster")
     except ConnectionError:
-        ray.init(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **quiet)
+        ray.init(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **logs)
 
 
 class StartupError(RuntimeError):
@@ -100,16 +100,16 @@ def limit_tensorflow_threads(intra_op: int | None = None) -> None:
 
 
 def configure_output(verbose: bool) -> None:
-    """What a command prints. By default: its own lines, warnings and errors, and one progress line per Ray
-    Data job (a bar with rate and time left on a terminal, a plain line every 10 s otherwise). `verbose`
-    keeps every log of Ray, Ray Data and TensorFlow."""
+    """What a command prints. By default: its own lines, warnings and errors, and Ray Data's progress (its
+    bars, with rate and time left, on a terminal; one plain line every 10 s otherwise). `verbose` keeps
+    every log of Ray, Ray Data and TensorFlow."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
     if verbose:
         return
     warnings.filterwarnings("ignore")  # library deprecation notices are for developers, not users
     # Importing Ray Data and Serve configures their loggers, which the levels below then override.
+    import ray.data  # noqa: F401
     import ray.serve  # noqa: F401
-    from ray.data import DataContext
 
     # Ray configures handlers and levels of its own; only errors and Ray Data's progress pass.
     for name in ("ray", "ray.data", "ray.train", "ray.serve"):
@@ -117,42 +117,42 @@ def configure_output(verbose: bool) -> None:
     progress = logging.getLogger("ray.data._internal.progress.logging_progress")
     progress.setLevel(logging.INFO)
     progress.addFilter(_ProgressLine())
-    DataContext.get_current().enable_operator_progress_bars = False  # one bar per job, not one per step
 
 
 class _ProgressLine(logging.Filter):
-    """Replaces the block Ray Data logs every 10 s when stdout is not a terminal (a banner, "Total Progress:
-    done/total", resources, a rule) by one line on stderr with the rate and the time left."""
+    """When stdout is not a terminal, Ray Data logs a block every 10 s: a banner naming the dataset, "Total
+    Progress: done/total", "step: done/total" for each step, resource lines, a closing rule. This prints one
+    line per block on stderr instead, for the step furthest along (a final write counts files, not rows),
+    with the rate and the time left."""
 
     _BANNER = re.compile(r"=+ Running Dataset: (\S+) =+")
-    _TOTAL = re.compile(r"Total Progress: (\d+)/(\d+|\?)")
+    _COUNT = re.compile(r".+: (\d+)/(\d+|\?)")
+    _RULE = re.compile(r"=+")
 
     def __init__(self):
         super().__init__()
-        self.dataset, self.started = None, time.monotonic()
+        self.dataset, self.started, self.done, self.total = None, time.monotonic(), 0, None
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if banner := self._BANNER.fullmatch(message):
             if banner.group(1) != self.dataset:
                 self.dataset, self.started = banner.group(1), time.monotonic()
-            return False
-        total = self._TOTAL.fullmatch(message)
-        if total is None:
-            return False
-        done, elapsed = int(total.group(1)), time.monotonic() - self.started
-        if not done:
-            return False
-        line = f"{self.dataset.rsplit('_', 2)[0] if self.dataset else 'progress'}: {done:,} rows"
-        if total.group(2) != "?":
-            line += f" of {int(total.group(2)):,}"
-        if elapsed > 0:
-            rate = done / elapsed
-            line += f", {rate:.1f}/s"
-            if total.group(2) != "?":
-                line += f", about {format_duration((int(total.group(2)) - done) / rate)} left"
-        print(line, file=sys.stderr, flush=True)
+            self.done, self.total = 0, None
+        elif (count := self._COUNT.fullmatch(message)) and int(count.group(1)) > self.done:
+            self.done, self.total = int(count.group(1)), None if count.group(2) == "?" else int(count.group(2))
+        elif self._RULE.fullmatch(message) and self.done:
+            print(self._line(), file=sys.stderr, flush=True)
         return False
+
+    def _line(self) -> str:
+        name = self.dataset.rsplit("_", 2)[0]  # Ray appends a run id and an index to the dataset's name
+        line = f"{name}: {self.done:,} rows" + (f" of {self.total:,}" if self.total else "")
+        rate = self.done / max(time.monotonic() - self.started, 1e-3)
+        line += f", {rate:.1f}/s"
+        if self.total and self.total > self.done:
+            line += f", about {format_duration((self.total - self.done) / rate)} left"
+        return line
 
 
 def format_duration(seconds: float) -> str:

@@ -112,9 +112,9 @@ def train(config: TrainConfig) -> TrainOutcome:
 
 
 class EpochLines:
-    """One line per epoch on the driver's stdout, with the time left: rank 0's report travels from Ray Train's
-    controller (where callbacks run) through a queue to a thread here, so it is printed by this process
-    rather than forwarded, prefixed, from a worker's."""
+    """One line per epoch with the time left, printed by the driver: rank 0's report travels from Ray Train's
+    controller (where callbacks run) through a queue to a thread here, rather than being forwarded, prefixed
+    and coloured, from a worker's output."""
 
     def __init__(self, epochs: int):
         from ray.util.queue import Queue

@@ -104,6 +104,7 @@ def test_shipped_bundle_reproduces_its_validation_metrics(ray_session):
     recorded = predictor.metadata.metrics["validation"]
     split = split_by_content(discover(str(REAL_DATA)), predictor.metadata.training["validation_fraction"])
     assert split.fingerprint == predictor.metadata.data["fingerprint"]
+    assert predictor.bundle.train_digests == frozenset(split.train_digests)  # what evaluate's overlap check reads
     y_true, p_cancer = [], []
     for batch in image_dataset(split.validation).iter_batches(batch_size=128):
         y_true.append(batch["label"] == predictor.metadata.positive_index)

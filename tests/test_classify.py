@@ -90,10 +90,11 @@ def test_results_agree_with_predict(ray_session, mixed_tree, untrained_bundle, t
     results = read_results(str(tmp_path / "out"), "jsonl").set_index("path")
     sample = _image_files(mixed_tree)[::5]
     predicted = subprocess.run(
-        ["skin-ray", "predict", *sample, "--model", str(untrained_bundle)], capture_output=True, text=True, check=True
+        ["skin-ray", "predict", *sample, "--model", str(untrained_bundle)], capture_output=True, text=True
     )
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert len(rows) == len(sample)
+    assert predicted.returncode == (1 if any(row["error"] for row in rows) else 0), predicted.stderr
     for row in rows:
         result = results.loc[row["path"]]
         if row["error"] is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,8 +27,8 @@ NO_RAY = "127.0.0.1:1"
 NOISE = ("oneDNN", "absl::", "Token authentication", " INFO ", "RayTrainWorker", "Traceback")
 
 
-def skin_ray_cli(*args: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **({"RAY_ADDRESS": ray_address} if ray_address else {})}
+def skin_ray_cli(*args: str, ray_address: str | None = None, **environment: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"RAY_ADDRESS": ray_address} if ray_address else {}), **environment}
     return subprocess.run(["skin-ray", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -81,6 +82,20 @@ def test_version_and_help_show_what_a_new_user_needs():
     for shown in ("--batch-size BATCH_SIZE images per model call (default: 32)", "(default: parquet)", "--verbose"):
         assert shown in help_text
     assert "(default: 8000)" in " ".join(skin_ray_cli("serve", "--help").stdout.split())
+
+
+def test_classify_reports_progress_on_stderr_and_its_summary_alone_on_stdout(ray_session, lesion_tree, untrained_bundle, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    result = skin_ray_cli(
+        "classify", str(lesion_tree), "--output", str(tmp_path / "out"), "--model", str(untrained_bundle), ray_address=address,
+        RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL="1",  # Ray Data's report interval when not on a terminal (10 s)
+    )
+    assert result.returncode == 0, result.stderr
+    assert_quiet(result.stderr)
+    (line,) = result.stdout.splitlines()
+    assert json.loads(line)["rows"] == 240
+    progress = [line for line in result.stderr.splitlines() if re.fullmatch(r"classify: [\d,]+ rows( of [\d,]+)?, [\d.]+/s(, about .* left)?", line)]
+    assert progress, result.stderr
 
 
 def test_classify_refuses_a_used_output_before_starting_ray(lesion_tree, tmp_path):
