@@ -9,6 +9,8 @@ A bundle is a directory, local or under an `s3://` prefix:
     train_images.sha256
                     the content hash of every training image, one per line (optional): how `evaluate`
                     knows which of the images it scores the model has seen
+    input_gate.npz  the input gate's class means and precision matrix (optional; its method and threshold
+                    are in bundle.json, see skin_ray/safeguards.py)
 
 Loading refuses bundles of another format or preprocessing recipe, and uses Keras safe mode, so a bundle
 cannot run arbitrary code.
@@ -23,16 +25,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import keras
+import numpy as np
 
 import skin_ray
 from skin_ray import storage
 from skin_ray.model import ShadesOfGray  # noqa: F401  (registers the custom layer for loading)
 from skin_ray.preprocess import IMAGE_SIZE, PREPROCESSING_ID
+from skin_ray.safeguards import InputGate
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 METADATA_FILE = "bundle.json"
 TRAIN_DIGESTS_FILE = "train_images.sha256"
+GATE_FILE = "input_gate.npz"
 DEFAULT_BUNDLE = str(Path(__file__).parent / "bundles" / "default")
 
 
@@ -56,6 +61,8 @@ class BundleMetadata:
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     package_version: str = skin_ray.__version__
+    input_gate: dict | None = None  # method, threshold, validation figures; None: no gate
+    uncertainty: dict | None = None  # method, margin, validation figures; None: no flag
 
     @property
     def positive_index(self) -> int:
@@ -68,15 +75,31 @@ class Bundle:
     metadata: BundleMetadata
     uri: str
     train_digests: frozenset[str] = frozenset()  # empty when the bundle does not record them
+    gate: InputGate | None = None
 
 
-def save_bundle(model: keras.Model, metadata: BundleMetadata, uri: str, train_digests: tuple[str, ...] = ()) -> None:
+def save_bundle(
+    model: keras.Model, metadata: BundleMetadata, uri: str, train_digests: tuple[str, ...] = (), gate: InputGate | None = None
+) -> None:
     with tempfile.TemporaryDirectory() as staging:
         model.save(Path(staging, MODEL_FILE))
-        Path(staging, METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
         if train_digests:
             Path(staging, TRAIN_DIGESTS_FILE).write_text("".join(f"{digest}\n" for digest in sorted(train_digests)))
+        _write_description(staging, metadata, gate)
         storage.upload_dir(staging, uri)
+
+
+def write_safeguards(metadata: BundleMetadata, gate: InputGate, uri: str) -> None:
+    """Rewrite an existing bundle's bundle.json and input gate; its model file stays as it is."""
+    with tempfile.TemporaryDirectory() as staging:
+        _write_description(staging, metadata, gate)
+        storage.upload_dir(staging, uri)
+
+
+def _write_description(directory: str, metadata: BundleMetadata, gate: InputGate | None) -> None:
+    Path(directory, METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+    if gate is not None:
+        np.savez(Path(directory, GATE_FILE), **gate.arrays())
 
 
 def load_bundle(uri: str | None = None) -> Bundle:
@@ -104,4 +127,8 @@ def _load_local(directory: str, uri: str) -> Bundle:
     model = keras.saving.load_model(Path(directory, MODEL_FILE), compile=False, safe_mode=True)
     digests_path = Path(directory, TRAIN_DIGESTS_FILE)
     train_digests = frozenset(digests_path.read_text().split()) if digests_path.is_file() else frozenset()
-    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests)
+    gate = None
+    if metadata.input_gate is not None:
+        with np.load(Path(directory, GATE_FILE)) as arrays:
+            gate = InputGate(arrays["gate_means"], arrays["gate_precision"], metadata.input_gate["threshold"])
+    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests, gate=gate)

@@ -3,13 +3,16 @@
     list files -> read bytes + decode (tasks, the one preprocessing) -> predict (actor pool, one model load
     per actor) -> write parquet / csv / jsonl
 
-Every input file becomes exactly one output row; a file that cannot be read or decoded is a row whose
-`error` says why. Results are written as the job streams, so an interrupted job keeps what it finished and
-`--resume` classifies only the files not yet in DEST.
+Every input file becomes exactly one output row, `path` and the prediction record every path shares
+(`skin_ray.predictor.RECORD_FIELDS`); a file that cannot be read or decoded is a row whose `error` says
+why, an image the input gate refuses one whose `error_reason` is `out_of_distribution`. Results are
+written as the job streams, so an interrupted job keeps what it finished and `--resume` classifies only
+the files not yet in DEST.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -20,11 +23,13 @@ import ray
 from skin_ray import storage
 from skin_ray.config import ClassifyConfig
 from skin_ray.data import load_images
+from skin_ray.predictor import RECORD_FIELDS
 from skin_ray.preprocess import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("path", "label", "cancer_probability", "error", "model_version")
+RESULT_COLUMNS = ("path", *RECORD_FIELDS)
+NESTED_COLUMNS = ("probabilities", "member_probabilities")  # a map and a list: JSON text in CSV
 # --format -> (file suffix Ray Data writes, its reader, the Dataset writer method)
 FORMATS = {
     "parquet": (".parquet", ray.data.read_parquet, "write_parquet"),
@@ -36,29 +41,46 @@ FORMATS = {
 class Classifier:
     """A Ray Data actor: loads the bundle once, then predicts every batch it is given."""
 
-    def __init__(self, model: str | None):
+    def __init__(self, model: str | None, nested_as_json: bool, explain: str | None):
         from skin_ray.predictor import Predictor
         from skin_ray.runtime import limit_tensorflow_threads
 
         limit_tensorflow_threads()
         self.predictor = Predictor.from_bundle(model)
+        self.nested_as_json, self.explain = nested_as_json, explain
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        count = len(batch["path"])
-        ok = batch["error"] == ""
-        labels = np.full(count, None, dtype=object)
-        probabilities = np.full(count, None, dtype=object)
-        if ok.any():
-            predictions = [self.predictor.to_prediction(row) for row in self.predictor.predict_arrays(batch["image"][ok])]
-            labels[ok] = [p.label for p in predictions]
-            probabilities[ok] = [p.cancer_probability for p in predictions]
-        return {
-            "path": batch["path"],
-            "label": labels,
-            "cancer_probability": probabilities,
-            "error": np.where(ok, None, batch["error"]).astype(object),
-            "model_version": np.full(count, self.predictor.model_version, dtype=object),
-        }
+        records = self.predictor.records(batch["image"], batch["error"])
+        columns = {"path": batch["path"]}
+        for name in RECORD_FIELDS:
+            values = [record[name] for record in records]
+            if self.nested_as_json and name in NESTED_COLUMNS:
+                values = [None if value is None else json.dumps(value) for value in values]
+            columns[name] = _objects(values)
+        if self.explain:
+            columns["explanation"] = self._overlays(batch, records)
+        return columns
+
+    def _overlays(self, batch: dict[str, np.ndarray], records: list[dict]) -> np.ndarray:
+        """Write a Grad-CAM overlay for every image with a label; return where each went (None: no label)."""
+        from skin_ray.explain import overlay_png
+
+        labelled = [i for i, record in enumerate(records) if record["label"] is not None]
+        cancer = np.array([records[i]["label"] == self.predictor.metadata.positive_class for i in labelled], dtype=bool)
+        heatmaps = self.predictor.explainer.heatmaps(batch["image"][labelled], cancer) if labelled else []
+        overlays = [None] * len(records)
+        for i, heatmap in zip(labelled, heatmaps):
+            png, _ = overlay_png(storage.read_bytes(batch["path"][i]), heatmap)
+            overlays[i] = storage.join(self.explain, f"{batch['sha256'][i][:20]}.gradcam.png")  # named by content
+            storage.write_bytes(overlays[i], png)
+        return _objects(overlays)
+
+
+def _objects(values: list) -> np.ndarray:
+    """A column of Python values (dicts, lists, None) as Ray Data takes them: a 1-d object array."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
 
 
 def read_results(output: str, fmt: str, columns: list[str] | None = None):
@@ -85,7 +107,7 @@ def build_pipeline(paths: list[str], config: ClassifyConfig) -> ray.data.Dataset
         files.map_batches(load_images, batch_size=config.batch_size, fn_kwargs={"max_bytes": max_bytes}, num_cpus=0.5)
         .map_batches(
             Classifier,
-            fn_constructor_args=(config.model,),
+            fn_constructor_args=(config.model, config.format == "csv", config.explain),
             batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=config.workers),
             num_cpus=config.cpus_per_actor,
@@ -121,13 +143,14 @@ def classify(config: ClassifyConfig) -> dict:
         # Results stream to DEST as they are produced; a file holds at least this many rows.
         getattr(build_pipeline(todo, config), write)(path, filesystem=filesystem, min_rows_per_file=config.rows_per_file)
     elapsed = time.perf_counter() - started
-    results = read_results(config.output, config.format, ["path", "error"])
-    errors = Counter(str(e).split(":")[0] for e in results["error"] if isinstance(e, str) and e)
+    results = read_results(config.output, config.format, ["path", "error_reason", "uncertain"])
+    errors = Counter(reason for reason in results["error_reason"] if isinstance(reason, str) and reason)
     return {
         "files": len(files),
         "rows": len(results),
         "classified": int(len(results) - sum(errors.values())),
-        "errors": dict(errors),
+        "errors": dict(errors),  # by reason, out_of_distribution included
+        "uncertain": int((results["uncertain"] == True).sum()),  # noqa: E712  (a column of True/False/None)
         "this_run": len(todo),
         "elapsed_s": round(elapsed, 2),
         "images_per_s": round(len(todo) / elapsed, 2) if todo else 0.0,

@@ -86,6 +86,25 @@ def _run_ensemble(args) -> int:
     return 0
 
 
+def _add_fit_safeguards(commands) -> None:
+    parser = commands.add_parser(
+        "fit-safeguards", help="fit a bundle's input gate and uncertainty margin on its own split (for older bundles)",
+        description="Train and ensemble fit both when they make a bundle; this adds them to a bundle made before.",
+    )
+    parser.add_argument("bundle", help="bundle directory or s3:// prefix, rewritten in place (bundle.json, input_gate.npz)")
+    parser.add_argument("--data", help="the bundle's labelled image tree, if it moved since it was trained")
+
+
+def _run_fit_safeguards(args) -> int:
+    from skin_ray.runtime import init_ray
+    from skin_ray.train import add_safeguards
+
+    init_ray(verbose=args.verbose)
+    metadata = add_safeguards(args.bundle, args.data)
+    _result({"bundle": args.bundle, "input_gate": metadata.input_gate, "uncertainty": metadata.uncertainty})
+    return 0
+
+
 def _add_evaluate(commands) -> None:
     parser = commands.add_parser("evaluate", help="metrics and plots of a bundle on a labelled image tree")
     parser.add_argument("data", help="labelled image tree (directory or s3:// prefix)")
@@ -113,6 +132,10 @@ def _add_predict(commands) -> None:
         description="Classify image files, one JSON line per image. Exit status: 0 when every image was "
         "classified, 1 when some could not be (their lines say why), 2 when there was nothing to classify.",
     )
+    _add_images(parser)
+
+
+def _add_images(parser) -> None:
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively); local or s3:// (a prefix ends in /)")
     parser.add_argument("--model", help="bundle directory or s3:// prefix (default: the shipped model)")
 
@@ -148,17 +171,54 @@ def _run_predict(args) -> int:
     failed = 0
     for start in range(0, len(paths), chunk):
         batch = load_images({"path": np.array(paths[start : start + chunk], dtype=object)})
-        ok = batch["error"] == ""
-        failed += int((~ok).sum())
-        rows = iter(predictor.predict_arrays(batch["image"][ok]))
-        for path, error in zip(batch["path"], batch["error"]):
-            row = {"path": path, "label": None, "cancer_probability": None, "error": error or None}
-            if not error:
-                prediction = predictor.to_prediction(next(rows))
-                row.update(label=prediction.label, cancer_probability=prediction.cancer_probability)
-            _result({**row, "model_version": predictor.model_version})
+        failed += int((batch["error"] != "").sum())  # refused by the input gate is an answer, not a failure
+        for path, record in zip(batch["path"], predictor.records(batch["image"], batch["error"])):
+            _result({"path": path, **record})
     if failed:
         print(f"skin-ray predict: {failed} of {len(paths)} files could not be classified")
+    return 1 if failed else 0
+
+
+def _add_explain(commands) -> None:
+    parser = commands.add_parser(
+        "explain", help="classify images and write a Grad-CAM overlay for each: what moved the prediction",
+        description="One JSON line per image (predict's record plus `explanation`: the map, the box of the photo it "
+        "covers, the overlay's path) and one <name>.gradcam.png per image in --output. Exit status as predict.",
+    )
+    _add_images(parser)
+    parser.add_argument("--output", required=True, help="directory for the overlays")
+
+
+def _run_explain(args) -> int:
+    from pathlib import Path
+
+    from skin_ray import storage
+    from skin_ray.explain import explanation
+    from skin_ray.predictor import Predictor
+    from skin_ray.preprocess import ImageDecodeError, preprocess_image
+
+    paths = _image_paths(args.images)
+    predictor = Predictor.from_bundle(args.model)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for index, path in enumerate(paths):
+        try:
+            data = storage.read_bytes(path)
+            record, heatmap = predictor.explain(preprocess_image(data)[None])
+        except ImageDecodeError as exc:
+            failed += 1
+            _result({"path": path, **predictor.error_record(str(exc)), "explanation": None})
+            continue
+        except OSError as exc:
+            failed += 1
+            _result({"path": path, **predictor.error_record(f"unreadable: {exc}"), "explanation": None})
+            continue
+        overlay = output / f"{index:04d}-{Path(path).stem}.gradcam.png"  # numbered: names may repeat across folders
+        described = None if heatmap is None else explanation(data, heatmap, record["label"], overlay)
+        _result({"path": path, **record, "explanation": described})
+    if failed:
+        print(f"skin-ray explain: {failed} of {len(paths)} files could not be explained")
     return 1 if failed else 0
 
 
@@ -239,8 +299,10 @@ def _check_port_free(host: str, port: int) -> None:
 COMMANDS = {
     "train": (_add_train, _run_train),
     "ensemble": (_add_ensemble, _run_ensemble),
+    "fit-safeguards": (_add_fit_safeguards, _run_fit_safeguards),
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
+    "explain": (_add_explain, _run_explain),
     "serve": (_add_serve, _run_serve),
     "classify": (_add_classify, _run_classify),
 }

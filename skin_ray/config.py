@@ -64,6 +64,10 @@ class ClassifyConfig:
     max_file_mb: float = _setting(50.0, "files larger than this become error rows without being read")
     rows_per_file: int = _setting(5000, "output file granularity: what an interruption can lose per writer")
     resume: bool = _setting(False, "skip files already present in the output's results")
+    explain: str | None = _setting(
+        None, "directory or s3:// prefix for a Grad-CAM overlay of every classified image, named in the `explanation` "
+        "column (a gradient pass and a second read per image)",
+    )
 
     def __post_init__(self):
         if self.format not in ("parquet", "csv", "jsonl"):

@@ -22,7 +22,7 @@ from skin_ray.config import TARGET_SENSITIVITY
 from skin_ray.data import discover, split_by_content
 from skin_ray.model import NUM_CLASSES
 from skin_ray.preprocess import IMAGE_SIZE
-from skin_ray.train import calibrate, describe_bundle
+from skin_ray.train import calibrate, describe_bundle, fit_safeguards
 
 
 def make_ensemble(members: list[keras.Model]) -> keras.Model:
@@ -68,6 +68,8 @@ def build_ensemble(members: list[str], output: str, data: str | None = None, tar
         "validation_fraction": first.training["validation_fraction"],
         "subset": first.training.get("subset"),
     }
+    gate, input_gate, uncertainty = fit_safeguards(model, split, threshold)
     metadata = describe_bundle(model, "ensemble", split, threshold, target_sensitivity, bundle_metrics, training, source)
-    save_bundle(model, metadata, output, split.train_digests)
+    metadata.input_gate, metadata.uncertainty = input_gate, uncertainty
+    save_bundle(model, metadata, output, split.train_digests, gate)
     return metadata

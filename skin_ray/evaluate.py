@@ -25,7 +25,9 @@ def evaluate(
     `split="validation"` scores only the images the bundle's content-hash split holds out (on the bundle's
     own data: exactly its validation split). Undecodable files are counted in `errors` and left out of the
     figures; images the bundle was trained on are counted in `seen_in_training`, with a warning, because
-    they flatter it.
+    they flatter it. The figures score the model on every decodable image, including those its input gate
+    would refuse (`out_of_distribution` counts them); `certain_accuracy` is the accuracy of the predictions
+    not flagged uncertain. With `report_dir`, every image's prediction record goes to predictions.jsonl.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
@@ -37,7 +39,7 @@ def evaluate(
     images = discover(data, class_names=tuple(meta.class_names), subset=subset)
     dataset = image_dataset(images)
     dataset.set_name("evaluate")  # what its progress line is called
-    y_true, p_cancer, errors, seen, held_out = [], [], 0, 0, 0
+    y_true, p_cancer, records, errors, seen, held_out = [], [], [], 0, 0, 0
     for batch in dataset.iter_batches(batch_size=64):
         ok = batch["error"] == ""
         errors += int((~ok).sum())
@@ -49,14 +51,18 @@ def evaluate(
             ok &= keep
         seen += int(sum(digest in predictor.bundle.train_digests for digest in batch["sha256"][ok]))
         if ok.any():
+            analysis = predictor.analyse(batch["image"][ok])
             y_true.append(batch["label"][ok] == meta.positive_index)
-            p_cancer.append(predictor.cancer_probabilities(batch["image"][ok]))
+            p_cancer.append(analysis.probabilities[:, meta.positive_index])
+            for path, label, record in zip(batch["path"][ok], batch["label"][ok], predictor.to_records(analysis, [""] * int(ok.sum()))):
+                records.append({"path": path, "true_label": meta.class_names[label], **record})
     if not y_true:
         raise ValueError(f"no image below {data} is left to score" + (" in the bundle's validation split" if split == "validation" else ""))
     y_true = np.concatenate(y_true).astype(np.int64)
     p_cancer = np.concatenate(p_cancer)
     summary = {
         **metrics.summary(y_true, p_cancer, meta.threshold),
+        **_safeguard_figures(records),
         "errors": errors,
         "seen_in_training": seen,
         "split": split,
@@ -74,7 +80,22 @@ def evaluate(
         logger.info("%s does not record its training images; overlap with them was not checked", meta.model_version)
     if report_dir:
         write_report(y_true, p_cancer, summary, Path(report_dir))
+        with open(Path(report_dir, "predictions.jsonl"), "w") as out:
+            out.writelines(json.dumps(record) + "\n" for record in records)
     return summary
+
+
+def _safeguard_figures(records: list[dict]) -> dict:
+    """How many images the input gate refused, how many predictions were flagged uncertain, and the accuracy
+    of the rest (None where the bundle has no gate or margin)."""
+    gated = [record for record in records if record["in_distribution"] is not None]
+    judged = [record for record in records if record["uncertain"] is not None]
+    certain = [record for record in judged if not record["uncertain"]]
+    return {
+        "out_of_distribution": sum(not record["in_distribution"] for record in gated) if gated else None,
+        "uncertain": sum(record["uncertain"] for record in judged) if judged else None,
+        "certain_accuracy": sum(r["label"] == r["true_label"] for r in certain) / len(certain) if certain else None,
+    }
 
 
 def write_report(y_true: np.ndarray, p_cancer: np.ndarray, summary: dict, report_dir: Path) -> None:

@@ -1,19 +1,32 @@
-"""Inference on a loaded bundle: arrays in, probabilities and labels out.
+"""Inference on a loaded bundle: arrays in, probabilities and prediction records out.
 
-`Predictor` is what `predict`, `evaluate`, the Serve model replica and the batch job's actors hold. The
-model is called through one traced `tf.function` with a batch-agnostic signature: Keras 3 `model.predict`
-pays ~150 ms of fixed overhead per call on a 2-core machine, which would dominate small batches.
+`Predictor` is what `predict`, `evaluate`, the Serve app and the batch job's actors hold, and
+`Predictor.records` is the one place where a batch of images (some of which failed to decode) becomes one
+prediction record per image, the same fields in every path. The model is called through one traced
+`tf.function` with a batch-agnostic signature: Keras 3 `model.predict` pays ~150 ms of fixed overhead per
+call on a 2-core machine, which would dominate small batches.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from skin_ray.bundle import Bundle, load_bundle
+from skin_ray.explain import Explainer
 from skin_ray.preprocess import to_model_input
+from skin_ray.safeguards import is_uncertain, members_disagree
+
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+RECORD_FIELDS = (
+    "label", "cancer_probability", "probabilities", "threshold", "in_distribution", "ood_score", "uncertain",
+    "member_probabilities", "error", "error_reason", "model_version",
+)
 
 
 @dataclass(frozen=True)
@@ -23,15 +36,52 @@ class Prediction:
     probabilities: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """What one forward pass gives for a batch."""
+
+    probabilities: np.ndarray  # (n, classes), calibrated
+    features: np.ndarray  # (n, d): the classifier's input, what the input gate measures
+    member_cancer: np.ndarray | None  # (n, members): each ensemble member's Cancer probability
+
+
+def analysis_function(model: keras.Model, input_shape) -> tf.types.experimental.GenericFunction:
+    """A traced function: images -> (probabilities, the classifier's input features)."""
+    if isinstance(model, keras.Sequential):  # a loaded Sequential has no symbolic output: rebuild the chain
+        features = inputs = keras.Input(input_shape)
+        for layer in model.layers[:-1]:
+            features = layer(features)
+        both = keras.Model(inputs, [model.layers[-1](features), features])
+    else:
+        both = keras.Model(model.inputs, [model.output, model.layers[-1].input])
+    return tf.function(
+        lambda images: both(images, training=False), input_signature=[tf.TensorSpec([None, *input_shape], tf.float32)]
+    )
+
+
+def member_cancer_probabilities(model: keras.Model, features: np.ndarray, positive_index: int) -> np.ndarray | None:
+    """Each member's Cancer probability from an ensemble's concatenated features: the member's block of the
+    shared classifier, times the number of members (the classifier averages them), plus the shared bias,
+    so a member's probability carries the ensemble's calibration. None for a single network."""
+    members = [layer for layer in model.layers if layer.name.startswith("member_")]
+    if not members:
+        return None
+    kernel, bias = model.layers[-1].get_weights()
+    sizes = np.cumsum([0] + [member.output.shape[-1] for member in members])
+    logits = np.stack(
+        [len(members) * features[:, start:end] @ kernel[start:end] + bias for start, end in zip(sizes[:-1], sizes[1:])],
+        axis=1,
+    )  # (n, members, classes)
+    logits -= logits.max(axis=-1, keepdims=True)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    return probabilities[..., positive_index]
+
+
 class Predictor:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.metadata = bundle.metadata
-        height, width, channels = self.metadata.input_size
-        self._forward = tf.function(
-            lambda images: bundle.model(images, training=False),
-            input_signature=[tf.TensorSpec([None, height, width, channels], tf.float32)],
-        )
+        self._analyse = analysis_function(bundle.model, self.metadata.input_size)
 
     @classmethod
     def from_bundle(cls, uri: str | None = None) -> Predictor:
@@ -41,11 +91,18 @@ class Predictor:
     def model_version(self) -> str:
         return self.metadata.model_version
 
+    def analyse(self, images: np.ndarray) -> Analysis:
+        """Probabilities, features and members' probabilities for a batch of preprocessed images."""
+        if len(images) == 0:
+            classes, width = len(self.metadata.class_names), self.bundle.model.layers[-1].input.shape[-1]
+            return Analysis(np.zeros((0, classes), np.float32), np.zeros((0, width), np.float32), None)
+        probabilities, features = (t.numpy() for t in self._analyse(tf.convert_to_tensor(images, dtype=tf.float32)))
+        members = member_cancer_probabilities(self.bundle.model, features, self.metadata.positive_index)
+        return Analysis(probabilities, features, members)
+
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, n_classes), for a batch of preprocessed images."""
-        if len(images) == 0:
-            return np.zeros((0, len(self.metadata.class_names)), dtype=np.float32)
-        return self._forward(tf.convert_to_tensor(images, dtype=tf.float32)).numpy()
+        return self.analyse(images).probabilities
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Class probabilities for a batch of uint8 pixels from `decode_pixels`."""
@@ -58,6 +115,73 @@ class Predictor:
         """One row of class probabilities -> the label decided by the bundle's threshold (not argmax)."""
         names = self.metadata.class_names
         cancer = float(probabilities[self.metadata.positive_index])
-        negative = next(name for name in names if name != self.metadata.positive_class)
-        label = self.metadata.positive_class if cancer >= self.metadata.threshold else negative
+        label = self.metadata.positive_class if cancer >= self.metadata.threshold else self.negative_class
         return Prediction(label, cancer, {name: float(p) for name, p in zip(names, probabilities)})
+
+    @property
+    def negative_class(self) -> str:
+        return next(name for name in self.metadata.class_names if name != self.metadata.positive_class)
+
+    @functools.cached_property
+    def explainer(self) -> Explainer:
+        return Explainer(self.bundle.model, self.metadata.positive_index)
+
+    def explain(self, images: np.ndarray) -> tuple[dict, np.ndarray | None]:
+        """The record of one preprocessed image (shape (1, h, w, 3)) and its Grad-CAM map for the predicted
+        label; no map when the input gate refused the image."""
+        (record,) = self.records(images)
+        if record["label"] is None:
+            return record, None
+        return record, self.explainer.heatmaps(images, np.array([record["label"] == self.metadata.positive_class]))[0]
+
+    def records(self, images: np.ndarray, errors: Sequence[str] | None = None) -> list[dict]:
+        """One prediction record per image, with the fields of RECORD_FIELDS, in every path.
+
+        `errors[i]` ("reason: detail", empty when fine) marks an image that could not be read; its record
+        carries the error and no prediction. An image the input gate refuses gets `in_distribution: false`
+        and the reason `out_of_distribution` instead of a label: an answer, not a failure. Without a gate
+        or margin in the bundle, `in_distribution` / `uncertain` are null (not checked).
+        """
+        errors = list(errors) if errors is not None else [""] * len(images)
+        ok = np.array([not error for error in errors], dtype=bool)
+        return self.to_records(self.analyse(images[ok]), errors)
+
+    def error_record(self, error: str) -> dict:
+        """The record of an image that could not be read: `error` ("reason: detail") and no prediction."""
+        return {
+            **dict.fromkeys(RECORD_FIELDS), "threshold": self.metadata.threshold, "model_version": self.model_version,
+            "error": error, "error_reason": error.split(":", 1)[0],
+        }
+
+    def to_records(self, analysis: Analysis, errors: Sequence[str]) -> list[dict]:
+        """`records` for an analysis already made of the images whose `errors` entry is empty."""
+        p_cancer = analysis.probabilities[:, self.metadata.positive_index]
+        gate, uncertainty = self.bundle.gate, self.metadata.uncertainty
+        scores = gate.scores(analysis.features) if gate else None
+        disagree = members_disagree(analysis.member_cancer, self.metadata.threshold, len(p_cancer))
+        uncertain = is_uncertain(p_cancer, self.metadata.threshold, uncertainty["margin"], disagree) if uncertainty else None
+        records, row = [], 0
+        for error in errors:
+            if error:
+                records.append(self.error_record(error))
+                continue
+            record = {**dict.fromkeys(RECORD_FIELDS), "threshold": self.metadata.threshold, "model_version": self.model_version}
+            if gate:
+                record.update(in_distribution=bool(scores[row] <= gate.threshold), ood_score=float(scores[row]))
+            if record["in_distribution"] is False:
+                record.update(
+                    error=f"{OUT_OF_DISTRIBUTION}: not like the dermoscopic images this model was trained on "
+                    f"(score {scores[row]:.0f}, accepted up to {gate.threshold:.0f}); no prediction is made",
+                    error_reason=OUT_OF_DISTRIBUTION,
+                )
+            else:
+                prediction = self.to_prediction(analysis.probabilities[row])
+                record.update(
+                    label=prediction.label, cancer_probability=prediction.cancer_probability,
+                    probabilities=prediction.probabilities,
+                    uncertain=None if uncertain is None else bool(uncertain[row]),
+                    member_probabilities=None if analysis.member_cancer is None else analysis.member_cancer[row].tolist(),
+                )
+            records.append(record)
+            row += 1
+        return records

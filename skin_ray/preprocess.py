@@ -47,17 +47,31 @@ def decode_pixels(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
     cameras are not square; squashing them would distort the lesion), resize.
     Raises ImageDecodeError for anything that is not a decodable image of acceptable size.
     """
+    square = ImageOps.fit(_decode_rgb(data, draft_short_side=size), (size, size), method=Image.Resampling.BILINEAR)
+    return np.asarray(square, dtype=np.uint8)
+
+
+def decode_photo(data: bytes, max_side: int) -> tuple[Image.Image, float]:
+    """The whole photo, upright and RGB, shrunk to at most `max_side` pixels a side (for showing, e.g. under
+    an explanation), and the factor it was shrunk by. Raises ImageDecodeError like `decode_pixels`."""
+    photo = _decode_rgb(data, draft_short_side=None)
+    scale = min(1.0, max_side / max(photo.size))
+    if scale < 1.0:
+        photo = photo.resize((round(photo.size[0] * scale), round(photo.size[1] * scale)), Image.Resampling.BILINEAR)
+    return photo, scale
+
+
+def _decode_rgb(data: bytes, draft_short_side: int | None) -> Image.Image:
     image = _open(data)
     try:
-        # draft picks the largest JPEG DCT scale (1/2, 1/4, 1/8) that still covers `size` on both sides;
-        # the centre crop's short side is what must stay >= size, hence the square request.
+        # draft picks the largest JPEG DCT scale (1/2, 1/4, 1/8) that still covers `draft_short_side` on both
+        # sides; the centre crop's short side is what must stay >= size, hence the square request.
         short = min(image.size)
-        if image.format == "JPEG" and short > size:
-            scale = short / size
+        if draft_short_side and image.format == "JPEG" and short > draft_short_side:
+            scale = short / draft_short_side
             image.draft("RGB", (int(image.size[0] / scale), int(image.size[1] / scale)))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        rgb = _to_rgb(image)
+        return _to_rgb(ImageOps.exif_transpose(image))
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -65,8 +79,6 @@ def decode_pixels(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "truncated" if "truncated" in str(exc) else "corrupt"
         raise ImageDecodeError(reason, f"cannot decode image: {exc}") from None
-    square = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
-    return np.asarray(square, dtype=np.uint8)
 
 
 def _open(data: bytes) -> Image.Image:

@@ -32,11 +32,15 @@ from ray.serve.exceptions import BackPressureError
 
 import skin_ray
 from skin_ray.config import ServeSettings
-from skin_ray.preprocess import ImageDecodeError, decode_pixels
+from skin_ray.explain import explanation
+from skin_ray.preprocess import ImageDecodeError, decode_pixels, to_model_input
 
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "page.html"
+
+
+EXACT_BATCH_SIZES = 64  # the batch-size histogram's sum is exact up to this many images per batch
 
 
 class Overloaded(Exception):
@@ -67,10 +71,11 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         # A bucket per size, edges between the integers: Ray exports a histogram's sum as count x bucket
-        # midpoint, which is then exact (with edges at 1, 2, 4, ... six batches of one summed to 3).
+        # midpoint, which is then exact (with edges at 1, 2, 4, ... six batches of one summed to 3). The same
+        # edges for every app: a node's metrics agent keeps the first definition of a name it sees.
         self._histogram = metrics.Histogram(
             "skin_ray_batch_size", description="images per forward pass",
-            boundaries=[size + 0.5 for size in range(max_batch_size + 1)],
+            boundaries=[size + 0.5 for size in range(EXACT_BATCH_SIZES + 1)],
         )
 
     async def classify(self, decode: Callable[[], Awaitable[np.ndarray]]) -> dict:
@@ -142,13 +147,14 @@ class LoadedModel:
         logger.info("serving model %s", predictor.model_version)
 
     async def predict(self, pixels: np.ndarray) -> list[dict]:
+        """The prediction record of each image (skin_ray.predictor.RECORD_FIELDS)."""
         predictor = self.predictor
-        probabilities = await asyncio.get_running_loop().run_in_executor(self._thread, predictor.predict_pixels, pixels)
-        threshold, version = predictor.metadata.threshold, predictor.model_version
-        return [
-            {**asdict(predictor.to_prediction(row)), "threshold": threshold, "model_version": version}
-            for row in probabilities
-        ]
+        return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: predictor.records(to_model_input(pixels)))
+
+    async def explain(self, pixels: np.ndarray) -> tuple[dict, np.ndarray | None]:
+        """One image's prediction record and its Grad-CAM map (None when the input gate refused it)."""
+        predictor = self.predictor
+        return await asyncio.get_running_loop().run_in_executor(self._thread, predictor.explain, to_model_input(pixels[None]))
 
     async def metadata(self) -> dict:
         return asdict(self.predictor.metadata)
@@ -168,6 +174,9 @@ class _RemoteModel:
     async def predict(self, pixels: np.ndarray) -> list[dict]:
         return await self.handle.predict.remote(pixels)
 
+    async def explain(self, pixels: np.ndarray) -> tuple[dict, np.ndarray | None]:
+        return await self.handle.explain.remote(pixels)
+
     async def metadata(self) -> dict:
         return await self.handle.metadata.remote()
 
@@ -183,6 +192,9 @@ class SkinModel:
 
     async def predict(self, pixels: np.ndarray) -> list[dict]:
         return await self.model.predict(pixels)
+
+    async def explain(self, pixels: np.ndarray) -> tuple[dict, np.ndarray | None]:
+        return await self.model.explain(pixels)
 
     async def metadata(self) -> dict:
         return await self.model.metadata()
@@ -200,11 +212,38 @@ app = FastAPIOffline(
 
 
 class PredictionResponse(BaseModel):
-    label: str = Field(description="Cancer or Non_Cancer, decided by the bundle's threshold (not the larger probability)")
-    cancer_probability: float = Field(ge=0, le=1, description="calibrated probability of Cancer")
-    probabilities: dict[str, float] = Field(description="every class's probability")
+    """The prediction record, the same in every path (skin_ray.predictor.RECORD_FIELDS)."""
+
+    label: str | None = Field(
+        description="Cancer or Non_Cancer, decided by the bundle's threshold (not the larger probability); null "
+        "when the input gate refused the image"
+    )
+    cancer_probability: float | None = Field(description="calibrated probability of Cancer; null when refused")
+    probabilities: dict[str, float] | None = Field(description="every class's probability; null when refused")
     threshold: float = Field(description="Cancer probability at or above which the label is Cancer")
+    in_distribution: bool | None = Field(
+        description="false: not like the dermoscopic images the model was trained on, so no label; null: the "
+        "bundle has no input gate"
+    )
+    ood_score: float | None = Field(description="the input gate's score (Mahalanobis distance); refused above the bundle's threshold")
+    uncertain: bool | None = Field(
+        description="true: close to the threshold or the ensemble's members disagree; a specialist should look"
+    )
+    member_probabilities: list[float] | None = Field(description="each ensemble member's Cancer probability; null for one network")
+    error: str | None = Field(description="why there is no label (out_of_distribution), else null")
+    error_reason: str | None = Field(description="`out_of_distribution` or null")
     model_version: str
+
+
+class Explanation(BaseModel):
+    label: str = Field(description="the label the map explains")
+    map: list[list[float]] = Field(description="the Grad-CAM map over the model's input (the photo's centre square), rows first")
+    crop_box: list[int] = Field(description="left, top, right, bottom of that square in the photo's pixels")
+    overlay_png: str = Field(description="the photo with the map laid over that square, PNG, base64")
+
+
+class ExplainResponse(PredictionResponse):
+    explanation: Explanation | None = Field(description="null when the input gate refused the image")
 
 
 class FilePrediction(PredictionResponse):
@@ -230,6 +269,12 @@ def _errors(**described: str) -> dict:
 
 NO_FILE = "no file in the multipart field"
 OVERLOADED = "overloaded: more images waiting than max_pending_images; retry shortly"
+ONE_IMAGE_ERRORS = {
+    "e400": "not a decodable image (the reason: empty, truncated, corrupt, not_an_image, too_many_pixels)",
+    "e413": "request body larger than max_upload_mb",
+    "e415": "declared content type is not an image",
+    "e422": NO_FILE,
+}
 
 
 @app.exception_handler(RequestValidationError)
@@ -286,6 +331,13 @@ def _declared_type_error(upload: UploadFile) -> str | None:
     return None
 
 
+def _response(result: dict) -> JSONResponse:
+    """A record as 200, an error dict from Ingress._classify as its status with `detail`."""
+    if "status" in result:
+        return JSONResponse(status_code=result["status"], content={"detail": result["error"]})
+    return JSONResponse(result)
+
+
 # Helpers of Ingress are defined above it: @serve.ingress copies the class's functions with the module's
 # globals as they are at that line.
 def _node_metrics_url() -> str:
@@ -316,7 +368,8 @@ class Ingress:
             self.model.predict, settings.max_batch_size, settings.batch_wait_timeout_s, settings.max_pending_images
         )
         self.predictions = metrics.Counter(
-            "skin_ray_predictions", description="predictions by label", tag_keys=("label",)
+            "skin_ray_predictions", description="answers by label (withheld: refused by the input gate) and uncertainty",
+            tag_keys=("label", "uncertain"),
         )
         self.decode_errors = metrics.Counter(
             "skin_ray_decode_errors", description="undecodable uploads by reason", tag_keys=("reason",)
@@ -335,39 +388,50 @@ class Ingress:
         if isinstance(self.model, LoadedModel):
             self.model.reconfigure(user_config)
 
-    async def _classify(self, upload: UploadFile) -> dict:
-        """One upload -> a prediction dict, or an error dict with `status` for the caller to map."""
+    async def _classify(self, upload: UploadFile, explain: bool = False) -> dict:
+        """One upload -> its prediction record (with an `explanation` when asked: one image, not batched), or
+        an error dict with `status` for the caller to map."""
         if (problem := _declared_type_error(upload)) is not None:
             return {"filename": upload.filename, "error": problem, "status": 415}
         data = await upload.read()
         loop = asyncio.get_running_loop()
+
+        def decode() -> Awaitable[np.ndarray]:
+            return loop.run_in_executor(self.decoder, decode_pixels, data)
+
         try:
-            result = await self.batcher.classify(lambda: loop.run_in_executor(self.decoder, decode_pixels, data))
+            if explain:
+                result, heatmap = await self.model.explain(await decode())
+                result["explanation"] = None if heatmap is None else await loop.run_in_executor(
+                    self.decoder, explanation, data, heatmap, result["label"]
+                )
+            else:
+                result = await self.batcher.classify(decode)
         except ImageDecodeError as exc:
             self.decode_errors.inc(tags={"reason": exc.reason})
             return {"filename": upload.filename, "error": str(exc), "status": 400}
         except (Overloaded, BackPressureError):
             return {"filename": upload.filename, "error": "the model is overloaded; retry shortly", "status": 503}
-        self.predictions.inc(tags={"label": result["label"]})
+        self.predictions.inc(tags={"label": result["label"] or "withheld", "uncertain": str(bool(result["uncertain"])).lower()})
         return result
 
     @app.post(
         "/predict",
         summary="Classify one image (multipart field `file`)",
         response_model=PredictionResponse,
-        responses=_errors(
-            e400="not a decodable image (the reason: empty, truncated, corrupt, not_an_image, too_many_pixels)",
-            e413="request body larger than max_upload_mb",
-            e415="declared content type is not an image",
-            e422=NO_FILE,
-            e503=OVERLOADED,
-        ),
+        responses=_errors(**ONE_IMAGE_ERRORS, e503=OVERLOADED),
     )
     async def predict(self, file: UploadFile = File(...)) -> JSONResponse:
-        result = await self._classify(file)
-        if "error" in result:
-            return JSONResponse(status_code=result["status"], content={"detail": result["error"]})
-        return JSONResponse(result)
+        return _response(await self._classify(file))
+
+    @app.post(
+        "/explain",
+        summary="Classify one image and show which parts of it moved the prediction (Grad-CAM; multipart field `file`)",
+        response_model=ExplainResponse,
+        responses=_errors(**ONE_IMAGE_ERRORS),
+    )
+    async def explain(self, file: UploadFile = File(...)) -> JSONResponse:
+        return _response(await self._classify(file, explain=True))
 
     @app.post(
         "/predict/batch",
@@ -383,7 +447,7 @@ class Ingress:
         results = await asyncio.gather(*(self._classify(upload) for upload in files))
         entries = [
             {"filename": upload.filename, "error": result["error"]}
-            if "error" in result
+            if "status" in result
             else {"filename": upload.filename, **result}
             for upload, result in zip(files, results)
         ]

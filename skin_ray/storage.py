@@ -164,11 +164,15 @@ def download_dir(uri: str, local_dir: str) -> None:
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy every file below `local_dir` to `uri` (S3) or into the directory `uri` (local)."""
-    if not is_s3(uri):
-        shutil.copytree(local_dir, uri, dirs_exist_ok=True)
-        return
+    """Copy every file below `local_dir` to `uri` (S3) or into the directory `uri` (local; files only, so
+    the target keeps its own permissions rather than the source's, a private temporary directory's)."""
     for path in sorted(Path(local_dir).rglob("*")):
-        if path.is_file():
-            bucket, key = split_s3(join(uri, str(path.relative_to(local_dir))))
+        if not path.is_file():
+            continue
+        target = join(uri, str(path.relative_to(local_dir)))
+        if is_s3(target):
+            bucket, key = split_s3(target)
             s3_client().upload_file(str(path), bucket, key)
+        else:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)

@@ -126,3 +126,36 @@ def untrained_bundle(tmp_path_factory) -> Path:
     )
     save_bundle(make_model("default"), metadata, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
+    """The untrained bundle with an input gate and an uncertainty margin fitted on generated lesions (as
+    training fits them on a real split), for tests of the prediction record's safeguards."""
+    import shutil
+
+    import numpy as np
+    from images import encode, lesion_image
+
+    from skin_ray import safeguards
+    from skin_ray.bundle import write_safeguards
+    from skin_ray.predictor import Predictor
+    from skin_ray.preprocess import preprocess_image
+
+    path = tmp_path_factory.mktemp("guarded") / "bundle"
+    shutil.copytree(untrained_bundle, path)
+    rng = np.random.default_rng(3)
+    labels = np.arange(160) % 2  # class indices: 0 Cancer, 1 Non_Cancer
+    images = np.stack([preprocess_image(encode(lesion_image(("Cancer", "Non_Cancer")[label], rng))) for label in labels])
+    predictor = Predictor.from_bundle(str(path))
+    analysis = predictor.analyse(images)
+    train, validation = slice(0, 120), slice(120, None)
+    gate = safeguards.fit_input_gate(analysis.features[train], labels[train], analysis.features[validation])
+    y_true = (labels[validation] == 0).astype(np.int64)
+    p_cancer = analysis.probabilities[validation, 0]
+    threshold, disagree = predictor.metadata.threshold, np.zeros(len(y_true), dtype=bool)
+    margin = safeguards.uncertainty_margin(y_true, p_cancer, threshold, disagree)
+    metadata = predictor.metadata
+    metadata.input_gate, metadata.uncertainty = safeguards.describe(gate, margin, y_true, p_cancer, threshold, disagree)
+    write_safeguards(metadata, gate, str(path))
+    return path

@@ -116,6 +116,12 @@ def test_formats_round_trip(ray_session, mixed_tree, untrained_bundle, tmp_path)
         )
         same_label = frames[fmt]["label"].fillna("") == frames["parquet"]["label"].fillna("")
         assert same_label.all()
+    # Nested fields survive: a map in JSON lines, JSON text in CSV (which has no nested types).
+    for as_text, as_map in zip(frames["csv"]["probabilities"], frames["jsonl"]["probabilities"]):
+        if isinstance(as_map, dict):
+            assert json.loads(as_text) == pytest.approx(as_map, abs=1e-6)
+        else:  # an error row: no probabilities
+            assert pd.isna(as_text) or as_text == ""
 
 
 def test_s3_to_s3(ray_session, mixed_tree, untrained_bundle, bucket, tmp_path):

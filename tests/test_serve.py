@@ -18,7 +18,7 @@ from PIL import Image
 from ray import serve
 
 from skin_ray.config import ServeSettings
-from skin_ray.predictor import Predictor
+from skin_ray.predictor import RECORD_FIELDS, Predictor
 from skin_ray.preprocess import preprocess_image
 from skin_ray.serve import Ingress, SkinModel, app_builder
 
@@ -63,7 +63,7 @@ def test_endpoints(client, jpeg):
     response = _post(client, jpeg)
     assert response.status_code == 200, response.text
     answer = response.json()
-    assert set(answer) == {"label", "cancer_probability", "probabilities", "threshold", "model_version"}
+    assert set(answer) == set(RECORD_FIELDS)
     assert answer["probabilities"]["Cancer"] == pytest.approx(answer["cancer_probability"])
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert answer["label"] == ("Cancer" if answer["cancer_probability"] >= answer["threshold"] else "Non_Cancer")

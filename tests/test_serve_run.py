@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import free_port
-from images import lesion_image
+from images import documents, encode, round_lesion_photo
 from ray import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _stop(process: subprocess.Popen) -> int:
 
 def _photo(tmp_path: Path) -> Path:
     path = tmp_path / "lesion.jpg"
-    lesion_image("Cancer", np.random.default_rng(9), size=160).save(path)
+    path.write_bytes(round_lesion_photo())  # one the shipped model's input gate accepts
     return path
 
 
@@ -75,9 +75,10 @@ def test_serve_run_with_the_shipped_config(ray_session, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cli_service(ray_session, untrained_bundle):
+def cli_service(ray_session):
+    """`skin-ray serve` as a user starts it: the shipped model, with its input gate."""
     port = free_port()
-    process = _start(["skin-ray", "serve", "--port", str(port), "--model", str(untrained_bundle)], ray_session)
+    process = _start(["skin-ray", "serve", "--port", str(port)], ray_session)
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(url, process)
     yield url, process
@@ -105,7 +106,30 @@ def test_upload_page_in_headless_chromium(cli_service, tmp_path):
             assert page.inner_text("#label") in ("Cancer", "Not cancer")  # never the bundle's "Non_Cancer"
             assert page.inner_text("#probability").startswith("Probability of cancer: ")
             page.wait_for_selector("#preview", state="visible")
+            # One click shows what moved the prediction, over the photo.
+            page.click("#explain")
+            page.wait_for_selector("#overlay", state="visible", timeout=60_000)
+            assert page.evaluate("document.getElementById('overlay').naturalWidth") == 400  # the photo's own size
+            assert page.inner_text("#overlay-caption").startswith("Brighter areas moved the model most")
             page.screenshot(path=str(tmp_path / "page.png"))
+            # A page of text is refused by the input gate: said plainly, with no label or probability.
+            text_page = tmp_path / "page-of-text.jpg"
+            text_page.write_bytes(encode(documents(np.random.default_rng(1), 1)[0]))
+            page.set_input_files("#file", str(text_page))
+            page.wait_for_selector("#refused", timeout=60_000)
+            assert "not like the dermoscopic images this model knows" in page.inner_text("#refused")
+            assert not page.is_visible("#label") and not page.is_visible("#probability")
+            # An uncertain answer (the service's answer replaced, so the rendering is what is tested) asks for a specialist.
+            uncertain = {
+                "label": "Cancer", "cancer_probability": 0.55, "probabilities": {"Cancer": 0.55, "Non_Cancer": 0.45},
+                "threshold": 0.51, "in_distribution": True, "ood_score": 50.0, "uncertain": True,
+                "member_probabilities": [0.3, 0.8], "error": None, "error_reason": None, "model_version": "m",
+            }
+            page.route("**/predict", lambda route: route.fulfill(json=uncertain))
+            page.set_input_files("#file", str(_photo(tmp_path)))
+            page.wait_for_selector("#uncertain", timeout=60_000)
+            assert page.inner_text("#uncertain") == "Uncertain: a specialist should look. Its 2 networks say 30.0%, 80.0%."
+            page.unroute("**/predict")
             assert page.evaluate("[percent(2.7e-5), percent(0.5), percent(0.99995)]") == [
                 "less than 0.1%", "50.0%", "more than 99.9%",
             ]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import ray
 
-from skin_ray import metrics
+from skin_ray import metrics, safeguards
 from skin_ray.bundle import load_bundle
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.predictor import Predictor
@@ -51,6 +51,16 @@ def test_two_workers_stay_identical_and_learn(ray_session, lesion_tree, tmp_path
     assert recomputed["sensitivity"] >= bundle.metadata.target_sensitivity
     # Learned: far above chance on held-out images of a task only the texture can solve.
     assert recomputed["roc_auc"] > 0.9, recomputed
+    # The safeguards were fitted on the same split: the gate lets 95% of validation through, and the
+    # predictions left certain are as accurate as the recorded figure says.
+    records = predictor.records(np.stack([row["image"] for row in rows]))
+    accepted = np.mean([record["in_distribution"] for record in records])
+    assert accepted == pytest.approx(safeguards.GATE_TPR, abs=1.5 / len(records))
+    uncertainty, threshold = bundle.metadata.uncertainty, bundle.metadata.threshold
+    flagged = safeguards.is_uncertain(p_cancer, threshold, uncertainty["margin"], np.zeros(len(p_cancer), dtype=bool))
+    assert flagged.mean() == pytest.approx(uncertainty["validation"]["flagged"], abs=1e-9)
+    correct = (p_cancer >= threshold) == (y_true == 1)
+    assert not (~flagged).any() or correct[~flagged].mean() >= safeguards.CERTAIN_ACCURACY
 
 
 def _alive_train_workers() -> list:
