@@ -129,6 +129,8 @@ def _load_local(directory: str, uri: str) -> Bundle:
     train_digests = frozenset(digests_path.read_text().split()) if digests_path.is_file() else frozenset()
     gate = None
     if metadata.input_gate is not None:
+        if not Path(directory, GATE_FILE).is_file():
+            raise BundleError(f"{uri} describes an input gate but {GATE_FILE} is missing; `skin-ray fit-safeguards` refits it")
         with np.load(Path(directory, GATE_FILE)) as arrays:
             gate = InputGate(arrays["gate_means"], arrays["gate_precision"], metadata.input_gate["threshold"])
     return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests, gate=gate)

@@ -15,7 +15,7 @@ from conftest import free_port
 
 import skin_ray
 from skin_ray import storage
-from skin_ray.bundle import METADATA_FILE, TRAIN_DIGESTS_FILE
+from skin_ray.bundle import GATE_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE
 from skin_ray.data import in_validation
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
@@ -161,6 +161,18 @@ def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_pat
     (summary,) = result.stdout.splitlines()  # stdout holds the result alone
     assert json.loads(summary)["bundle"] == str(tmp_path / "bundle")
     assert (tmp_path / "bundle" / TRAIN_DIGESTS_FILE).read_text().count("\n") == sum(json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["data"]["train"].values())
+
+    # fit-safeguards gives a bundle made before safeguards existed its own, leaving the model file as it is.
+    model_bytes = (tmp_path / "bundle" / "model.keras").read_bytes()
+    older = {**json.loads((tmp_path / "bundle" / METADATA_FILE).read_text()), "input_gate": None, "uncertainty": None}
+    (tmp_path / "bundle" / METADATA_FILE).write_text(json.dumps(older))
+    (tmp_path / "bundle" / GATE_FILE).unlink()
+    result = skin_ray_cli("fit-safeguards", str(tmp_path / "bundle"), ray_address=address)
+    assert result.returncode == 0, result.stderr
+    refitted = json.loads(result.stdout)
+    assert refitted["input_gate"]["validation_tpr"] == 0.95 and refitted["uncertainty"]["margin"] >= 0
+    assert (tmp_path / "bundle" / GATE_FILE).is_file() and (tmp_path / "bundle" / "model.keras").read_bytes() == model_bytes
+    assert json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["input_gate"] == refitted["input_gate"]
 
 
 def test_train_cli_rejects_a_batch_that_does_not_split(tmp_path):
