@@ -129,6 +129,14 @@ def untrained_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shipped():
+    """A Predictor of the shipped bundle, loaded once for the session."""
+    from skin_ray.predictor import Predictor
+
+    return Predictor.from_bundle()
+
+
+@pytest.fixture(scope="session")
 def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
     """The untrained bundle with an input gate and an uncertainty margin fitted on generated lesions (as
     training fits them on a real split), for tests of the prediction record's safeguards."""

@@ -16,11 +16,6 @@ from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return Predictor.from_bundle()
-
-
 def _heatmap(predictor: Predictor, data: bytes) -> np.ndarray:
     record, heatmap = predictor.explain(preprocess_image(data)[None])
     assert record["label"] is not None, record

@@ -62,11 +62,6 @@ def test_records_withhold_the_label_of_refused_images_and_carry_read_errors(guar
     assert refused["ood_score"] > predictor.bundle.gate.threshold
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return Predictor.from_bundle()
-
-
 # At least this share of each kind is refused (benchmarks/ood.py measured 0.85, 0.88 and 0.63 on other
 # samples; the softmax confidence the gate replaces refused 0.02-0.05).
 KINDS = {"photographs": (sample_photographs, 0.75), "documents": (documents, 0.75), "noise and flat colours": (noise_and_flat, 0.5)}
