@@ -6,8 +6,8 @@
 Every input file becomes exactly one output row, `path` and the prediction record every path shares
 (`skin_ray.predictor.RECORD_FIELDS`); a file that cannot be read or decoded is a row whose `error` says
 why, an image the input gate refuses one whose `error_reason` is `out_of_distribution`. Results are
-written as the job streams, so an interrupted job keeps what it finished and `--resume` classifies only
-the files not yet in DEST.
+written as the job streams, a file at least every `flush_interval_s` (or `rows_per_file` rows), so an
+interrupted job keeps what it finished and `--resume` classifies only the files not yet in DEST.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 
 import numpy as np
+import pyarrow
+import pyarrow.csv
+import pyarrow.parquet
 import ray
 
 from skin_ray import storage
@@ -30,11 +34,17 @@ logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ("path", *RECORD_FIELDS)
 NESTED_COLUMNS = ("probabilities", "member_probabilities")  # a map and a list: JSON text in CSV
-# --format -> (file suffix Ray Data writes, its reader, the Dataset writer method)
+
+
+def _write_jsonl(table: pyarrow.Table, stream) -> None:
+    stream.write("".join(json.dumps(row) + "\n" for row in table.to_pylist()).encode())
+
+
+# --format -> (file suffix, its Ray Data reader, a writer of one pyarrow table to a binary stream)
 FORMATS = {
-    "parquet": (".parquet", ray.data.read_parquet, "write_parquet"),
-    "csv": (".csv", ray.data.read_csv, "write_csv"),
-    "jsonl": (".json", ray.data.read_json, "write_json"),
+    "parquet": (".parquet", ray.data.read_parquet, pyarrow.parquet.write_table),
+    "csv": (".csv", ray.data.read_csv, pyarrow.csv.write_csv),
+    "jsonl": (".json", ray.data.read_json, _write_jsonl),
 }
 
 
@@ -115,6 +125,41 @@ def build_pipeline(paths: list[str], config: ClassifyConfig) -> ray.data.Dataset
     )
 
 
+class ResultFiles:
+    """Writes the rows as they stream in: a file whenever `rows_per_file` rows are waiting or
+    `flush_interval_s` passed since the last one, and the rest on exit, so a job killed at any point keeps
+    all but its last few seconds. Files are named by run and number, never overwriting another run's."""
+
+    def __init__(self, config: ClassifyConfig):
+        self.suffix, _, self.write = FORMATS[config.format]
+        self.filesystem, self.directory = storage.pyarrow_filesystem(config.output)
+        self.rows_per_file, self.flush_interval_s = config.rows_per_file, config.flush_interval_s
+        self.run, self.written, self.waiting = uuid.uuid4().hex[:12], 0, []
+        self.last_flush = time.monotonic()
+
+    def __enter__(self) -> ResultFiles:
+        self.filesystem.create_dir(self.directory, recursive=True)
+        return self
+
+    def add(self, rows: pyarrow.Table) -> None:
+        self.waiting.append(rows)
+        waiting = sum(table.num_rows for table in self.waiting)
+        if waiting >= self.rows_per_file or time.monotonic() - self.last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.waiting:
+            path = f"{self.directory}/{self.run}_{self.written:06d}{self.suffix}"
+            with self.filesystem.open_output_stream(path + ".partial") as stream:
+                self.write(pyarrow.concat_tables(self.waiting, promote_options="permissive"), stream)
+            self.filesystem.move(path + ".partial", path)  # readers see whole files only, even after a kill
+            self.written += 1
+        self.waiting, self.last_flush = [], time.monotonic()
+
+    def __exit__(self, *exc_info) -> None:
+        self.flush()  # an interrupted job keeps what it finished too
+
+
 def check_output(config: ClassifyConfig) -> None:
     """Refuse an output that already holds results unless resuming; a listing only, no Ray needed."""
     suffix = FORMATS[config.format][0]
@@ -138,10 +183,9 @@ def classify(config: ClassifyConfig) -> dict:
     todo = [p for p in files if p not in done]
     logger.info("%d image files in %s, %d already classified, %d to do", len(files), config.source, len(files) - len(todo), len(todo))
     if todo:
-        write = FORMATS[config.format][2]
-        filesystem, path = storage.pyarrow_filesystem(config.output)
-        # Results stream to DEST as they are produced; a file holds at least this many rows.
-        getattr(build_pipeline(todo, config), write)(path, filesystem=filesystem, min_rows_per_file=config.rows_per_file)
+        with ResultFiles(config) as results:
+            for batch in build_pipeline(todo, config).iter_batches(batch_size=None, batch_format="pyarrow"):
+                results.add(batch)
     elapsed = time.perf_counter() - started
     results = read_results(config.output, config.format, ["path", "error_reason", "uncertain"])
     errors = Counter(reason for reason in results["error_reason"] if isinstance(reason, str) and reason)

@@ -60,7 +60,7 @@ def _run_train(args) -> int:
     from skin_ray.train import train
 
     config = _settings_from(args, TrainConfig)
-    init_ray(verbose=args.verbose)
+    init_ray(verbose=args.verbose, address=args.address)
     outcome = train(config)
     _result({"bundle": outcome.bundle_uri, **outcome.metrics["validation"]})
     return 0
@@ -80,7 +80,7 @@ def _run_ensemble(args) -> int:
     from skin_ray.ensemble import build_ensemble
     from skin_ray.runtime import init_ray
 
-    init_ray(verbose=args.verbose)
+    init_ray(verbose=args.verbose, address=args.address)
     metadata = build_ensemble(args.members, args.output, args.data, args.target_sensitivity)
     _result({"bundle": args.output, "model_version": metadata.model_version, **metadata.metrics["validation"]})
     return 0
@@ -99,7 +99,7 @@ def _run_fit_safeguards(args) -> int:
     from skin_ray.runtime import init_ray
     from skin_ray.train import add_safeguards
 
-    init_ray(verbose=args.verbose)
+    init_ray(verbose=args.verbose, address=args.address)
     metadata = add_safeguards(args.bundle, args.data)
     _result({"bundle": args.bundle, "input_gate": metadata.input_gate, "uncertainty": metadata.uncertainty})
     return 0
@@ -121,7 +121,7 @@ def _run_evaluate(args) -> int:
     from skin_ray.evaluate import evaluate
     from skin_ray.runtime import init_ray
 
-    init_ray(verbose=args.verbose)
+    init_ray(verbose=args.verbose, address=args.address)
     _result(evaluate(args.data, args.model, args.report, args.subset, args.split))
     return 0
 
@@ -236,7 +236,7 @@ def _run_classify(args) -> int:
 
     config = _settings_from(args, ClassifyConfig)
     check_output(config)  # before Ray starts: a mistake in the command costs no start-up
-    init_ray(verbose=args.verbose)
+    init_ray(verbose=args.verbose, address=args.address)
     _result(classify(config))
     return 0
 
@@ -251,6 +251,7 @@ def _add_serve(commands) -> None:
 
 
 def _run_serve(args) -> int:
+    import asyncio
     import signal
     import threading
 
@@ -262,26 +263,44 @@ def _run_serve(args) -> int:
     # Handlers first: the service answers (through HAProxy) before serve.run returns, and a stop asked for
     # while it starts must still drain rather than kill the process.
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    init_ray(verbose=args.verbose)
+
+    def stop_on_signals():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+
+    stop_on_signals()
+    started_ray = init_ray(verbose=args.verbose, address=args.address)
+    stop_on_signals()  # again: Ray's core worker installs a SIGTERM handler of its own that aborts the process
     from ray import serve
 
     from skin_ray.serve import app_builder
 
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
-        serve.run(app_builder(settings), name="skin-ray", route_prefix="/")
+        handle = serve.run(app_builder(settings), name="skin-ray", route_prefix="/")
     except RuntimeError as exc:  # a replica failed to start; Serve keeps its traceback in the replica's log
         serve.shutdown()
         raise StartupError(f"{exc} Why is in Ray's Serve logs (a local Ray: /tmp/ray/session_latest/logs/serve/)") from None
     print(f"skin-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     stop.wait()
-    print("shutting down: in-flight requests finish first", flush=True)
-    # Deleting the app drains its replicas (graceful_shutdown_timeout_s) while the ingress still routes to
-    # them, and leaves Serve itself to the cluster; a local Ray stops with this process.
-    serve.delete("skin-ray")
+    print(f"stopping: new requests get 503, those received finish (up to {settings.drain_timeout_s:g} s)", flush=True)
+    # A Ray of this command's own stops with the process, which refuses connections from then on. On a
+    # cluster the app is deleted instead (Serve itself stays).
+    unfinished = asyncio.run(_stop(handle, settings.drain_timeout_s, delete_app=not started_ray))
+    if unfinished:
+        print(f"{unfinished} requests did not finish within --drain-timeout-s", flush=True)
     return 0
+
+
+async def _stop(handle, drain_timeout_s: float, delete_app: bool) -> int:
+    """Drain the Ingress, then delete the app if asked; how many requests did not finish. In an event loop:
+    under Serve's throughput mode (which `skin-ray serve` turns on) a handle routes calls on the caller's loop."""
+    from ray import serve
+
+    unfinished = await handle.drain.remote(drain_timeout_s)
+    if delete_app:
+        serve.delete("skin-ray")  # blocks this loop, which has nothing else to do
+    return unfinished
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -308,14 +327,23 @@ COMMANDS = {
 }
 
 
+LOCAL_COMMANDS = ("predict", "explain")  # run in this process, without Ray
+
+
 class _Commands(argparse._SubParsersAction):
-    """Sub-commands that show their defaults in --help and accept --verbose."""
+    """Sub-commands that show their defaults in --help and accept --verbose (and --address when they use Ray)."""
 
     def add_parser(self, name, **kwargs):
         parser = super().add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
         parser.add_argument(
             "--verbose", action="store_true", help="also print Ray's, Ray Data's and TensorFlow's own logs"
         )
+        if name not in LOCAL_COMMANDS:
+            parser.add_argument(
+                "--address",
+                help="Ray cluster to run on (default: RAY_ADDRESS, else the cluster `ray start` made on this "
+                "machine, else a Ray of this command's own that stops with it)",
+            )
         return parser
 
 

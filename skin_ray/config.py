@@ -62,7 +62,8 @@ class ClassifyConfig:
     workers: int = _setting(2, "classifier actors; each loads the model once")
     cpus_per_actor: float = _setting(0.5, "fractional, so a Serve replica or a trainer elsewhere cannot starve the pool")
     max_file_mb: float = _setting(50.0, "files larger than this become error rows without being read")
-    rows_per_file: int = _setting(5000, "output file granularity: what an interruption can lose per writer")
+    rows_per_file: int = _setting(5000, "most rows in one output file")
+    flush_interval_s: float = _setting(10.0, "write the rows finished so far at least this often: what a killed job can lose")
     resume: bool = _setting(False, "skip files already present in the output's results")
     explain: str | None = _setting(
         None, "directory or s3:// prefix for a Grad-CAM overlay of every classified image, named in the `explanation` "
@@ -94,6 +95,17 @@ class ServeSettings(BaseModel):
     )
     max_upload_mb: float = Field(10.0, gt=0, description="largest request body accepted")
     max_batch_files: int = Field(16, ge=1, description="most files in one /predict/batch request")
+    upload_timeout_s: float = Field(
+        60.0, gt=0, description="longest a request body may take to arrive; a slower one is cut with 408"
+    )
+    max_concurrent_uploads: int = Field(
+        128, ge=1, description="request bodies in progress per Ingress replica beyond which each new one cuts the "
+        "slowest of them (408)",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on a stop or a redeploy, how long a replica goes on finishing the requests it "
+        "received (new ones get 503) before it is stopped",
+    )
 
 
 _SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside a checkout of this repository

@@ -38,23 +38,60 @@ def use_serve_fast_path() -> None:
         os.environ.setdefault(name, value)
 
 
-def init_ray(num_cpus: int | None = None, verbose: bool = True) -> None:
-    """Join the running cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or start a local Ray.
+def init_ray(num_cpus: int | None = None, verbose: bool = True, address: str | None = None) -> bool:
+    """Join the cluster a command was pointed at, or start a Ray of its own; True when it started one.
+
+    A cluster is joined only when named: `address` (the CLI's --address), RAY_ADDRESS (set by `ray job
+    submit`), or the cluster a `ray start` on this machine recorded. Otherwise the command starts a private
+    Ray that stops with it, and never joins the private Ray of another command (`address="auto"` would
+    attach to any Ray running here, so a `classify` would run inside a `serve`'s Ray and die with it).
 
     `verbose=False` keeps Ray's own logs and what its workers print (TensorFlow's start-up notices,
     per-process progress bars, collective-op chatter) in Ray's log files instead of this terminal; the
     workers' exceptions still reach the driver.
     """
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     use_serve_fast_path()
     logs = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
-    try:
-        ray.init(address="auto", **logs)
-        logger.info("connected to the running Ray cluster")
-    except ConnectionError:
-        ray.init(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **logs)
+    named = address or os.environ.get("RAY_ADDRESS")
+    if named:
+        try:
+            _probe(named)  # Ray itself retries an absent address for minutes
+            ray.init(address=named, **logs)
+        except (ConnectionError, OSError) as exc:
+            raise StartupError(f"no Ray cluster answers at {named} ({exc}); start it, or leave out --address and "
+                               "RAY_ADDRESS to run on a Ray of this command's own") from None
+        logger.info("joined the Ray cluster at %s", named)
+        return False
+    if recorded := _recorded_cluster():
+        try:
+            _probe(recorded)
+            ray.init(address=recorded, **logs)
+            logger.info("joined the Ray cluster `ray start` made at %s", recorded)
+            return False
+        except (ConnectionError, OSError):
+            logger.warning("the Ray cluster `ray start` recorded at %s is gone; starting one of this command's own", recorded)
+    ray.init(address="local", num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **logs)
+    logger.info("started a Ray of this command's own")
+    return True
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Raise OSError unless something accepts connections at a `host:port` address (others pass)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" not in address and host and port.isdigit():
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+
+
+def _recorded_cluster() -> str | None:
+    """The address `ray start` recorded on this machine (removed by `ray stop`), if any."""
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address()
 
 
 class StartupError(RuntimeError):

@@ -11,6 +11,7 @@ with Ray's own CLI: `serve run deployments/serve_config.yaml`.
 """
 
 import asyncio
+import contextlib
 import logging
 import urllib.request
 from collections import Counter
@@ -27,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
 
@@ -45,6 +47,10 @@ EXACT_BATCH_SIZES = 64  # the batch-size histogram's sum is exact up to this man
 
 class Overloaded(Exception):
     """More images are decoding or waiting for the model than the replica accepts."""
+
+
+class ModelUnavailable(Exception):
+    """The model replica died with the request and a second one did not answer either."""
 
 
 class Batcher:
@@ -166,19 +172,32 @@ class LoadedModel:
 
 
 class _RemoteModel:
-    """The SkinModel deployment behind the same two awaitables as LoadedModel (split layout)."""
+    """The SkinModel deployment behind the same awaitables as LoadedModel (split layout).
+
+    A call whose replica dies is made once more (a prediction has no side effects), which Serve routes to
+    a live replica or queues until the replacement starts; a second death is ModelUnavailable.
+    """
 
     def __init__(self, handle):
         self.handle = handle
 
     async def predict(self, pixels: np.ndarray) -> list[dict]:
-        return await self.handle.predict.remote(pixels)
+        return await self._call("predict", pixels)
 
     async def explain(self, pixels: np.ndarray) -> tuple[dict, np.ndarray | None]:
-        return await self.handle.explain.remote(pixels)
+        return await self._call("explain", pixels)
 
     async def metadata(self) -> dict:
-        return await self.handle.metadata.remote()
+        return await self._call("metadata")
+
+    async def _call(self, method: str, *args):
+        for attempt in range(2):
+            try:
+                return await getattr(self.handle, method).remote(*args)
+            except (RayActorError, ActorUnavailableError) as exc:
+                logger.warning("SkinModel replica lost during %s (%s); %s", method, type(exc).__name__,
+                               "trying once more" if attempt == 0 else "giving up")
+        raise ModelUnavailable("the model replica restarted while predicting; retry shortly")
 
 
 # Fractional CPUs: on a small machine a replica must not hold a whole CPU that training or a Ray Data job
@@ -277,51 +296,157 @@ ONE_IMAGE_ERRORS = {
 }
 
 
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A failure nobody foresaw is still the service's fault, not the caller's: JSON 503, retry."""
+    logger.exception("unexpected failure answering %s", request.url.path)
+    return JSONResponse(
+        status_code=503, content={"detail": f"internal failure ({type(exc).__name__}); retry shortly"},
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     fields = ", ".join(sorted({repr(".".join(map(str, error["loc"][1:]))) for error in exc.errors()}))
     return JSONResponse(status_code=422, content={"detail": f"no file: send the image(s) as multipart field {fields}"})
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over the limit, judged by Content-Length before anything is read and
-    by counting as chunks arrive when the length is not declared, so an oversize upload is never buffered.
+class RequestGuard:
+    """What every HTTP request passes before the app: refusal while the replica drains, a count of requests
+    in flight (what a drain waits for), and bounds on what an upload may hold.
 
-    On overflow it answers 413 itself and tells the app the client left, dropping whatever the app still
-    sends (FastAPI would turn an exception raised here into a 400)."""
+    An upload is refused with 413 past `max_bytes` (by Content-Length before anything is read, else by
+    counting as chunks arrive, so it is never buffered), and cut with 408 when its body has not arrived
+    within `timeout_s`. Beyond `max_uploads` bodies in progress, each new upload cuts the slowest (bytes so
+    far over age) of those older than GRACE_S that wait for their client, so a client sending a byte a
+    second loses its place to any client sending at network speed, and slow senders do not pile up in the
+    replica's request slots (`max_ongoing_requests`) that normal clients need. The new upload is admitted
+    either way: refusing it would hand the slots to whoever holds them.
+    """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    # An upload at network speed is over long before this; a younger one cannot be judged by its rate yet.
+    GRACE_S = 0.25
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+    def __init__(self, max_bytes: int, timeout_s: float, max_uploads: int):
+        self.max_bytes, self.timeout_s, self.max_uploads = max_bytes, timeout_s, max_uploads
+        self.draining = False
+        self.in_flight = 0
+        self._uploads: set[_Upload] = set()
+        self._idle = asyncio.Event()
+
+    def middleware(self, app):
+        """The ASGI app Starlette puts in front of `app` (`FastAPI.add_middleware(guard.middleware)`)."""
+
+        async def guarded(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            if self.draining:
+                return await _refuse(send, 503, "the service is shutting down; retry shortly", closing=True)
+            self.in_flight += 1
+            self._idle.clear()
+            try:
+                await self._admit(app, scope, receive, send)
+            finally:
+                self.in_flight -= 1
+                if not self.in_flight:
+                    self._idle.set()
+
+        return guarded
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests, wait up to `timeout_s` for those in flight; return how many did not finish."""
+        self.draining = True
+        if self.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self.in_flight
+
+    async def _admit(self, app, scope, receive, send):
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
-        received = 0
+            return await _refuse(send, 413, f"request body is larger than {self.max_bytes:,} bytes")
+        if declared in (None, b"0") and b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await app(scope, receive, send)  # no body to bound
+        if len(self._uploads) >= self.max_uploads:
+            self._cut_slowest()
+        upload = _Upload(asyncio.get_running_loop().time())
+        self._uploads.add(upload)
         refused = False
 
-        async def counting_receive():
-            nonlocal received, refused
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes and not refused:
+        async def bounded_receive():
+            nonlocal refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message, refusal = await upload.receive(receive, self.timeout_s)
+            if refusal is None and upload.received > self.max_bytes:
+                refusal = (413, f"request body is larger than {self.max_bytes:,} bytes")
+            if refusal is not None:
                 refused = True
-                await self._refuse(send)
-            return {"type": "http.disconnect"} if refused else message
+                self._uploads.discard(upload)
+                await _refuse(send, *refusal, closing=True)
+                return {"type": "http.disconnect"}  # the app stops reading; what it still sends is dropped
+            if not message.get("more_body"):
+                self._uploads.discard(upload)
+            return message
 
         async def guarded_send(message):
             if not refused:
                 await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        try:
+            await app(scope, bounded_receive, guarded_send)
+        finally:
+            self._uploads.discard(upload)
 
-    async def _refuse(self, send):
-        response = JSONResponse(
-            status_code=413, content={"detail": f"request body is larger than {self.max_bytes:,} bytes"}
-        )
-        await response({"type": "http"}, None, send)
+    def _cut_slowest(self) -> None:
+        """Cut the slowest upload old enough to judge that waits for its client, if any (one whose body the
+        app has not asked for yet is not slow, only not read yet: `received` counts what the app read)."""
+        now = asyncio.get_running_loop().time()
+        judged = [upload for upload in self._uploads if upload.waiting and now - upload.started >= self.GRACE_S]
+        if judged:
+            slowest = min(judged, key=lambda upload: upload.received / (now - upload.started))
+            slowest.cut.set()
+            self._uploads.discard(slowest)
+
+
+class _Upload:
+    """One request body in progress: when it started, how much arrived, whether the app is waiting for the
+    client's next bytes, and whether it lost its place."""
+
+    def __init__(self, started: float):
+        self.started, self.received, self.waiting, self.cut = started, 0, False, asyncio.Event()
+
+    async def receive(self, receive, timeout_s: float) -> tuple[dict | None, tuple[int, str] | None]:
+        """The next message, or why the upload ends here: (408, reason) past its deadline or when cut."""
+        left = self.started + timeout_s - asyncio.get_running_loop().time()
+        message = asyncio.ensure_future(receive())
+        cut = asyncio.ensure_future(self.cut.wait())
+        self.waiting = True
+        done, _ = await asyncio.wait({message, cut}, timeout=max(left, 0), return_when=asyncio.FIRST_COMPLETED)
+        self.waiting = False
+        cut.cancel()
+        if message not in done or self.cut.is_set():
+            message.cancel()
+            if self.cut.is_set():
+                return None, (408, "upload too slow: other uploads were waiting and this one was the slowest")
+            return None, (408, f"upload too slow: the body did not arrive within {timeout_s:g} s")
+        received = message.result()
+        self.received += len(received.get("body", b""))
+        return received, None
+
+
+RETRY_AFTER_S = 1  # what a 503 tells clients to wait: overload and restarts clear within seconds
+
+
+async def _refuse(send, status: int, detail: str, closing: bool = False) -> None:
+    """Answer an ASGI request with `{"detail": ...}` straight from a middleware."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
+    if closing:
+        headers["Connection"] = "close"
+    response = JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
+    await response({"type": "http"}, None, send)
 
 
 def _declared_type_error(upload: UploadFile) -> str | None:
@@ -334,7 +459,8 @@ def _declared_type_error(upload: UploadFile) -> str | None:
 def _response(result: dict) -> JSONResponse:
     """A record as 200, an error dict from Ingress._classify as its status with `detail`."""
     if "status" in result:
-        return JSONResponse(status_code=result["status"], content={"detail": result["error"]})
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if result["status"] == 503 else None
+        return JSONResponse(status_code=result["status"], content={"detail": result["error"]}, headers=headers)
     return JSONResponse(result)
 
 
@@ -374,9 +500,17 @@ class Ingress:
         self.decode_errors = metrics.Counter(
             "skin_ray_decode_errors", description="undecodable uploads by reason", tag_keys=("reason",)
         )
-        app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_upload_mb * 2**20))
+        self.guard = RequestGuard(
+            int(settings.max_upload_mb * 2**20), settings.upload_timeout_s, settings.max_concurrent_uploads
+        )
+        app.add_middleware(self.guard.middleware)
         self.page = PAGE.read_text()
         self.metrics_url = _node_metrics_url()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Answer new requests 503 from now on and wait up to `timeout_s` for those in flight; returns how many
+        were still unfinished. `skin-ray serve` calls it before it stops (its app has one Ingress replica)."""
+        return await self.guard.drain(timeout_s)
 
     def reconfigure(self, user_config: dict) -> None:
         """`user_config` on Ingress changes batching (`max_batch_size`, `batch_wait_timeout_s`) and, in the fused
@@ -412,6 +546,8 @@ class Ingress:
             return {"filename": upload.filename, "error": str(exc), "status": 400}
         except (Overloaded, BackPressureError):
             return {"filename": upload.filename, "error": "the model is overloaded; retry shortly", "status": 503}
+        except ModelUnavailable as exc:
+            return {"filename": upload.filename, "error": str(exc), "status": 503}
         self.predictions.inc(tags={"label": result["label"] or "withheld", "uncertain": str(bool(result["uncertain"])).lower()})
         return result
 
@@ -493,7 +629,11 @@ class Ingress:
 
 def app_builder(args: ServeSettings) -> serve.Application:
     """The application in the chosen layout. Entry point for `serve run` and `serve deploy`
-    (`import_path: skin_ray.serve:app_builder`); the YAML's deployment options override the defaults above."""
+    (`import_path: skin_ray.serve:app_builder`); the YAML's deployment options override the defaults above.
+
+    A replica that Serve stops (a redeploy, a scale-down, a deleted app) finishes its requests for up to
+    `drain_timeout_s` first."""
+    drained = {"graceful_shutdown_timeout_s": args.drain_timeout_s}
     if args.layout == "split":
-        return Ingress.bind(args, SkinModel.bind(args.model))
-    return Ingress.bind(args)
+        return Ingress.options(**drained).bind(args, SkinModel.options(**drained).bind(args.model))
+    return Ingress.options(**drained).bind(args)

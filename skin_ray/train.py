@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
@@ -105,6 +106,7 @@ def train(config: TrainConfig) -> TrainOutcome:
     )
     with epoch_lines:
         result = trainer.fit()
+    _remove_unrecorded_checkpoints(result)
     with result.checkpoint.as_directory() as latest:
         history = json.loads(Path(latest, STATE_FILE).read_text())["history"]
     best = result.get_best_checkpoint(metric="val_auc", mode="max")
@@ -113,6 +115,22 @@ def train(config: TrainConfig) -> TrainOutcome:
     metadata, gate = finalize_bundle(model, config, split, history)
     save_bundle(model, metadata, config.output, split.train_digests, gate)
     return TrainOutcome(config.output, metadata.metrics, history)
+
+
+def _remove_unrecorded_checkpoints(result: ray.train.Result) -> None:
+    """Delete the run's checkpoint directories that Ray Train never recorded.
+
+    Ray Train records a reported checkpoint when its controller next polls the workers (every 2 s,
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker killed in between leaves the epoch's checkpoint written
+    but unrecorded: the restarted workers resume from the one before and rerun that epoch (waiting for the
+    record before the next epoch would not close the window; the record still waits for the poll), and
+    nothing would ever delete the orphan.
+    """
+    recorded = {checkpoint.path for checkpoint, _ in result.best_checkpoints} | {result.checkpoint.path}
+    for entry in result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path)):
+        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_") and entry.path not in recorded:
+            logger.info("removing %s: a killed worker wrote it before Ray Train recorded it", entry.path)
+            result.filesystem.delete_dir(entry.path)
 
 
 class EpochLines:

@@ -28,6 +28,29 @@ needs_real_data = pytest.mark.skipif(
 )
 
 
+async def steady_load(url: str, data: bytes, clients: int, until, answers: list) -> list:
+    """`clients` clients posting `data` to /predict back to back until `until()` is true; appends (sent at,
+    status or the transport error's name, response) per request to `answers` as they come, and returns it."""
+    import asyncio
+    import time
+
+    import httpx
+
+    async def one_client(http):
+        while not until():
+            sent = time.monotonic()
+            try:
+                response = await http.post("/predict", files={"file": ("x.jpg", data, "image/jpeg")})
+                answers.append((sent, response.status_code, response))
+            except httpx.TransportError as exc:
+                answers.append((sent, type(exc).__name__, None))
+                await asyncio.sleep(0.1)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        await asyncio.gather(*(one_client(http) for _ in range(clients)))
+    return answers
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -163,14 +163,20 @@ def _classifier_actors(ray_session) -> list:
     return [a for a in alive if "Classifier" in a.class_name]
 
 
-def test_a_killed_classifier_actor_loses_no_rows(ray_session, untrained_bundle, tmp_path):
-    source = tmp_path / "many"
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """480 lesion photos in 4 folders: a job that runs for a while."""
+    source = tmp_path_factory.mktemp("many")
     rng = np.random.default_rng(13)
     for i in range(480):
         folder = source / f"part_{i % 4}"
         folder.mkdir(parents=True, exist_ok=True)
         lesion_image(("Cancer", "Non_Cancer")[i % 2], rng, size=200).save(folder / f"{i:04d}.jpg")
-    config = _config(source, tmp_path / "out", untrained_bundle, batch_size=4)
+    return source
+
+
+def test_a_killed_classifier_actor_loses_no_rows(ray_session, many_images, untrained_bundle, tmp_path):
+    config = _config(many_images, tmp_path / "out", untrained_bundle, batch_size=4)
     outcome: list = []
     job = threading.Thread(target=lambda: outcome.append(classify(config)), daemon=True)
     job.start()
@@ -185,6 +191,28 @@ def test_a_killed_classifier_actor_loses_no_rows(ray_session, untrained_bundle, 
     assert outcome[0]["rows"] == outcome[0]["files"] == 480
     results = read_results(str(tmp_path / "out"), "parquet")
     assert results["path"].is_unique and results["error"].isna().all()
+
+
+def test_a_killed_job_keeps_what_it_finished_and_resume_completes_it(ray_session, many_images, untrained_bundle, tmp_path):
+    """The driver killed outright (SIGKILL, no clean-up) mid-job: the rows of every interval it finished are on
+    disk, although fewer than --rows-per-file, and `--resume` classifies exactly the files that are not."""
+    output = tmp_path / "out"
+    command = ["skin-ray", "classify", str(many_images), "--output", str(output), "--model", str(untrained_bundle),
+               "--batch-size", "4", "--flush-interval-s", "0.5"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(output.glob("*.parquet")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.kill()
+    assert job.wait(timeout=60) == -signal.SIGKILL, "the job ended before the kill: nothing was tested"
+    kept = read_results(str(output), "parquet")
+    assert 0 < len(kept) < 480 and kept["path"].is_unique
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["this_run"] == 480 - len(kept)
+    results = read_results(str(output), "parquet")
+    assert len(results) == 480 and results["path"].is_unique
 
 
 def test_ray_job_submit(ray_context, mixed_tree, untrained_bundle, tmp_path):

@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, steady_load
 from images import encode, lesion_image
 from PIL import Image
 from ray import serve
@@ -328,3 +328,146 @@ def test_reconfigure_swaps_the_model_without_downtime(service, client, untrained
         assert codes and set(codes) == {200}, codes
     finally:
         serve.delete("swap")
+
+
+def test_a_redeploy_under_load_loses_no_request(service, untrained_bundle, jpeg):
+    """`serve deploy` of changed settings replaces every replica while 8 clients keep asking: the old replicas
+    finish what they received (drain_timeout_s), the new ones take the rest; every answer is a 200."""
+    before = ServeSettings(model=str(untrained_bundle), layout="split", max_batch_size=8)
+    serve.run(app_builder(before), name="redeploy", route_prefix="/redeploy")
+    redeployed = []
+
+    async def load_while_redeploying():
+        def redeploy():
+            serve.run(app_builder(before.model_copy(update={"max_batch_size": 4})), name="redeploy", route_prefix="/redeploy")
+            redeployed.append(time.monotonic())
+
+        loading = asyncio.ensure_future(
+            steady_load(f"{service}/redeploy", jpeg, 8, lambda: redeployed and time.monotonic() > redeployed[0] + 3, [])
+        )
+        await asyncio.sleep(2)
+        await asyncio.to_thread(redeploy)
+        return await loading
+
+    try:
+        answers = asyncio.run(load_while_redeploying())
+        assert {status for _, status, _ in answers} == {200}, [status for _, status, _ in answers if status != 200]
+        assert any(sent > redeployed[0] for sent, _, _ in answers)
+    finally:
+        serve.delete("redeploy")
+
+
+def _replica_pid(app: str, deployment: str) -> int:
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("state", "=", "ALIVE")])
+    return next(actor.pid for actor in alive if actor.class_name == f"ServeReplica:{app}:{deployment}")
+
+
+@pytest.mark.parametrize("victim", ["SkinModel", "Ingress"])
+def test_a_replica_killed_under_load_never_answers_500(service, untrained_bundle, jpeg, victim):
+    """SIGKILL of a replica while 16 clients ask. SkinModel: the Ingress asks once more, which Serve routes to
+    the replacement, so every answer is a 200 (or a JSON 503 with Retry-After). Ingress: the requests inside the
+    killed process are lost with it; HAProxy closes their connections without an answer (a client may retry:
+    a prediction is idempotent), never a 500; the replacement answers everything after."""
+    import os
+    import signal
+
+    serve.run(app_builder(ServeSettings(model=str(untrained_bundle), layout="split")), name="faults", route_prefix="/faults")
+    url = f"{service}/faults"
+    killed = []
+
+    async def load_with_a_kill():
+        def recovered():  # the replacement answered a request sent after the kill
+            return any(sent > killed[0] + 1 and status == 200 for sent, status, _ in answers) if killed else False
+
+        loading = asyncio.ensure_future(steady_load(url, jpeg, 16, lambda: recovered() or time.monotonic() > deadline, answers))
+        await asyncio.sleep(3)
+        os.kill(_replica_pid("faults", victim), signal.SIGKILL)
+        killed.append(time.monotonic())
+        return await loading
+
+    answers: list = []
+    deadline = time.monotonic() + 120
+    try:
+        asyncio.run(load_with_a_kill())
+        statuses = [status for _, status, _ in answers]
+        assert 500 not in statuses and 200 in statuses
+        for _, status, response in answers:
+            if status == 503:
+                assert response.headers["retry-after"] and response.json()["detail"]
+        lost = [status for status in statuses if isinstance(status, str)]
+        assert len(lost) <= (16 if victim == "Ingress" else 0), lost
+        assert set(statuses) <= {200, 503, *lost}
+        assert any(sent > killed[0] + 1 and status == 200 for sent, status, _ in answers), "never recovered"
+    finally:
+        serve.delete("faults")
+
+
+def _post_retrying_503(http: httpx.Client, data: bytes, retries: int = 3) -> httpx.Response:
+    for _ in range(retries):
+        response = _post(http, data)
+        if response.status_code != 503:
+            return response
+        time.sleep(float(response.headers["retry-after"]))
+    return _post(http, data)
+
+
+def test_slow_uploads_are_cut_and_normal_clients_keep_their_answers(service, untrained_bundle, jpeg):
+    """300 clients that send an upload's headers and then a byte a second (slowloris), against an app allowing
+    a 3 s upload and 128 uploads in progress: normal clients meanwhile get every answer (retrying a 503 after its
+    Retry-After, as HTTP clients do); each slow upload is
+    answered 408 (too slow, or cut for a faster one), none stays open past its deadline."""
+    import socket
+    import threading
+
+    serve.run(app_builder(ServeSettings(model=str(untrained_bundle), upload_timeout_s=3)), name="slow", route_prefix="/slow")
+    host, port = service.removeprefix("http://").split(":")
+    head = (
+        "POST /slow/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        "Content-Length: 100000\r\n\r\n--b\r\n"
+    ).encode()
+    slow = []
+    for _ in range(300):
+        connection = socket.create_connection((host, int(port)), timeout=10)
+        connection.sendall(head)
+        slow.append(connection)
+    answered: dict[int, bytes] = {}
+    done = threading.Event()
+
+    def trickle():  # a byte a second on every connection not yet answered
+        while not done.is_set():
+            for i, connection in enumerate(slow):
+                if i not in answered:
+                    try:
+                        connection.sendall(b"x")
+                    except OSError:
+                        pass
+            done.wait(1)
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        with httpx.Client(base_url=f"{service}/slow", timeout=60) as http:
+            # A client as HTTP has them: a 503 is retried after its Retry-After, at most 3 times.
+            responses = [_post_retrying_503(http, jpeg) for _ in range(20)]
+        assert [response.status_code for response in responses] == [200] * 20, [r.text for r in responses if r.status_code != 200]
+        deadline = time.monotonic() + 3 + 10  # the upload timeout, and time for 300 answers
+        while len(answered) < len(slow) and time.monotonic() < deadline:
+            for i, connection in enumerate(slow):
+                if i not in answered:
+                    connection.settimeout(0.01)
+                    try:
+                        answered[i] = connection.recv(64)
+                    except TimeoutError:
+                        pass
+                    except OSError as exc:
+                        answered[i] = repr(exc).encode()
+        statuses = sorted({answer.split(b" ")[1] if answer.startswith(b"HTTP/1.1 ") else answer for answer in answered.values()})
+        assert len(answered) == len(slow), f"{len(slow) - len(answered)} slow uploads still open"
+        assert statuses == [b"408"], statuses
+    finally:
+        done.set()
+        for connection in slow:
+            connection.close()
+        serve.delete("slow")

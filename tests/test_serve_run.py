@@ -1,8 +1,10 @@
 """The service started as users start it: Ray's `serve run` on our YAML, `skin-ray serve`, and the page
-driven in a real headless Chromium. The subprocesses join the session's Ray through RAY_ADDRESS."""
+driven in a real headless Chromium. Most subprocesses join the session's Ray through RAY_ADDRESS; the stop
+and side-by-side tests start commands on Rays of their own, as a user in a fresh terminal does."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,8 +16,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import free_port
-from images import documents, encode, round_lesion_photo
+from conftest import free_port, steady_load
+from images import documents, encode, lesion_image, round_lesion_photo
 from ray import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +74,99 @@ def test_serve_run_with_the_shipped_config(ray_session, tmp_path):
         assert response.json()["label"] in ("Cancer", "Non_Cancer")
     finally:
         _stop(process)
+
+
+def _own_ray_environment() -> dict:
+    """The environment of a command a user starts in a fresh terminal: no cluster named, so its own Ray."""
+    return {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+
+
+@pytest.fixture
+def no_serve_in_session_ray():
+    """A Serve of the tests' own Ray would hold HAProxy's fixed ports (9101, 8404) that another Serve needs."""
+    import ray
+
+    if ray.is_initialized():
+        serve.shutdown()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_lets_every_received_request_finish(no_serve_in_session_ray, signum):
+    """`skin-ray serve` on its own Ray under 8 steady clients gets SIGINT (Ctrl-C) or SIGTERM (a pod stop):
+    every request sent before the signal gets its real answer, later ones a JSON 503 with Retry-After or a
+    refused connection, never a 404 or a 500, and the process exits 0."""
+    import asyncio
+
+    port = free_port()
+    process = subprocess.Popen(
+        ["skin-ray", "serve", "--port", str(port)], env=_own_ray_environment(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    answers: list = []
+    signalled = []
+
+    async def load_and_stop():
+        loading = asyncio.ensure_future(steady_load(url, round_lesion_photo(), 8, lambda: process.poll() is not None, answers))
+        await asyncio.sleep(3)
+        signalled.append(time.monotonic())
+        process.send_signal(signum)
+        await loading
+
+    try:
+        _wait_healthy(url, process)
+        asyncio.run(asyncio.wait_for(load_and_stop(), 120))
+        assert process.wait(timeout=60) == 0, process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    before = [status for sent, status, _ in answers if sent < signalled[0]]
+    assert before and set(before) == {200}, before
+    for sent, status, response in answers:
+        if sent >= signalled[0] and status == 503:
+            assert response.json()["detail"] and response.headers["retry-after"]
+        elif sent >= signalled[0]:
+            assert status == 200 or isinstance(status, str), status  # answered, or the connection was refused
+    assert "stopping" in process.stdout.read()
+
+
+def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_session_ray, untrained_bundle, tmp_path):
+    """`skin-ray serve` and `skin-ray classify` started in two terminals: each starts its own Ray rather than
+    joining the other's, so stopping the service mid-job leaves the job running to its last row."""
+    rng = np.random.default_rng(21)
+    source = tmp_path / "photos"
+    source.mkdir()
+    for i in range(600):
+        (source / f"{i:03d}.jpg").write_bytes(encode(lesion_image(("Cancer", "Non_Cancer")[i % 2], rng, size=100), "JPEG"))
+    port = free_port()
+    service = subprocess.Popen(
+        ["skin-ray", "serve", "--port", str(port), "--model", str(untrained_bundle)], env=_own_ray_environment(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    job = None
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", service)
+        output = tmp_path / "results"
+        job = subprocess.Popen(
+            ["skin-ray", "classify", str(source), "--output", str(output), "--model", str(untrained_bundle),
+             "--flush-interval-s", "0.5", "--verbose"],
+            env=_own_ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 240
+        while not list(output.glob("*.parquet")) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=120) == 0, service.stdout.read()
+        assert job.poll() is None, "the job ended before the service stopped: nothing was tested"
+        stdout, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, stderr[-3000:]
+        assert "started a Ray of this command's own" in stderr
+        summary = json.loads(stdout)
+        assert summary["rows"] == summary["files"] == summary["classified"] == 600
+    finally:
+        for process in (service, job):
+            if process is not None and process.poll() is None:
+                process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -172,4 +267,4 @@ def test_ctrl_c_stops_the_service_cleanly(cli_service):
     url, process = cli_service
     assert httpx.get(f"{url}/healthz").status_code == 200
     assert _stop(process) == 0
-    assert "shutting down" in process.stdout.read()
+    assert "stopping" in process.stdout.read()

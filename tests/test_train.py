@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -81,6 +82,10 @@ def test_resumes_from_checkpoint_after_a_worker_is_killed(ray_session, lesion_tr
     while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert snapshot.exists(), "no checkpoint was registered"
+    # Kill the moment the next epoch's checkpoint is written, before the controller's poll records it.
+    recorded = set(re.findall(r"checkpoint_[0-9-_.]+", snapshot.read_text()))
+    while not _checkpoint_dirs(snapshot.parent) - recorded and time.monotonic() < deadline:
+        time.sleep(0.02)
     victim = _alive_train_workers()[-1]
     os.kill(victim.pid, signal.SIGKILL)
     run.join(timeout=480)
@@ -92,6 +97,12 @@ def test_resumes_from_checkpoint_after_a_worker_is_killed(ray_session, lesion_tr
     assert history[-1]["resumed_from_epoch"] >= 1
     assert history[0]["resumed_from_epoch"] == 0
     assert all(row["replica_weight_divergence"] == 0.0 for row in history)
+    # The checkpoint written just before the kill was never recorded; it is gone rather than orphaned.
+    assert _checkpoint_dirs(snapshot.parent) <= set(re.findall(r"checkpoint_[0-9-_.]+", snapshot.read_text()))
+
+
+def _checkpoint_dirs(run: Path) -> set[str]:
+    return {path.name for path in run.glob("checkpoint_*") if path.is_dir()}
 
 
 def test_fails_fast_when_another_actor_holds_the_cpus(ray_session, lesion_tree, tmp_path):
