@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -37,8 +36,7 @@ REAL_DATA = Locations.from_environment().data
 def source_images(scratch: Path) -> list[Path]:
     if REAL_DATA.is_dir():
         return sorted(REAL_DATA.glob("*/*.jpg"))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from images import lesion_image
+    from skin_ray.testing import lesion_image
 
     rng = np.random.default_rng(0)
     (scratch / "generated").mkdir()

@@ -17,22 +17,18 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+from robustness import CONDITIONS  # noqa: E402  (this script's folder is on the path)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness import CONDITIONS  # noqa: E402  (also puts tests/ on the path)
-
-from images import documents, encode, noise_and_flat, sample_photographs  # noqa: E402
 from skin_ray import storage  # noqa: E402
 from skin_ray.config import Locations  # noqa: E402
 from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import preprocess_image  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
+from skin_ray.testing import documents, encode, noise_and_flat, sample_photographs  # noqa: E402
 
 
 def blurred(image: Image.Image) -> Image.Image:

@@ -21,8 +21,6 @@ import functools
 import io
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -36,9 +34,7 @@ from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import preprocess_image  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from images import encode  # noqa: E402
+from skin_ray.testing import encode  # noqa: E402
 
 PHOTO_SIZE = (1600, 1200)
 LESION_FRACTION = 0.4
@@ -56,7 +52,9 @@ def wider_field(image: Image.Image) -> Image.Image:
     # A soft-edged mask, so the model does not see the pasted square's outline.
     mask = Image.new("L", (side, side), 0)
     ImageDraw.Draw(mask).rectangle([side // 10, side // 10, side - side // 10, side - side // 10], fill=255)
-    photo.paste(lesion, ((PHOTO_SIZE[0] - side) // 2, (PHOTO_SIZE[1] - side) // 2), mask.filter(ImageFilter.GaussianBlur(side / 20)))
+    photo.paste(
+        lesion, ((PHOTO_SIZE[0] - side) // 2, (PHOTO_SIZE[1] - side) // 2), mask.filter(ImageFilter.GaussianBlur(side / 20))
+    )
     return photo
 
 

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from skin_ray.config import Locations  # noqa: E402
+from skin_ray.testing import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = Locations.from_environment().peers
@@ -43,12 +43,6 @@ IMAGES = Locations.from_environment().data / "Cancer"  # the folder the peers me
 LOADGEN = PEERS / "loadgen.py"
 SHIPPED = "skin-ray serve (shipped: fused, HAProxy)"
 NO_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ceilings(model: str | None, images: list[bytes], batch_size: int = 32) -> dict:
@@ -269,7 +263,9 @@ def run_peers(args, workdir: Path) -> dict:
     command, env = servers(args.model, workdir)[SHIPPED]
     with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
         rows[SHIPPED] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
-    best = max((name for name in rows if not name.startswith("skin-ray")), key=lambda name: rows[name][args.concurrency[-1]]["rps"])
+    best = max(
+        (name for name in rows if not name.startswith("skin-ray")), key=lambda name: rows[name][args.concurrency[-1]]["rps"]
+    )
     print(table(rows, args.concurrency, rows[best][args.concurrency[-1]]["rps"], f"best peer ({best})"))
     return {"servers": rows, "best_peer": best}
 

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,16 +27,18 @@ import numpy as np
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from skin_ray.config import Locations  # noqa: E402
+from skin_ray.testing import wait_healthy  # noqa: E402
 
-HEAD = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+HEAD = (
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+)
 
 
 def _images() -> list[bytes]:
     folder = Locations.from_environment().data / "Cancer"
     if folder.is_dir():
         return [path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:64]]
-    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "tests")))
-    from images import encode, lesion_image
+    from skin_ray.testing import encode, lesion_image
 
     rng = np.random.default_rng(0)
     return [encode(lesion_image("Cancer", rng), "JPEG") for _ in range(64)]
@@ -51,7 +52,9 @@ async def _latencies(url: str, images: list[bytes], clients: int, seconds: float
         i = offset
         while time.monotonic() < deadline:
             started = time.monotonic()
-            while (response := await http.post("/predict", files={"file": ("x.jpg", images[i % len(images)], "image/jpeg")})).status_code == 503:
+            while (
+                response := await http.post("/predict", files={"file": ("x.jpg", images[i % len(images)], "image/jpeg")})
+            ).status_code == 503:
                 refused.append(1)
                 await asyncio.sleep(float(response.headers["retry-after"]))  # as HTTP clients do
             response.raise_for_status()
@@ -115,13 +118,7 @@ def main() -> None:
     server = subprocess.Popen(["skin-ray", "serve", "--port", str(port)], env=environment, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_healthy(url)
         images = _images()
         refused = {"unloaded": [], "loaded": []}
         asyncio.run(_latencies(url, images, args.clients, 3, []))  # warm-up
@@ -130,8 +127,10 @@ def main() -> None:
             loaded = asyncio.run(_latencies(url, images, args.clients, args.seconds, refused["loaded"]))
         figures = {
             name: {
-                "answers": len(values), "503_retried": len(refused[key]),
-                "p50_ms": round(1000 * float(np.percentile(values, 50)), 1), "p95_ms": round(1000 * float(np.percentile(values, 95)), 1),
+                "answers": len(values),
+                "503_retried": len(refused[key]),
+                "p50_ms": round(1000 * float(np.percentile(values, 50)), 1),
+                "p95_ms": round(1000 * float(np.percentile(values, 95)), 1),
             }
             for name, key, values in (("unloaded", "unloaded", unloaded), (f"{args.slow} slow clients", "loaded", loaded))
         }

@@ -3,7 +3,8 @@
     python benchmarks/train_overhead.py [--images 640] [--epochs 3]
 
 Both runs train the `default` architecture with the same augmentation and global batch size on the same
-training split of the same images (real ISIC images when ../shared/datasets/skin_isic exists, generated ones otherwise), one after the
+training split of the same images (real ISIC images when ../shared/datasets/skin_isic exists, generated ones
+otherwise), one after the
 other in this script. The first epoch of each (tracing, worker start-up) is excluded. Prints one JSON line.
 """
 
@@ -13,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +34,7 @@ def make_subset(root: Path, per_class: int) -> Path:
             for source in sorted((REAL_DATA / name).glob("*.jpg"))[:per_class]:
                 (root / name / source.name).symlink_to(source)
         return root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from images import write_lesion_tree
+    from skin_ray.testing import write_lesion_tree
 
     return write_lesion_tree(root, per_class)
 

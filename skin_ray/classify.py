@@ -79,7 +79,7 @@ class Classifier:
         cancer = np.array([records[i]["label"] == self.predictor.metadata.positive_class for i in labelled], dtype=bool)
         heatmaps = self.predictor.explainer.heatmaps(batch["image"][labelled], cancer) if labelled else []
         overlays = [None] * len(records)
-        for i, heatmap in zip(labelled, heatmaps):
+        for i, heatmap in zip(labelled, heatmaps, strict=True):
             png, _ = overlay_png(storage.read_bytes(batch["path"][i]), heatmap)
             overlays[i] = storage.join(self.explain, f"{batch['sha256'][i][:20]}.gradcam.png")  # named by content
             storage.write_bytes(overlays[i], png)
@@ -111,7 +111,9 @@ def read_results(output: str, fmt: str, columns: list[str] | None = None):
 
 def build_pipeline(paths: list[str], config: ClassifyConfig) -> ray.data.Dataset:
     max_bytes = int(config.max_file_mb * 2**20)
-    files = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // config.batch_size, 1000)))
+    files = ray.data.from_items(
+        [{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // config.batch_size, 1000))
+    )
     files.set_name("classify")  # what its progress line is called
     return (
         files.map_batches(load_images, batch_size=config.batch_size, fn_kwargs={"max_bytes": max_bytes}, num_cpus=0.5)
@@ -181,7 +183,9 @@ def classify(config: ClassifyConfig) -> dict:
     files = storage.list_files(config.source, IMAGE_SUFFIXES)
     done = set(read_results(config.output, config.format, ["path"])["path"])
     todo = [p for p in files if p not in done]
-    logger.info("%d image files in %s, %d already classified, %d to do", len(files), config.source, len(files) - len(todo), len(todo))
+    logger.info(
+        "%d image files in %s, %d already classified, %d to do", len(files), config.source, len(files) - len(todo), len(todo)
+    )
     if todo:
         with ResultFiles(config) as results:
             for batch in build_pipeline(todo, config).iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -73,7 +73,9 @@ def _add_ensemble(commands) -> None:
     parser.add_argument("members", nargs="+", help="two or more bundles (directories or s3:// prefixes)")
     parser.add_argument("--output", required=True, help="where to write the ensemble bundle")
     parser.add_argument("--data", help="the members' labelled image tree, if it moved since they were trained")
-    parser.add_argument("--target-sensitivity", type=float, default=TARGET_SENSITIVITY, help="Cancer sensitivity the threshold must keep")
+    parser.add_argument(
+        "--target-sensitivity", type=float, default=TARGET_SENSITIVITY, help="Cancer sensitivity the threshold must keep"
+    )
 
 
 def _run_ensemble(args) -> int:
@@ -136,7 +138,9 @@ def _add_predict(commands) -> None:
 
 
 def _add_images(parser) -> None:
-    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively); local or s3:// (a prefix ends in /)")
+    parser.add_argument(
+        "images", nargs="+", help="image files or folders (searched recursively); local or s3:// (a prefix ends in /)"
+    )
     parser.add_argument("--model", help="bundle directory or s3:// prefix (default: the shipped model)")
 
 
@@ -172,7 +176,7 @@ def _run_predict(args) -> int:
     for start in range(0, len(paths), chunk):
         batch = load_images({"path": np.array(paths[start : start + chunk], dtype=object)})
         failed += int((batch["error"] != "").sum())  # refused by the input gate is an answer, not a failure
-        for path, record in zip(batch["path"], predictor.records(batch["image"], batch["error"])):
+        for path, record in zip(batch["path"], predictor.records(batch["image"], batch["error"]), strict=True):
             _result({"path": path, **record})
     if failed:
         print(f"skin-ray predict: {failed} of {len(paths)} files could not be classified")
@@ -245,7 +249,9 @@ def _add_serve(commands) -> None:
     from skin_ray.config import ServeSettings
 
     parser = commands.add_parser("serve", help="run the HTTP service (Ray Serve) until Ctrl-C")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, e.g. in a container)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, e.g. in a container)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port of the HTTP service")
     _add_settings(parser, ServeSettings)
 

@@ -41,7 +41,7 @@ class LabelledImages:
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_names))
-        return dict(zip(self.class_names, counts.tolist()))
+        return dict(zip(self.class_names, counts.tolist(), strict=True))
 
     def select(self, mask) -> LabelledImages:
         keep = np.flatnonzero(np.asarray(mask))
@@ -154,7 +154,7 @@ def image_dataset(images: LabelledImages, shuffle: bool = False) -> ray.data.Dat
     Decoding is lazy and streams: each pass over the dataset reads and decodes the files again, and with
     `shuffle` each pass visits the files in a new order (shuffling paths is cheap; images never move).
     """
-    items = [{"path": p, "label": label} for p, label in zip(images.paths, images.labels)]
+    items = [{"path": p, "label": label} for p, label in zip(images.paths, images.labels, strict=True)]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
     if shuffle:
         dataset = dataset.random_shuffle()

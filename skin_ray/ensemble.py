@@ -42,7 +42,9 @@ def make_ensemble(members: list[keras.Model]) -> keras.Model:
     return keras.Model(inputs, outputs, name="ensemble")
 
 
-def build_ensemble(members: list[str], output: str, data: str | None = None, target_sensitivity: float = TARGET_SENSITIVITY) -> BundleMetadata:
+def build_ensemble(
+    members: list[str], output: str, data: str | None = None, target_sensitivity: float = TARGET_SENSITIVITY
+) -> BundleMetadata:
     """Write the ensemble of the bundles at `members` to `output`; `data` defaults to the members' own source."""
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two bundles")

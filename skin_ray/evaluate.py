@@ -43,7 +43,7 @@ def evaluate(
     for batch in dataset.iter_batches(batch_size=64):
         ok = batch["error"] == ""
         errors += int((~ok).sum())
-        for path, reason in zip(batch["path"][~ok], batch["error"][~ok]):
+        for path, reason in zip(batch["path"][~ok], batch["error"][~ok], strict=True):
             logger.warning("left out %s: %s", path, reason)
         if split == "validation":
             keep = np.array([in_validation(digest, validation_fraction) for digest in batch["sha256"]], dtype=bool)
@@ -54,10 +54,14 @@ def evaluate(
             analysis = predictor.analyse(batch["image"][ok])
             y_true.append(batch["label"][ok] == meta.positive_index)
             p_cancer.append(analysis.probabilities[:, meta.positive_index])
-            for path, label, record in zip(batch["path"][ok], batch["label"][ok], predictor.to_records(analysis, [""] * int(ok.sum()))):
+            for path, label, record in zip(
+                batch["path"][ok], batch["label"][ok], predictor.to_records(analysis, [""] * int(ok.sum())), strict=True
+            ):
                 records.append({"path": path, "true_label": meta.class_names[label], **record})
     if not y_true:
-        raise ValueError(f"no image below {data} is left to score" + (" in the bundle's validation split" if split == "validation" else ""))
+        raise ValueError(
+            f"no image below {data} is left to score" + (" in the bundle's validation split" if split == "validation" else "")
+        )
     y_true = np.concatenate(y_true).astype(np.int64)
     p_cancer = np.concatenate(p_cancer)
     summary = {
@@ -140,7 +144,7 @@ def write_report(y_true: np.ndarray, p_cancer: np.ndarray, summary: dict, report
     predicted, observed, counts = metrics.reliability(y_true, p_cancer)
     ax.plot([0, 1], [0, 1], "k:", linewidth=1)
     ax.plot(predicted, observed, "o-", label=f"ECE {summary['ece']:.3f}")
-    for x, y, n in zip(predicted, observed, counts):
+    for x, y, n in zip(predicted, observed, counts, strict=True):
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set(xlabel="predicted Cancer probability", ylabel="observed Cancer rate")
     ax.legend(loc="upper left")

@@ -45,7 +45,7 @@ class Explainer:
         gradients = tape.gradient(target, maps)
         cams = [
             tf.nn.relu(tf.reduce_sum(tf.reduce_mean(g, axis=(1, 2), keepdims=True) * m, axis=-1))
-            for g, m in zip(gradients, maps)
+            for g, m in zip(gradients, maps, strict=True)
         ]
         return tf.reduce_mean(tf.stack(cams), axis=0).numpy()
 

@@ -74,7 +74,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
     ends = np.r_[starts[1:], len(values)]
     ranks = np.empty(len(values))
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         ranks[order[start:end]] = (start + end + 1) / 2
     return ranks
 
@@ -121,7 +121,7 @@ def reliability(y_true: np.ndarray, p_cancer: np.ndarray, bins: int = 10) -> tup
         for b in range(bins)
         if (which == b).any()
     ]
-    predicted, observed, counts = (np.array(column) for column in zip(*rows))
+    predicted, observed, counts = (np.array(column) for column in zip(*rows, strict=True))
     return predicted, observed, counts
 
 

@@ -143,7 +143,16 @@ class RandomZoomOutOntoSkin(layers.Layer):
         # affine_transform maps each output pixel to the input pixel it samples: x_in = (x_out - c - dx) / s + c.
         centre, zero = (size - 1) / 2, ops.zeros_like(scale)
         transform = ops.stack(
-            [1 / scale, zero, centre - (centre + shift_x) / scale, zero, 1 / scale, centre - (centre + shift_y) / scale, zero, zero],
+            [
+                1 / scale,
+                zero,
+                centre - (centre + shift_x) / scale,
+                zero,
+                1 / scale,
+                centre - (centre + shift_y) / scale,
+                zero,
+                zero,
+            ],
             axis=1,
         )
         distance_to_edge = ops.minimum(ops.arange(size, dtype="float32"), ops.arange(size, dtype="float32")[::-1])
@@ -153,7 +162,12 @@ class RandomZoomOutOntoSkin(layers.Layer):
         shrunk = ops.image.affine_transform(images * feather, transform)  # alpha-premultiplied
         third = slice(size // 3, 2 * size // 3)
         edges = ops.concatenate(
-            [images[:, :6, third], images[:, -6:, third], ops.swapaxes(images[:, third, :6], 1, 2), ops.swapaxes(images[:, third, -6:], 1, 2)],
+            [
+                images[:, :6, third],
+                images[:, -6:, third],
+                ops.swapaxes(images[:, third, :6], 1, 2),
+                ops.swapaxes(images[:, third, -6:], 1, 2),
+            ],
             axis=1,
         )
         skin = ops.mean(edges, axis=(1, 2), keepdims=True)

@@ -69,7 +69,10 @@ def member_cancer_probabilities(model: keras.Model, features: np.ndarray, positi
     kernel, bias = model.layers[-1].get_weights()
     sizes = np.cumsum([0] + [member.output.shape[-1] for member in members])
     logits = np.stack(
-        [len(members) * features[:, start:end] @ kernel[start:end] + bias for start, end in zip(sizes[:-1], sizes[1:])],
+        [
+            len(members) * features[:, start:end] @ kernel[start:end] + bias
+            for start, end in zip(sizes[:-1], sizes[1:], strict=True)
+        ],
         axis=1,
     )  # (n, members, classes)
     logits -= logits.max(axis=-1, keepdims=True)
@@ -116,7 +119,7 @@ class Predictor:
         names = self.metadata.class_names
         cancer = float(probabilities[self.metadata.positive_index])
         label = self.metadata.positive_class if cancer >= self.metadata.threshold else self.negative_class
-        return Prediction(label, cancer, {name: float(p) for name, p in zip(names, probabilities)})
+        return Prediction(label, cancer, {name: float(p) for name, p in zip(names, probabilities, strict=True)})
 
     @property
     def negative_class(self) -> str:

@@ -140,7 +140,9 @@ def configure_output(verbose: bool) -> None:
     """What a command prints. By default: its own lines, warnings and errors, and Ray Data's progress (its
     bars, with rate and time left, on a terminal; one plain line every 10 s otherwise). `verbose` keeps
     every log of Ray, Ray Data and TensorFlow."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
+    )
     if verbose:
         return
     warnings.filterwarnings("ignore")  # library deprecation notices are for developers, not users

@@ -5,7 +5,8 @@ applied to every prediction by `Predictor.records`:
 
 - **Input gate**: the Mahalanobis distance of an image's pooled features (the classifier's input) to the
   nearer class mean, with one covariance shared by the classes (Lee et al., 2018), all fitted on the
-  training split as the model saw it (with the training augmentation's zoom-out onto skin). Feature-space distances separate out-of-distribution images far better than softmax
+  training split as the model saw it (with the training augmentation's zoom-out onto skin). Feature-space
+  distances separate out-of-distribution images far better than softmax
   confidence in dermoscopy (Pacheco et al., 2020): the model's probabilities are confident on photos of
   cats. The threshold keeps `GATE_TPR` of the validation images; past it the label is withheld.
 - **Uncertainty**: a prediction is uncertain when its calibrated log-odds lie within `margin` of the
@@ -81,7 +82,9 @@ def members_disagree(member_cancer: np.ndarray | None, threshold: float, count: 
     return calls.any(axis=1) & ~calls.all(axis=1)
 
 
-def describe(gate: InputGate, margin: float, y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, disagree: np.ndarray) -> tuple[dict, dict]:
+def describe(
+    gate: InputGate, margin: float, y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, disagree: np.ndarray
+) -> tuple[dict, dict]:
     """bundle.json's `input_gate` and `uncertainty`: what was fitted, how, and its validation figures."""
     flagged = is_uncertain(p_cancer, threshold, margin, disagree)
     correct = (p_cancer >= threshold) == (y_true == 1)

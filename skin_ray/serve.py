@@ -114,7 +114,7 @@ class Batcher:
                 except TimeoutError:
                     break
             batch, self._ready = self._ready[: self.max_batch_size], self._ready[self.max_batch_size :]
-            images, answers = zip(*batch)
+            images, answers = zip(*batch, strict=True)
             self.batch_sizes[len(batch)] += 1
             self._histogram.observe(len(batch))
             try:
@@ -244,11 +244,15 @@ class PredictionResponse(BaseModel):
         description="false: not like the dermoscopic images the model was trained on, so no label; null: the "
         "bundle has no input gate"
     )
-    ood_score: float | None = Field(description="the input gate's score (Mahalanobis distance); refused above the bundle's threshold")
+    ood_score: float | None = Field(
+        description="the input gate's score (Mahalanobis distance); refused above the bundle's threshold"
+    )
     uncertain: bool | None = Field(
         description="true: close to the threshold or the ensemble's members disagree; a specialist should look"
     )
-    member_probabilities: list[float] | None = Field(description="each ensemble member's Cancer probability; null for one network")
+    member_probabilities: list[float] | None = Field(
+        description="each ensemble member's Cancer probability; null for one network"
+    )
     error: str | None = Field(description="why there is no label (out_of_distribution), else null")
     error_reason: str | None = Field(description="`out_of_distribution` or null")
     model_version: str
@@ -585,7 +589,7 @@ class Ingress:
             {"filename": upload.filename, "error": result["error"]}
             if "status" in result
             else {"filename": upload.filename, **result}
-            for upload, result in zip(files, results)
+            for upload, result in zip(files, results, strict=True)
         ]
         return JSONResponse({"results": entries})
 
@@ -598,6 +602,7 @@ class Ingress:
         try:
             metadata = await self.model.metadata()
         except Exception as exc:  # the model replica is starting, restarting or gone
+            logger.warning("health check: the model did not answer: %r", exc)
             return JSONResponse(status_code=503, content={"detail": f"model not ready: {type(exc).__name__}"})
         return JSONResponse({"status": "ok", "model_version": metadata["model_version"]})
 

@@ -144,14 +144,6 @@ def write_bytes(uri: str, data: bytes) -> None:
     Path(uri).write_bytes(data)
 
 
-def exists(uri: str) -> bool:
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        response = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-        return response.get("KeyCount", 0) > 0
-    return Path(uri).exists()
-
-
 def download_dir(uri: str, local_dir: str) -> None:
     """Copy every file below `uri` into `local_dir`, keeping relative paths."""
     bucket, prefix = split_s3(uri)

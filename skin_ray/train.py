@@ -30,8 +30,7 @@ import ray
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
-from skin_ray import metrics, storage
-from skin_ray import safeguards
+from skin_ray import metrics, safeguards, storage
 from skin_ray.bundle import BundleMetadata, load_bundle, save_bundle, write_safeguards
 from skin_ray.config import TrainConfig
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, discover, image_dataset, split_by_content
@@ -128,7 +127,11 @@ def _remove_unrecorded_checkpoints(result: ray.train.Result) -> None:
     """
     recorded = {checkpoint.path for checkpoint, _ in result.best_checkpoints} | {result.checkpoint.path}
     for entry in result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path)):
-        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_") and entry.path not in recorded:
+        if (
+            entry.type == pyarrow.fs.FileType.Directory
+            and entry.base_name.startswith("checkpoint_")
+            and entry.path not in recorded
+        ):
             logger.info("removing %s: a killed worker wrote it before Ray Train recorded it", entry.path)
             result.filesystem.delete_dir(entry.path)
 
@@ -358,7 +361,7 @@ def train_loop_per_worker(config: dict) -> None:
                 per_example *= tf.gather(class_weights, labels)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
             correct = tf.reduce_sum(tf.cast(tf.argmax(probabilities, axis=1) == tf.cast(labels, tf.int64), tf.float32))
             return loss, correct
 
@@ -447,7 +450,7 @@ def _restore(model, optimizer, directory: str) -> list[dict]:
     """Weights, optimizer state (moments, step count: the schedule continues) and the metrics so far."""
     model.load_weights(Path(directory, WEIGHTS_FILE))
     with np.load(Path(directory, OPTIMIZER_FILE)) as saved:
-        for variable, key in zip(optimizer.variables, saved.files):
+        for variable, key in zip(optimizer.variables, saved.files, strict=True):
             variable.assign(saved[key])
     history = json.loads(Path(directory, STATE_FILE).read_text())["history"]
     logger.info("resuming after epoch %d", len(history))

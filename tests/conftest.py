@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-from skin_ray.config import Locations
+from skin_ray.testing import free_port
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,42 +17,15 @@ os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
 # The tests' own Ray listens on loopback only. Without token auth there, the Ray CLIs the tests start
 # (`ray job submit`, `serve run`) and the Ray they talk to agree, whatever the shell exported.
 os.environ["RAY_AUTH_MODE"] = "disabled"
-sys.path.insert(0, str(Path(__file__).parent))
-
-LOCATIONS = Locations.from_environment()
-REAL_DATA = LOCATIONS.data
-needs_real_data = pytest.mark.skipif(
-    not REAL_DATA.is_dir(), reason=f"real data set not found at {REAL_DATA} (SKIN_RAY_DATA sets where)"
-)
 
 
-async def steady_load(url: str, data: bytes, clients: int, until, answers: list) -> list:
-    """`clients` clients posting `data` to /predict back to back until `until()` is true; appends (sent at,
-    status or the transport error's name, response) per request to `answers` as they come, and returns it."""
-    import asyncio
-    import time
-
-    import httpx
-
-    async def one_client(http):
-        while not until():
-            sent = time.monotonic()
-            try:
-                response = await http.post("/predict", files={"file": ("x.jpg", data, "image/jpeg")})
-                answers.append((sent, response.status_code, response))
-            except httpx.TransportError as exc:
-                answers.append((sent, type(exc).__name__, None))
-                await asyncio.sleep(0.1)
-
-    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        await asyncio.gather(*(one_client(http) for _ in range(clients)))
-    return answers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def pytest_collection_modifyitems(items):
+    """Mark `ray` every test that starts the session's Ray (every fixture that does depends on ray_context);
+    tests that start Ray or a service in a subprocess carry the mark themselves. `-m "not ray"` is the fast
+    tier."""
+    for item in items:
+        if "ray_context" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")
@@ -107,21 +78,10 @@ def bucket(s3_endpoint, request):
     return name
 
 
-def upload_tree(local_root: Path, bucket: str, prefix: str) -> str:
-    """Upload every file below `local_root` to s3://bucket/prefix/ (relative paths kept)."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
-    for path in sorted(local_root.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local_root)}")
-    return f"s3://{bucket}/{prefix}"
-
-
 @pytest.fixture(scope="session")
 def lesion_tree(tmp_path_factory) -> Path:
     """A learnable two-class tree: 120 generated images per class."""
-    from images import write_lesion_tree
+    from skin_ray.testing import write_lesion_tree
 
     return write_lesion_tree(tmp_path_factory.mktemp("lesions"), per_class=120)
 
@@ -166,12 +126,12 @@ def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
     import shutil
 
     import numpy as np
-    from images import encode, lesion_image
 
     from skin_ray import safeguards
     from skin_ray.bundle import write_safeguards
     from skin_ray.predictor import Predictor
     from skin_ray.preprocess import preprocess_image
+    from skin_ray.testing import encode, lesion_image
 
     path = tmp_path_factory.mktemp("guarded") / "bundle"
     shutil.copytree(untrained_bundle, path)

@@ -10,7 +10,6 @@ Serve replicas ran on, and the answers the service gave.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -22,11 +21,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from skin_ray.testing import free_port
 
 
 def nodes_of(class_fragment: str, address: str) -> set[str]:

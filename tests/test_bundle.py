@@ -10,13 +10,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import REAL_DATA, needs_real_data
 
 from skin_ray import metrics
 from skin_ray.bundle import DEFAULT_BUNDLE, METADATA_FILE, MODEL_FILE, BundleError, load_bundle, save_bundle
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.model import NUM_CLASSES, make_model
 from skin_ray.predictor import Predictor
+from skin_ray.testing import REAL_DATA, needs_real_data
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import upload_tree
-from images import encode, lesion_image
 from PIL import Image
 
+from skin_ray import storage
 from skin_ray.classify import classify, read_results
 from skin_ray.config import ClassifyConfig
+from skin_ray.testing import encode, lesion_image
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = {  # relative path -> expected error reason
@@ -117,7 +117,7 @@ def test_formats_round_trip(ray_session, mixed_tree, untrained_bundle, tmp_path)
         same_label = frames[fmt]["label"].fillna("") == frames["parquet"]["label"].fillna("")
         assert same_label.all()
     # Nested fields survive: a map in JSON lines, JSON text in CSV (which has no nested types).
-    for as_text, as_map in zip(frames["csv"]["probabilities"], frames["jsonl"]["probabilities"]):
+    for as_text, as_map in zip(frames["csv"]["probabilities"], frames["jsonl"]["probabilities"], strict=True):
         if isinstance(as_map, dict):
             assert json.loads(as_text) == pytest.approx(as_map, abs=1e-6)
         else:  # an error row: no probabilities
@@ -125,7 +125,8 @@ def test_formats_round_trip(ray_session, mixed_tree, untrained_bundle, tmp_path)
 
 
 def test_s3_to_s3(ray_session, mixed_tree, untrained_bundle, bucket, tmp_path):
-    source = upload_tree(mixed_tree, bucket, "incoming")
+    source = f"s3://{bucket}/incoming"
+    storage.upload_dir(str(mixed_tree), source)
     output = f"s3://{bucket}/results/run1"
     summary = classify(_config(source, output, untrained_bundle))
     assert summary["rows"] == summary["files"] == 34

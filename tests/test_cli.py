@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import socket
-import subprocess
 
 import pytest
-from conftest import free_port
 
 import skin_ray
 from skin_ray import storage
@@ -19,17 +16,15 @@ from skin_ray.bundle import GATE_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE
 from skin_ray.data import in_validation
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
+from skin_ray.testing import free_port, skin_ray_cli
+
+pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
 
 # Where no Ray listens: a command that started or joined Ray before its own checks would fail on this
 # address instead of giving its one-line reason.
 NO_RAY = "127.0.0.1:1"
 # What the default (quiet) output must not contain: Ray's, Ray Data's and TensorFlow's own logs.
 NOISE = ("oneDNN", "absl::", "Token authentication", " INFO ", "RayTrainWorker", "Traceback")
-
-
-def skin_ray_cli(*args: str, ray_address: str | None = None, **environment: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **({"RAY_ADDRESS": ray_address} if ray_address else {}), **environment}
-    return subprocess.run(["skin-ray", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def assert_quiet(stderr: str) -> None:
@@ -47,7 +42,7 @@ def test_predict_prints_one_line_per_image_and_survives_bad_files(lesion_tree, u
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["path"] for row in rows] == [*map(str, good), str(text), str(missing)]
     predictor = Predictor.from_bundle(str(untrained_bundle))
-    for row, path in zip(rows, good):
+    for row, path in zip(rows[: len(good)], good, strict=True):
         expected = predictor.to_prediction(predictor.predict_arrays(preprocess_image(path.read_bytes())[None])[0])
         assert row["error"] is None
         assert row["label"] == expected.label
@@ -84,7 +79,9 @@ def test_version_and_help_show_what_a_new_user_needs():
     assert "(default: 8000)" in " ".join(skin_ray_cli("serve", "--help").stdout.split())
 
 
-def test_classify_reports_progress_on_stderr_and_its_summary_alone_on_stdout(ray_session, lesion_tree, untrained_bundle, tmp_path):
+def test_classify_reports_progress_on_stderr_and_its_summary_alone_on_stdout(
+    ray_session, lesion_tree, untrained_bundle, tmp_path
+):
     address = ray_session.get_runtime_context().gcs_address
     result = skin_ray_cli(
         "classify", str(lesion_tree), "--output", str(tmp_path / "out"), "--model", str(untrained_bundle), ray_address=address,
@@ -94,7 +91,11 @@ def test_classify_reports_progress_on_stderr_and_its_summary_alone_on_stdout(ray
     assert_quiet(result.stderr)
     (line,) = result.stdout.splitlines()
     assert json.loads(line)["rows"] == 240
-    progress = [line for line in result.stderr.splitlines() if re.fullmatch(r"classify: [\d,]+ rows( of [\d,]+)?, [\d.]+/s(, about .* left)?", line)]
+    progress = [
+        line
+        for line in result.stderr.splitlines()
+        if re.fullmatch(r"classify: [\d,]+ rows( of [\d,]+)?, [\d.]+/s(, about .* left)?", line)
+    ]
     assert progress, result.stderr
 
 
@@ -115,7 +116,11 @@ def test_serve_on_a_port_in_use_says_so_before_starting_ray():
         taken.listen()
         result = skin_ray_cli("serve", "--port", str(port), ray_address=NO_RAY)
     assert result.returncode == 2
-    assert result.stderr == f"skin-ray serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); stop what uses it or pass --port\n"
+    assert (
+        result.stderr
+        == f"skin-ray serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "stop what uses it or pass --port\n"
+    )
 
 
 def test_predict_reads_from_s3(lesion_tree, untrained_bundle, bucket):
@@ -130,7 +135,9 @@ def test_predict_reads_from_s3(lesion_tree, untrained_bundle, bucket):
 def test_evaluate_prints_metrics_and_writes_plots(ray_session, lesion_tree, untrained_bundle, tmp_path):
     report = tmp_path / "report"
     address = ray_session.get_runtime_context().gcs_address
-    result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--report", str(report), ray_address=address)
+    result = skin_ray_cli(
+        "evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--report", str(report), ray_address=address
+    )
     assert result.returncode == 0, result.stderr
     assert_quiet(result.stderr)
     (line,) = result.stdout.splitlines()  # stdout holds the result alone
@@ -160,7 +167,9 @@ def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_pat
     assert "\x1b[" not in "".join(epochs) and "pid=" not in result.stderr
     (summary,) = result.stdout.splitlines()  # stdout holds the result alone
     assert json.loads(summary)["bundle"] == str(tmp_path / "bundle")
-    assert (tmp_path / "bundle" / TRAIN_DIGESTS_FILE).read_text().count("\n") == sum(json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["data"]["train"].values())
+    assert (tmp_path / "bundle" / TRAIN_DIGESTS_FILE).read_text().count("\n") == sum(
+        json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["data"]["train"].values()
+    )
 
     # fit-safeguards gives a bundle made before safeguards existed its own, leaving the model file as it is.
     model_bytes = (tmp_path / "bundle" / "model.keras").read_bytes()
@@ -214,7 +223,9 @@ def test_evaluate_warns_about_images_the_bundle_was_trained_on(ray_session, lesi
 
 def test_evaluate_validation_split_needs_a_bundle_that_records_it(ray_session, lesion_tree, untrained_bundle):
     address = ray_session.get_runtime_context().gcs_address
-    result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--split", "validation", ray_address=address)
+    result = skin_ray_cli(
+        "evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--split", "validation", ray_address=address
+    )
     assert result.returncode == 2
     error = result.stderr.splitlines()[-1]  # after "connected to the running Ray cluster"
     assert error.startswith("skin-ray evaluate: error:") and "does not record its validation split" in error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,9 +15,9 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from conftest import LOCATIONS
 
 from skin_ray.cli import build_parser
+from skin_ray.testing import LOCATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -29,8 +30,10 @@ MANIFESTS = {
 }
 
 
+@functools.cache
 def _crd_schema(crd_file: str, api_version: str) -> dict:
-    crd = yaml.safe_load((CRDS / crd_file).read_text())
+    # The CRDs are megabytes of YAML: libyaml's loader where PyYAML has it, once per file.
+    crd = yaml.load((CRDS / crd_file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     served = {v["name"]: v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]}
     return served[api_version.split("/")[1]]
 
@@ -106,11 +109,21 @@ def test_the_image_alone_serves_on_every_interface_of_its_exposed_port():
     assert f"docker run --rm -p {exposed}:{exposed} " in (CLUSTER / "README.md").read_text()
 
 
+@pytest.mark.ray
 def test_three_jobs_use_both_nodes_of_a_real_two_node_cluster(lesion_tree, untrained_bundle, tmp_path):
     """Training workers on different nodes, classifier actors on both nodes, Serve replicas on both nodes."""
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "multinode_driver.py"), str(lesion_tree), str(untrained_bundle), str(tmp_path)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ""},
+        [
+            sys.executable,
+            str(Path(__file__).parent / "multinode_driver.py"),
+            str(lesion_tree),
+            str(untrained_bundle),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

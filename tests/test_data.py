@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_DATA, needs_real_data, upload_tree
-from images import write_lesion_tree
 
 from skin_ray import storage
 from skin_ray.data import discover, image_dataset, load_images, split_by_content
 from skin_ray.preprocess import preprocess_image
+from skin_ray.testing import REAL_DATA, needs_real_data, write_lesion_tree
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def test_discover_flat_layout(flat_tree):
     images = discover(str(flat_tree))
     assert len(images) == 24
     assert images.class_counts() == {"Cancer": 12, "Non_Cancer": 12}
-    for path, label in zip(images.paths, images.labels):
+    for path, label in zip(images.paths, images.labels, strict=True):
         assert Path(path).parent.name == images.class_names[label]
 
 
@@ -60,7 +59,8 @@ def test_discover_ignores_non_images_and_needs_both_classes(tmp_path, flat_tree)
 @pytest.mark.parametrize("layout", ["flat", "split"])
 def test_discover_on_s3_matches_local(layout, flat_tree, split_tree, bucket):
     local = flat_tree if layout == "flat" else split_tree
-    uri = upload_tree(local, bucket, f"data/{layout}")
+    uri = f"s3://{bucket}/data/{layout}"
+    storage.upload_dir(str(local), uri)
     on_s3, on_disk = discover(uri), discover(str(local))
     assert _relative(on_s3.paths, uri) == _relative(on_disk.paths, str(local))
     assert on_s3.class_counts() == on_disk.class_counts()
@@ -95,7 +95,7 @@ def test_training_pipeline_and_predict_see_the_same_array(ray_session, flat_tree
     assert len(rows) == len(images)
     paths = np.array([row["path"] for row in rows[:6]], dtype=object)
     predict_input = load_images({"path": paths})["image"]  # what `skin-ray predict` feeds the model
-    for row, predicted in zip(rows[:6], predict_input):
+    for row, predicted in zip(rows[:6], predict_input, strict=True):
         reference = preprocess_image(storage.read_bytes(row["path"]))
         np.testing.assert_array_equal(row["image"], reference)
         np.testing.assert_array_equal(predicted, reference)

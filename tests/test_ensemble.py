@@ -9,7 +9,6 @@ import keras
 import numpy as np
 import pytest
 import ray
-from test_cli import skin_ray_cli
 
 from skin_ray import metrics
 from skin_ray.bundle import BundleMetadata, save_bundle
@@ -17,6 +16,9 @@ from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.ensemble import build_ensemble, make_ensemble
 from skin_ray.model import make_model
 from skin_ray.predictor import Predictor
+from skin_ray.testing import skin_ray_cli
+
+pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,10 @@ def test_ensemble_output_is_the_softmax_of_the_mean_member_logit():
 
 def test_cli_writes_a_calibrated_bundle_of_its_members(ray_session, lesion_tree, lesion_split, tmp_path):
     fingerprint = lesion_split.fingerprint
-    members = [_member(tmp_path / name, arch, seed, lesion_tree, fingerprint) for name, arch, seed in (("a", "seed", 1), ("b", "default", 2))]
+    members = [
+        _member(tmp_path / name, arch, seed, lesion_tree, fingerprint)
+        for name, arch, seed in (("a", "seed", 1), ("b", "default", 2))
+    ]
     result = skin_ray_cli(
         "ensemble", *members, "--output", str(tmp_path / "ensemble"), "--target-sensitivity", "0.8",
         ray_address=ray.get_runtime_context().gcs_address,

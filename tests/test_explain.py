@@ -7,13 +7,13 @@ import io
 
 import numpy as np
 import pytest
-from images import round_lesion_photo
 from PIL import Image
 
 from skin_ray.explain import Explainer, explanation
 from skin_ray.model import make_model
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
+from skin_ray.testing import round_lesion_photo
 
 
 def _heatmap(predictor: Predictor, data: bytes) -> np.ndarray:

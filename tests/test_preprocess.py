@@ -6,10 +6,10 @@ import io
 
 import numpy as np
 import pytest
-from images import encode, lesion_image
 from PIL import Image
 
 from skin_ray.preprocess import IMAGE_SIZE, MAX_PIXELS, ImageDecodeError, preprocess_image
+from skin_ray.testing import encode, lesion_image
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_port
-from images import documents, encode, lesion_image
 from PIL import Image
 from ray import serve
 
@@ -22,6 +20,7 @@ from skin_ray.config import ClassifyConfig, ServeSettings
 from skin_ray.evaluate import evaluate
 from skin_ray.predictor import OUT_OF_DISTRIBUTION, RECORD_FIELDS
 from skin_ray.serve import app_builder
+from skin_ray.testing import documents, encode, free_port, lesion_image
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_every_path_gives_the_same_record(service, guarded_bundle, tree, tmp_pat
     batch = httpx.post(
         f"{service}/predict/batch", files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in files], timeout=60
     ).json()["results"]
-    for path, entry in zip(files, batch):
+    for path, entry in zip(files, batch, strict=True):
         assert entry.pop("filename") == path.name
         paths["/predict/batch"][str(path)] = entry
     classify(ClassifyConfig(source=str(tree), output=str(tmp_path / "rows"), model=str(guarded_bundle), format="jsonl"))
@@ -119,4 +118,6 @@ def test_classify_writes_an_overlay_per_labelled_image(ray_session, guarded_bund
     rows = read_results(str(tmp_path / "rows"), "parquet").set_index("path")
     lesion, page = rows.loc[str(tree / "Cancer" / "lesion.jpg")], rows.loc[str(tree / "Non_Cancer" / "page.jpg")]
     assert Image.open(lesion["explanation"]).size == (160, 120)
-    assert pd.isna(page["explanation"]) and sorted(p.name for p in overlays.iterdir()) == [lesion["explanation"].rsplit("/", 1)[1]]
+    assert pd.isna(page["explanation"]) and sorted(p.name for p in overlays.iterdir()) == [
+        lesion["explanation"].rsplit("/", 1)[1]
+    ]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REAL_DATA, needs_real_data
-from images import documents, encode, lesion_image, noise_and_flat, sample_photographs
 
 from skin_ray import metrics, safeguards, storage
 from skin_ray.data import discover, split_by_content
 from skin_ray.predictor import OUT_OF_DISTRIBUTION, Predictor
 from skin_ray.preprocess import preprocess_image
+from skin_ray.testing import REAL_DATA, documents, encode, lesion_image, needs_real_data, noise_and_flat, sample_photographs
 
 
 def test_gate_threshold_keeps_the_chosen_share_of_validation_and_refuses_far_features():
@@ -64,7 +63,11 @@ def test_records_withhold_the_label_of_refused_images_and_carry_read_errors(guar
 
 # At least this share of each kind is refused (benchmarks/ood.py measured 0.85, 0.88 and 0.63 on other
 # samples; the softmax confidence the gate replaces refused 0.02-0.05).
-KINDS = {"photographs": (sample_photographs, 0.75), "documents": (documents, 0.75), "noise and flat colours": (noise_and_flat, 0.5)}
+KINDS = {
+    "photographs": (sample_photographs, 0.75),
+    "documents": (documents, 0.75),
+    "noise and flat colours": (noise_and_flat, 0.5),
+}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -12,8 +12,6 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
-from conftest import free_port, steady_load
-from images import encode, lesion_image
 from PIL import Image
 from ray import serve
 
@@ -21,6 +19,7 @@ from skin_ray.config import ServeSettings
 from skin_ray.predictor import RECORD_FIELDS, Predictor
 from skin_ray.preprocess import preprocess_image
 from skin_ray.serve import Ingress, SkinModel, app_builder
+from skin_ray.testing import encode, free_port, lesion_image, steady_load
 
 APP = "skin-ray-test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +186,7 @@ def split_service(service, untrained_bundle):
     serve.delete("split")
 
 
+@pytest.mark.ray  # its service fixture is chosen at run time, so the fixture-based mark cannot see it
 @pytest.mark.parametrize("layout", ["fused", "split"])
 def test_served_probabilities_equal_the_predictor_on_the_same_files(request, untrained_bundle, layout):
     """Batching, the uint8 hop and the threads change nothing: each answer is Predictor's on that file."""

@@ -16,9 +16,11 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import free_port, steady_load
-from images import documents, encode, lesion_image, round_lesion_photo
 from ray import serve
+
+from skin_ray.testing import documents, encode, free_port, lesion_image, round_lesion_photo, steady_load, wait_healthy
+
+pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -27,19 +29,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def _start(command: list[str], ray_session) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} did not become healthy")
 
 
 def _stop(process: subprocess.Popen) -> int:
@@ -68,7 +57,7 @@ def test_serve_run_with_the_shipped_config(ray_session, tmp_path):
     process = _start(["serve", "run", str(copy)], ray_session)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process)
+        wait_healthy(url, process)
         response = httpx.post(f"{url}/predict", files={"file": ("x.jpg", _photo(tmp_path).read_bytes(), "image/jpeg")})
         assert response.status_code == 200, response.text
         assert response.json()["label"] in ("Cancer", "Non_Cancer")
@@ -114,7 +103,7 @@ def test_a_stop_signal_lets_every_received_request_finish(no_serve_in_session_ra
         await loading
 
     try:
-        _wait_healthy(url, process)
+        wait_healthy(url, process)
         asyncio.run(asyncio.wait_for(load_and_stop(), 120))
         assert process.wait(timeout=60) == 0, process.stdout.read()
     finally:
@@ -145,7 +134,7 @@ def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_se
     )
     job = None
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", service)
+        wait_healthy(f"http://127.0.0.1:{port}", service)
         output = tmp_path / "results"
         job = subprocess.Popen(
             ["skin-ray", "classify", str(source), "--output", str(output), "--model", str(untrained_bundle),
@@ -175,7 +164,7 @@ def cli_service(ray_session):
     port = free_port()
     process = _start(["skin-ray", "serve", "--port", str(port)], ray_session)
     url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, process)
+    wait_healthy(url, process)
     yield url, process
     if process.poll() is None:
         _stop(process)
@@ -248,7 +237,8 @@ def test_upload_page_in_headless_chromium(cli_service, tmp_path):
                 """(bytes) => {
                     const transfer = new DataTransfer();
                     transfer.items.add(new File([new Uint8Array(bytes)], "dropped.jpg", { type: "image/jpeg" }));
-                    document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+                    document.getElementById("drop").dispatchEvent(
+                        new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
                 }""",
                 photo,
             )

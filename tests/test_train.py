@@ -15,9 +15,9 @@ import ray
 
 from skin_ray import metrics, safeguards
 from skin_ray.bundle import load_bundle
+from skin_ray.config import TrainConfig
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.predictor import Predictor
-from skin_ray.config import TrainConfig
 from skin_ray.runtime import InsufficientResourcesError
 from skin_ray.train import train
 

@@ -1,12 +1,79 @@
-"""Generated images for tests: a learnable two-class lesion set and odd or broken files."""
+"""What the tests and the benchmarks share: generated images (a learnable two-class lesion set, photographs,
+documents, noise), free ports, a service's readiness and steady load, and where the real data lives.
+
+Needs the `test` extra (httpx, scikit-image, pytest); nothing in the package imports it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from skin_ray.config import Locations
+
+LOCATIONS = Locations.from_environment()
+REAL_DATA = LOCATIONS.data
+needs_real_data = pytest.mark.skipif(
+    not REAL_DATA.is_dir(), reason=f"real data set not found at {REAL_DATA} (SKIN_RAY_DATA sets where)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def skin_ray_cli(*args: str, ray_address: str | None = None, **environment: str) -> subprocess.CompletedProcess:
+    """`skin-ray ARGS` as a user runs it, on the cluster at `ray_address` when given."""
+    env = {**os.environ, **({"RAY_ADDRESS": ray_address} if ray_address else {}), **environment}
+    return subprocess.run(["skin-ray", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout_s: float = 240) -> None:
+    """Return once `url`/healthz answers 200; fail early if `process` (the server) exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server exited ({process.returncode}): {process.stdout.read() if process.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not become healthy")
+
+
+async def steady_load(url: str, data: bytes, clients: int, until, answers: list) -> list:
+    """`clients` clients posting `data` to /predict back to back until `until()` is true; appends (sent at,
+    status or the transport error's name, response) per request to `answers` as they come, and returns it."""
+    import httpx
+
+    async def one_client(http):
+        while not until():
+            sent = time.monotonic()
+            try:
+                response = await http.post("/predict", files={"file": ("x.jpg", data, "image/jpeg")})
+                answers.append((sent, response.status_code, response))
+            except httpx.TransportError as exc:
+                answers.append((sent, type(exc).__name__, None))
+                await asyncio.sleep(0.1)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        await asyncio.gather(*(one_client(http) for _ in range(clients)))
+    return answers
 
 
 def lesion_image(label: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
@@ -112,7 +179,9 @@ def documents(rng: np.random.Generator, count: int = 60) -> list[Image.Image]:
             for b in range(bars):
                 top = int(rng.uniform(0.1, 0.9) * height)
                 left = 40 + b * (width - 60) // bars
-                draw.rectangle([left, top, left + (width - 60) // bars - 6, height - 30], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+                draw.rectangle(
+                    [left, top, left + (width - 60) // bars - 6, height - 30], fill=tuple(int(v) for v in rng.integers(0, 256, 3))
+                )
             draw.line([(38, 10), (38, height - 28), (width - 10, height - 28)], fill=(0, 0, 0), width=2)
         images.append(image)
     return images
