@@ -27,7 +27,7 @@ import numpy as np
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from skin_ray.config import Locations  # noqa: E402
-from skin_ray.testing import wait_healthy  # noqa: E402
+from skin_ray.testing import own_ray_environment, wait_healthy  # noqa: E402
 
 HEAD = (
     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
@@ -114,8 +114,7 @@ def main() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    environment = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    server = subprocess.Popen(["skin-ray", "serve", "--port", str(port)], env=environment, start_new_session=True)
+    server = subprocess.Popen(["skin-ray", "serve", "--port", str(port)], env=own_ray_environment(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)

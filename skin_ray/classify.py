@@ -136,7 +136,7 @@ class ResultFiles:
         self.suffix, _, self.write = FORMATS[config.format]
         self.filesystem, self.directory = storage.pyarrow_filesystem(config.output)
         self.rows_per_file, self.flush_interval_s = config.rows_per_file, config.flush_interval_s
-        self.run, self.written, self.waiting = uuid.uuid4().hex[:12], 0, []
+        self.run, self.written, self.waiting, self.waiting_rows = uuid.uuid4().hex[:12], 0, [], 0
         self.last_flush = time.monotonic()
 
     def __enter__(self) -> ResultFiles:
@@ -145,8 +145,8 @@ class ResultFiles:
 
     def add(self, rows: pyarrow.Table) -> None:
         self.waiting.append(rows)
-        waiting = sum(table.num_rows for table in self.waiting)
-        if waiting >= self.rows_per_file or time.monotonic() - self.last_flush >= self.flush_interval_s:
+        self.waiting_rows += rows.num_rows
+        if self.waiting_rows >= self.rows_per_file or time.monotonic() - self.last_flush >= self.flush_interval_s:
             self.flush()
 
     def flush(self) -> None:
@@ -156,7 +156,7 @@ class ResultFiles:
                 self.write(pyarrow.concat_tables(self.waiting, promote_options="permissive"), stream)
             self.filesystem.move(path + ".partial", path)  # readers see whole files only, even after a kill
             self.written += 1
-        self.waiting, self.last_flush = [], time.monotonic()
+        self.waiting, self.waiting_rows, self.last_flush = [], 0, time.monotonic()
 
     def __exit__(self, *exc_info) -> None:
         self.flush()  # an interrupted job keeps what it finished too

@@ -304,10 +304,7 @@ ONE_IMAGE_ERRORS = {
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     """A failure nobody foresaw is still the service's fault, not the caller's: JSON 503, retry."""
     logger.exception("unexpected failure answering %s", request.url.path)
-    return JSONResponse(
-        status_code=503, content={"detail": f"internal failure ({type(exc).__name__}); retry shortly"},
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
+    return _error(503, f"internal failure ({type(exc).__name__}); retry shortly")
 
 
 @app.exception_handler(RequestValidationError)
@@ -444,13 +441,17 @@ class _Upload:
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait: overload and restarts clear within seconds
 
 
-async def _refuse(send, status: int, detail: str, closing: bool = False) -> None:
-    """Answer an ASGI request with `{"detail": ...}` straight from a middleware."""
+def _error(status: int, detail: str, closing: bool = False) -> JSONResponse:
+    """`{"detail": ...}` with `status`; a 503 says when to retry, `closing` ends the connection after it."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
     if closing:
         headers["Connection"] = "close"
-    response = JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
-    await response({"type": "http"}, None, send)
+    return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
+
+
+async def _refuse(send, status: int, detail: str, closing: bool = False) -> None:
+    """Answer an ASGI request with `_error` straight from a middleware."""
+    await _error(status, detail, closing)({"type": "http"}, None, send)
 
 
 def _declared_type_error(upload: UploadFile) -> str | None:
@@ -463,8 +464,7 @@ def _declared_type_error(upload: UploadFile) -> str | None:
 def _response(result: dict) -> JSONResponse:
     """A record as 200, an error dict from Ingress._classify as its status with `detail`."""
     if "status" in result:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if result["status"] == 503 else None
-        return JSONResponse(status_code=result["status"], content={"detail": result["error"]}, headers=headers)
+        return _error(result["status"], result["error"])
     return JSONResponse(result)
 
 

@@ -33,6 +33,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def own_ray_environment() -> dict:
+    """The environment of a command started in a fresh terminal: no cluster named, so it starts its own Ray."""
+    return {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+
+
 def skin_ray_cli(*args: str, ray_address: str | None = None, **environment: str) -> subprocess.CompletedProcess:
     """`skin-ray ARGS` as a user runs it, on the cluster at `ray_address` when given."""
     env = {**os.environ, **({"RAY_ADDRESS": ray_address} if ray_address else {}), **environment}

@@ -18,7 +18,16 @@ import pytest
 import yaml
 from ray import serve
 
-from skin_ray.testing import documents, encode, free_port, lesion_image, round_lesion_photo, steady_load, wait_healthy
+from skin_ray.testing import (
+    documents,
+    encode,
+    free_port,
+    lesion_image,
+    own_ray_environment,
+    round_lesion_photo,
+    steady_load,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
 
@@ -65,11 +74,6 @@ def test_serve_run_with_the_shipped_config(ray_session, tmp_path):
         _stop(process)
 
 
-def _own_ray_environment() -> dict:
-    """The environment of a command a user starts in a fresh terminal: no cluster named, so its own Ray."""
-    return {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-
-
 @pytest.fixture
 def no_serve_in_session_ray():
     """A Serve of the tests' own Ray would hold HAProxy's fixed ports (9101, 8404) that another Serve needs."""
@@ -88,7 +92,7 @@ def test_a_stop_signal_lets_every_received_request_finish(no_serve_in_session_ra
 
     port = free_port()
     process = subprocess.Popen(
-        ["skin-ray", "serve", "--port", str(port)], env=_own_ray_environment(),
+        ["skin-ray", "serve", "--port", str(port)], env=own_ray_environment(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -129,7 +133,7 @@ def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_se
         (source / f"{i:03d}.jpg").write_bytes(encode(lesion_image(("Cancer", "Non_Cancer")[i % 2], rng, size=100), "JPEG"))
     port = free_port()
     service = subprocess.Popen(
-        ["skin-ray", "serve", "--port", str(port), "--model", str(untrained_bundle)], env=_own_ray_environment(),
+        ["skin-ray", "serve", "--port", str(port), "--model", str(untrained_bundle)], env=own_ray_environment(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     job = None
@@ -139,7 +143,7 @@ def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_se
         job = subprocess.Popen(
             ["skin-ray", "classify", str(source), "--output", str(output), "--model", str(untrained_bundle),
              "--flush-interval-s", "0.5", "--verbose"],
-            env=_own_ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env=own_ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
         deadline = time.monotonic() + 240
         while not list(output.glob("*.parquet")) and job.poll() is None and time.monotonic() < deadline:
