@@ -1,6 +1,6 @@
 """Batch classification: the Ray Data job against a single-process loop, and its memory as inputs grow.
 
-    python benchmarks/classify_bench.py [--model BUNDLE] [--small 2000] [--large 20000]
+    python benchmarks/classify_bench.py [--bundle BUNDLE] [--small 2000] [--large 20000]
 
 On the same images and model, in this one script:
 - ceiling: one process, decode + batched predict (the best this machine can do without Ray);
@@ -104,17 +104,17 @@ class PeakMemory:
 
 def run_job(source: Path, output: Path, model: str | None, workers: int) -> tuple[dict, int]:
     from skin_ray.classify import classify
-    from skin_ray.config import ClassifyConfig
+    from skin_ray.config import ClassifySettings
 
     with PeakMemory() as memory:
-        summary = classify(ClassifyConfig(source=str(source), output=str(output), model=model, workers=workers))
+        summary = classify(ClassifySettings(source=str(source), output=str(output), bundle=model, workers=workers))
     assert summary["rows"] == summary["files"], summary
     return summary, memory.peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="bundle (default: the shipped model)")
+    parser.add_argument("--bundle", help="bundle (default: the shipped model)")
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--large", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=2, help="classifier actors")
@@ -127,10 +127,10 @@ def main() -> None:
         sources = source_images(scratch)
         small = make_tree(scratch / "small", sources, args.small)
         large = make_tree(scratch / "large", sources, args.large)
-        ceiling = ceiling_images_per_second(args.model, sorted(small.rglob("*.jpg")))
+        ceiling = ceiling_images_per_second(args.bundle, sorted(small.rglob("*.jpg")))
         init_ray()
-        small_summary, small_peak = run_job(small, scratch / "out_small", args.model, args.workers)
-        large_summary, large_peak = run_job(large, scratch / "out_large", args.model, args.workers)
+        small_summary, small_peak = run_job(small, scratch / "out_small", args.bundle, args.workers)
+        large_summary, large_peak = run_job(large, scratch / "out_large", args.bundle, args.workers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     mib = 2**20

@@ -1,6 +1,6 @@
 """How well a bundle's input gate keeps out images that are not dermoscopic lesions, and what it costs.
 
-    python benchmarks/ood.py [--model BUNDLE] [--data DIR]
+    python benchmarks/ood.py [--bundle BUNDLE] [--data DIR]
 
 Out-of-distribution images, all generated or shipped with a package (tests/images.py): scikit-image's
 sample photographs and crops of them, documents / screenshots / charts drawn with Pillow, noise and flat
@@ -53,11 +53,11 @@ def scores(predictor: Predictor, images: list[Image.Image]) -> tuple[np.ndarray,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="bundle (default: the shipped one)")
+    parser.add_argument("--bundle", help="bundle (default: the shipped one)")
     parser.add_argument("--data", default=str(Locations.from_environment().data), help="labelled image tree (SKIN_RAY_DATA)")
     args = parser.parse_args()
     init_ray()
-    predictor = Predictor.from_bundle(args.model)
+    predictor = Predictor.from_bundle(args.bundle)
     gate = predictor.bundle.gate
     if gate is None:
         raise SystemExit(f"{predictor.bundle.uri} has no input gate; run `skin-ray fit-safeguards` on it first")

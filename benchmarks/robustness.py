@@ -1,6 +1,6 @@
 """How a model holds up on another clinic's photos, simulated on its own validation split.
 
-    python benchmarks/robustness.py [--model BUNDLE ...] [--data DIR]
+    python benchmarks/robustness.py [--bundle BUNDLE ...] [--data DIR]
 
 The other clinic's photos are larger, frame the lesion smaller and come from other cameras. No such photos
 are used here (nothing is tuned to them): each validation image of the bundle's own split is re-photographed
@@ -82,7 +82,7 @@ def rounded(interval: tuple[float, float]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", help="bundle to test (repeatable); default: the shipped one")
+    parser.add_argument("--bundle", action="append", help="bundle to test (repeatable); default: the shipped one")
     parser.add_argument("--data", default=str(Locations.from_environment().data), help="labelled image tree (SKIN_RAY_DATA)")
     args = parser.parse_args()
     init_ray()
@@ -99,8 +99,8 @@ def main() -> None:
         return split, inputs
 
     first_model = first_split = first_scores = None  # later models on the first one's split are paired with it
-    for model in args.model or [None]:
-        predictor = Predictor.from_bundle(model)
+    for bundle in args.bundle or [None]:
+        predictor = Predictor.from_bundle(bundle)
         split, inputs = validation_inputs(predictor.metadata.training["validation_fraction"])
         if split.fingerprint != predictor.metadata.data["fingerprint"]:
             raise SystemExit(f"{args.data} is not the data {predictor.model_version} was trained on")

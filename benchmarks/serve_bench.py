@@ -1,6 +1,6 @@
 """Online prediction throughput and latency: ceilings, a plain uvicorn app and every serving layout, one run.
 
-    python benchmarks/serve_bench.py [--model BUNDLE] [--seconds 15] [--concurrency 1 16 64]
+    python benchmarks/serve_bench.py [--bundle BUNDLE] [--seconds 15] [--concurrency 1 16 64]
     python benchmarks/serve_bench.py --peers [--peers-only mosec,litserve,pytriton,bentoml,fastapi-pob]
 
 Default: the in-process ceilings (single thread: decode then batch-32 predict; pipelined: decoding on two
@@ -203,7 +203,7 @@ def servers(model: str | None, workdir: Path) -> dict[str, tuple[Callable[[int],
     from skin_ray.runtime import SERVE_ENVIRONMENT
 
     def skin_ray_serve(*flags: str) -> Callable[[int], list[str]]:
-        return lambda port: ["skin-ray", "serve", "--port", str(port), *(["--model", model] if model else []), *flags]
+        return lambda port: ["skin-ray", "serve", "--port", str(port), *(["--bundle", model] if model else []), *flags]
 
     return {
         "plain FastAPI + uvicorn, one predict per request": (lambda port: plain_command(model, port, workdir), {}),
@@ -225,9 +225,9 @@ def table(rows: dict[str, dict], concurrency: list[int], reference: float, refer
 
 
 def run_layouts(args, images: list[bytes], workdir: Path) -> dict:
-    report: dict = {"ceiling": ceilings(args.model, images * 2)}
+    report: dict = {"ceiling": ceilings(args.bundle, images * 2)}
     rows: dict[str, dict] = {}
-    for name, (command, env) in servers(args.model, workdir).items():
+    for name, (command, env) in servers(args.bundle, workdir).items():
         port = free_port()
         with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
             rows[name] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
@@ -248,7 +248,7 @@ def run_layouts(args, images: list[bytes], workdir: Path) -> dict:
 
 def run_peers(args, workdir: Path) -> dict:
     """../shared/peers/run_peers.sh on the shipped model file, then `skin-ray serve` with the same client."""
-    model_file = Path(args.model or ROOT / "skin_ray" / "bundles" / "default") / "model.keras"
+    model_file = Path(args.bundle or ROOT / "skin_ray" / "bundles" / "default") / "model.keras"
     out = workdir / "peers"
     command = [str(PEERS / "run_peers.sh"), "--model", str(model_file), "--import", "skin_ray.model", "--images", str(IMAGES),
                "--only", args.peers_only, "--concurrency", ",".join(map(str, args.concurrency)),
@@ -260,7 +260,7 @@ def run_peers(args, workdir: Path) -> dict:
         if peer.get("status") == "ok":
             rows[peer["peer"]] = by_concurrency(peer["result"]["levels"])
     port = free_port()
-    command, env = servers(args.model, workdir)[SHIPPED]
+    command, env = servers(args.bundle, workdir)[SHIPPED]
     with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
         rows[SHIPPED] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
     best = max(
@@ -272,7 +272,7 @@ def run_peers(args, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="bundle (default: the shipped model)")
+    parser.add_argument("--bundle", help="bundle (default: the shipped model)")
     parser.add_argument("--seconds", type=float, default=15, help="load time per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--peers", action="store_true", help="measure the peers of ../shared/peers instead of our layouts")

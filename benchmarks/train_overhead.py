@@ -66,10 +66,10 @@ def keras_fit_epoch_seconds(data: Path, epochs: int, batch_size: int) -> float:
 
 
 def ray_train_epoch_seconds(data: Path, epochs: int, batch_size: int, workers: int, scratch: Path) -> float:
-    from skin_ray.config import TrainConfig
+    from skin_ray.config import TrainSettings
     from skin_ray.train import train
 
-    config = TrainConfig(
+    config = TrainSettings(
         data=str(data), output=str(scratch / "bundle"), storage_path=str(scratch / "runs"), workers=workers,
         epochs=epochs, batch_size=batch_size,
     )

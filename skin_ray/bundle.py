@@ -18,8 +18,10 @@ cannot run arbitrary code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 
 import skin_ray
 from skin_ray import storage
+from skin_ray.data import POSITIVE_CLASS
 from skin_ray.model import ShadesOfGray  # noqa: F401  (registers the custom layer for loading)
 from skin_ray.preprocess import IMAGE_SIZE, PREPROCESSING_ID
 from skin_ray.safeguards import InputGate
@@ -67,6 +70,32 @@ class BundleMetadata:
     @property
     def positive_index(self) -> int:
         return self.class_names.index(self.positive_class)
+
+
+def describe_bundle(
+    model: keras.Model, arch: str, split, threshold: float, target_sensitivity: float, bundle_metrics: dict,
+    training: dict, source: str,
+) -> BundleMetadata:
+    """The bundle.json of a calibrated model trained on `split` (a `skin_ray.data.Split`); its version names
+    the architecture, the day and the weights."""
+    weights_digest = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+    return BundleMetadata(
+        model_version=f"{arch}-{time.strftime('%Y%m%d')}-{weights_digest[:10]}",
+        arch=arch,
+        class_names=list(split.train.class_names),
+        positive_class=POSITIVE_CLASS,
+        threshold=threshold,
+        target_sensitivity=target_sensitivity,
+        metrics=bundle_metrics,
+        training=training,
+        data={
+            "source": source,
+            "fingerprint": split.fingerprint,
+            "train": split.train.class_counts(),
+            "validation": split.validation.class_counts(),
+            "skipped": len(split.skipped),
+        },
+    )
 
 
 @dataclass

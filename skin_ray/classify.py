@@ -25,7 +25,7 @@ import pyarrow.parquet
 import ray
 
 from skin_ray import storage
-from skin_ray.config import ClassifyConfig
+from skin_ray.config import ClassifySettings, OutputFormat
 from skin_ray.data import load_images
 from skin_ray.predictor import RECORD_FIELDS
 from skin_ray.preprocess import IMAGE_SUFFIXES
@@ -41,7 +41,7 @@ def _write_jsonl(table: pyarrow.Table, stream) -> None:
 
 
 # --format -> (file suffix, its Ray Data reader, a writer of one pyarrow table to a binary stream)
-FORMATS = {
+FORMATS: dict[OutputFormat, tuple] = {
     "parquet": (".parquet", ray.data.read_parquet, pyarrow.parquet.write_table),
     "csv": (".csv", ray.data.read_csv, pyarrow.csv.write_csv),
     "jsonl": (".json", ray.data.read_json, _write_jsonl),
@@ -51,12 +51,12 @@ FORMATS = {
 class Classifier:
     """A Ray Data actor: loads the bundle once, then predicts every batch it is given."""
 
-    def __init__(self, model: str | None, nested_as_json: bool, explain: str | None):
+    def __init__(self, bundle: str | None, nested_as_json: bool, explain: str | None):
         from skin_ray.predictor import Predictor
         from skin_ray.runtime import limit_tensorflow_threads
 
         limit_tensorflow_threads()
-        self.predictor = Predictor.from_bundle(model)
+        self.predictor = Predictor.from_bundle(bundle)
         self.nested_as_json, self.explain = nested_as_json, explain
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,20 +109,20 @@ def read_results(output: str, fmt: str, columns: list[str] | None = None):
     return frame[columns] if columns else frame
 
 
-def build_pipeline(paths: list[str], config: ClassifyConfig) -> ray.data.Dataset:
-    max_bytes = int(config.max_file_mb * 2**20)
+def build_pipeline(paths: list[str], settings: ClassifySettings) -> ray.data.Dataset:
+    max_bytes = int(settings.max_file_mb * 2**20)
     files = ray.data.from_items(
-        [{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // config.batch_size, 1000))
+        [{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // settings.batch_size, 1000))
     )
     files.set_name("classify")  # what its progress line is called
     return (
-        files.map_batches(load_images, batch_size=config.batch_size, fn_kwargs={"max_bytes": max_bytes}, num_cpus=0.5)
+        files.map_batches(load_images, batch_size=settings.batch_size, fn_kwargs={"max_bytes": max_bytes}, num_cpus=0.5)
         .map_batches(
             Classifier,
-            fn_constructor_args=(config.model, config.format == "csv", config.explain),
-            batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.workers),
-            num_cpus=config.cpus_per_actor,
+            fn_constructor_args=(settings.bundle, settings.format == "csv", settings.explain),
+            batch_size=settings.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=settings.workers),
+            num_cpus=settings.cpus_per_actor,
         )
     )
 
@@ -132,10 +132,10 @@ class ResultFiles:
     `flush_interval_s` passed since the last one, and the rest on exit, so a job killed at any point keeps
     all but its last few seconds. Files are named by run and number, never overwriting another run's."""
 
-    def __init__(self, config: ClassifyConfig):
-        self.suffix, _, self.write = FORMATS[config.format]
-        self.filesystem, self.directory = storage.pyarrow_filesystem(config.output)
-        self.rows_per_file, self.flush_interval_s = config.rows_per_file, config.flush_interval_s
+    def __init__(self, settings: ClassifySettings):
+        self.suffix, _, self.write = FORMATS[settings.format]
+        self.filesystem, self.directory = storage.pyarrow_filesystem(settings.output)
+        self.rows_per_file, self.flush_interval_s = settings.rows_per_file, settings.flush_interval_s
         self.run, self.written, self.waiting, self.waiting_rows = uuid.uuid4().hex[:12], 0, [], 0
         self.last_flush = time.monotonic()
 
@@ -162,36 +162,36 @@ class ResultFiles:
         self.flush()  # an interrupted job keeps what it finished too
 
 
-def check_output(config: ClassifyConfig) -> None:
+def check_output(settings: ClassifySettings) -> None:
     """Refuse an output that already holds results unless resuming; a listing only, no Ray needed."""
-    suffix = FORMATS[config.format][0]
+    suffix = FORMATS[settings.format][0]
     try:
-        results = [p for p in storage.list_files(config.output) if p.endswith(suffix)]
+        results = [p for p in storage.list_files(settings.output) if p.endswith(suffix)]
     except FileNotFoundError:
         return
-    if results and not config.resume:
+    if results and not settings.resume:
         raise FileExistsError(
-            f"{config.output} already holds results ({len(results)} {suffix} files); pass --resume to classify "
+            f"{settings.output} already holds results ({len(results)} {suffix} files); pass --resume to classify "
             "only the files not in them, or choose another --output"
         )
 
 
-def classify(config: ClassifyConfig) -> dict:
+def classify(settings: ClassifySettings) -> dict:
     """Run the job; return the summary (files, classified, errors by reason, elapsed, images/s)."""
     started = time.perf_counter()
-    check_output(config)
-    files = storage.list_files(config.source, IMAGE_SUFFIXES)
-    done = set(read_results(config.output, config.format, ["path"])["path"])
+    check_output(settings)
+    files = storage.list_files(settings.source, IMAGE_SUFFIXES)
+    done = set(read_results(settings.output, settings.format, ["path"])["path"])
     todo = [p for p in files if p not in done]
     logger.info(
-        "%d image files in %s, %d already classified, %d to do", len(files), config.source, len(files) - len(todo), len(todo)
+        "%d image files in %s, %d already classified, %d to do", len(files), settings.source, len(files) - len(todo), len(todo)
     )
     if todo:
-        with ResultFiles(config) as results:
-            for batch in build_pipeline(todo, config).iter_batches(batch_size=None, batch_format="pyarrow"):
+        with ResultFiles(settings) as results:
+            for batch in build_pipeline(todo, settings).iter_batches(batch_size=None, batch_format="pyarrow"):
                 results.add(batch)
     elapsed = time.perf_counter() - started
-    results = read_results(config.output, config.format, ["path", "error_reason", "uncertain"])
+    results = read_results(settings.output, settings.format, ["path", "error_reason", "uncertain"])
     errors = Counter(reason for reason in results["error_reason"] if isinstance(reason, str) and reason)
     return {
         "files": len(files),
@@ -202,5 +202,5 @@ def classify(config: ClassifyConfig) -> dict:
         "this_run": len(todo),
         "elapsed_s": round(elapsed, 2),
         "images_per_s": round(len(todo) / elapsed, 2) if todo else 0.0,
-        "output": config.output,
+        "output": settings.output,
     }

@@ -7,8 +7,22 @@ import contextlib
 import json
 import os
 import sys
-from dataclasses import fields
-from typing import Literal, get_args, get_origin
+from collections.abc import Callable
+from types import UnionType
+from typing import Literal, NamedTuple, Union, get_args, get_origin
+
+from pydantic import BaseModel
+
+from skin_ray.config import (
+    ClassifySettings,
+    EnsembleSettings,
+    EvaluateSettings,
+    ExplainSettings,
+    FitSafeguardsSettings,
+    PredictSettings,
+    ServeSettings,
+    TrainSettings,
+)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,129 +33,94 @@ def _result(value) -> None:
     print(json.dumps(value), file=sys.__stdout__, flush=True)
 
 
-def _add_settings(parser, settings: type, positional: tuple[str, ...] = ()) -> None:
-    """Arguments for every field of a settings dataclass or pydantic model, with its help text: the CLI
-    reaches each setting without repeating its default. Names in `positional` become positional arguments,
-    `output` a required option."""
-    if hasattr(settings, "model_fields"):  # pydantic
-        options = {name: (f.default, f.description, f.annotation) for name, f in settings.model_fields.items()}
-    else:
-        options = {f.name: (f.default, f.metadata.get("help"), f.type) for f in fields(settings)}
-    for name, (default, help_text, annotation) in options.items():
-        flag = f"--{name.replace('_', '-')}"
+def _add_settings(parser, settings: type[BaseModel], positional: tuple[str, ...] = ()) -> None:
+    """An argument for every field of a settings model, with its description as help: the CLI reaches each
+    setting without repeating its default. Names in `positional` become positional arguments; other fields
+    without a default are required options."""
+    for name, field in settings.model_fields.items():
+        annotation, help_text = field.annotation, field.description
+        if get_origin(annotation) in (Union, UnionType):  # `str | None`: the flag takes a str
+            annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+        many = get_origin(annotation) is list
+        kind = get_args(annotation)[0] if many else annotation
+        choices = get_args(kind) if get_origin(kind) is Literal else None
+        options = {
+            "type": None if kind is bool else type(choices[0]) if choices else kind,
+            "nargs": "+" if many else None,
+            "choices": choices,
+            "help": help_text,
+        }
         if name in positional:
-            parser.add_argument(name, help=help_text)
-        elif name == "output":
-            parser.add_argument(flag, required=True, help=help_text)
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+            parser.add_argument(name, **options)
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if field.is_required():
+            parser.add_argument(flag, dest=name, required=True, **options)
+        elif kind is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=field.default, help=help_text)
         else:
-            choices = get_args(annotation) if get_origin(annotation) is Literal else None
-            parser.add_argument(
-                flag, type=type(default) if default is not None else str, default=default, choices=choices, help=help_text
-            )
+            parser.add_argument(flag, dest=name, default=field.default, **options)
+        for alias in getattr(field.validation_alias, "choices", ()):  # a former name still works, unlisted
+            if alias != name:
+                parser.add_argument(f"--{alias}", dest=name, **{**options, "help": argparse.SUPPRESS})
 
 
-def _settings_from(args, settings: type):
-    names = settings.model_fields if hasattr(settings, "model_fields") else [f.name for f in fields(settings)]
-    return settings(**{name: getattr(args, name) for name in names})
+def _settings_from(args, settings: type[BaseModel]):
+    """The command's settings from its parsed flags; a value the model refuses is a one-line ValueError."""
+    from pydantic import ValidationError
 
-
-def _add_train(commands) -> None:
-    from skin_ray.config import TrainConfig
-
-    parser = commands.add_parser("train", help="train a model with Ray Train and write a model bundle")
-    _add_settings(parser, TrainConfig, positional=("data",))
+    try:
+        return settings(**{name: getattr(args, name) for name in settings.model_fields})
+    except ValidationError as exc:
+        reasons = [
+            (f"--{'-'.join(map(str, error['loc'])).replace('_', '-')}: " if error["loc"] else "")
+            + error["msg"].removeprefix("Value error, ")
+            for error in exc.errors()
+        ]
+        raise ValueError("; ".join(reasons)) from None
 
 
 def _run_train(args) -> int:
-    from skin_ray.config import TrainConfig
     from skin_ray.runtime import init_ray
     from skin_ray.train import train
 
-    config = _settings_from(args, TrainConfig)
+    settings = _settings_from(args, TrainSettings)
     init_ray(verbose=args.verbose, address=args.address)
-    outcome = train(config)
+    outcome = train(settings)
     _result({"bundle": outcome.bundle_uri, **outcome.metrics["validation"]})
     return 0
-
-
-def _add_ensemble(commands) -> None:
-    from skin_ray.config import TARGET_SENSITIVITY
-
-    parser = commands.add_parser("ensemble", help="combine bundles trained on one split into a bundle averaging them")
-    parser.add_argument("members", nargs="+", help="two or more bundles (directories or s3:// prefixes)")
-    parser.add_argument("--output", required=True, help="where to write the ensemble bundle")
-    parser.add_argument("--data", help="the members' labelled image tree, if it moved since they were trained")
-    parser.add_argument(
-        "--target-sensitivity", type=float, default=TARGET_SENSITIVITY, help="Cancer sensitivity the threshold must keep"
-    )
 
 
 def _run_ensemble(args) -> int:
     from skin_ray.ensemble import build_ensemble
     from skin_ray.runtime import init_ray
 
+    settings = _settings_from(args, EnsembleSettings)
     init_ray(verbose=args.verbose, address=args.address)
-    metadata = build_ensemble(args.members, args.output, args.data, args.target_sensitivity)
-    _result({"bundle": args.output, "model_version": metadata.model_version, **metadata.metrics["validation"]})
+    metadata = build_ensemble(settings)
+    _result({"bundle": settings.output, "model_version": metadata.model_version, **metadata.metrics["validation"]})
     return 0
-
-
-def _add_fit_safeguards(commands) -> None:
-    parser = commands.add_parser(
-        "fit-safeguards", help="fit a bundle's input gate and uncertainty margin on its own split (for older bundles)",
-        description="Train and ensemble fit both when they make a bundle; this adds them to a bundle made before.",
-    )
-    parser.add_argument("bundle", help="bundle directory or s3:// prefix, rewritten in place (bundle.json, input_gate.npz)")
-    parser.add_argument("--data", help="the bundle's labelled image tree, if it moved since it was trained")
 
 
 def _run_fit_safeguards(args) -> int:
+    from skin_ray.finalize import add_safeguards
     from skin_ray.runtime import init_ray
-    from skin_ray.train import add_safeguards
 
+    settings = _settings_from(args, FitSafeguardsSettings)
     init_ray(verbose=args.verbose, address=args.address)
-    metadata = add_safeguards(args.bundle, args.data)
-    _result({"bundle": args.bundle, "input_gate": metadata.input_gate, "uncertainty": metadata.uncertainty})
+    metadata = add_safeguards(settings)
+    _result({"bundle": settings.bundle, "input_gate": metadata.input_gate, "uncertainty": metadata.uncertainty})
     return 0
-
-
-def _add_evaluate(commands) -> None:
-    parser = commands.add_parser("evaluate", help="metrics and plots of a bundle on a labelled image tree")
-    parser.add_argument("data", help="labelled image tree (directory or s3:// prefix)")
-    parser.add_argument("--model", help="bundle directory or s3:// prefix (default: the shipped model)")
-    parser.add_argument("--report", help="directory for summary.json, roc.png, confusion.png and calibration.png")
-    parser.add_argument("--subset", help="evaluate only images inside sub-folders of this name, e.g. Testing")
-    parser.add_argument(
-        "--split", choices=("all", "validation"), default="all",
-        help="validation: only the images the bundle's content-hash split held out from its training",
-    )
 
 
 def _run_evaluate(args) -> int:
     from skin_ray.evaluate import evaluate
     from skin_ray.runtime import init_ray
 
+    settings = _settings_from(args, EvaluateSettings)
     init_ray(verbose=args.verbose, address=args.address)
-    _result(evaluate(args.data, args.model, args.report, args.subset, args.split))
+    _result(evaluate(settings))
     return 0
-
-
-def _add_predict(commands) -> None:
-    parser = commands.add_parser(
-        "predict", help="classify image files; one JSON line per image",
-        description="Classify image files, one JSON line per image. Exit status: 0 when every image was "
-        "classified, 1 when some could not be (their lines say why), 2 when there was nothing to classify.",
-    )
-    _add_images(parser)
-
-
-def _add_images(parser) -> None:
-    parser.add_argument(
-        "images", nargs="+", help="image files or folders (searched recursively); local or s3:// (a prefix ends in /)"
-    )
-    parser.add_argument("--model", help="bundle directory or s3:// prefix (default: the shipped model)")
 
 
 def _image_paths(arguments: list[str]) -> list[str]:
@@ -169,8 +148,9 @@ def _run_predict(args) -> int:
     from skin_ray.data import load_images
     from skin_ray.predictor import Predictor
 
-    paths = _image_paths(args.images)
-    predictor = Predictor.from_bundle(args.model)
+    settings = _settings_from(args, PredictSettings)
+    paths = _image_paths(settings.images)
+    predictor = Predictor.from_bundle(settings.bundle)
     chunk = 32  # bounds memory for long argument lists
     failed = 0
     for start in range(0, len(paths), chunk):
@@ -183,16 +163,6 @@ def _run_predict(args) -> int:
     return 1 if failed else 0
 
 
-def _add_explain(commands) -> None:
-    parser = commands.add_parser(
-        "explain", help="classify images and write a Grad-CAM overlay for each: what moved the prediction",
-        description="One JSON line per image (predict's record plus `explanation`: the map, the box of the photo it "
-        "covers, the overlay's path) and one <name>.gradcam.png per image in --output. Exit status as predict.",
-    )
-    _add_images(parser)
-    parser.add_argument("--output", required=True, help="directory for the overlays")
-
-
 def _run_explain(args) -> int:
     from pathlib import Path
 
@@ -201,9 +171,10 @@ def _run_explain(args) -> int:
     from skin_ray.predictor import Predictor
     from skin_ray.preprocess import ImageDecodeError, preprocess_image
 
-    paths = _image_paths(args.images)
-    predictor = Predictor.from_bundle(args.model)
-    output = Path(args.output)
+    settings = _settings_from(args, ExplainSettings)
+    paths = _image_paths(settings.images)
+    predictor = Predictor.from_bundle(settings.bundle)
+    output = Path(settings.output)
     output.mkdir(parents=True, exist_ok=True)
     failed = 0
     for index, path in enumerate(paths):
@@ -226,34 +197,15 @@ def _run_explain(args) -> int:
     return 1 if failed else 0
 
 
-def _add_classify(commands) -> None:
-    from skin_ray.config import ClassifyConfig
-
-    parser = commands.add_parser("classify", help="classify every image below a directory or s3:// prefix (Ray Data)")
-    _add_settings(parser, ClassifyConfig, positional=("source",))
-
-
 def _run_classify(args) -> int:
     from skin_ray.classify import check_output, classify
-    from skin_ray.config import ClassifyConfig
     from skin_ray.runtime import init_ray
 
-    config = _settings_from(args, ClassifyConfig)
-    check_output(config)  # before Ray starts: a mistake in the command costs no start-up
+    settings = _settings_from(args, ClassifySettings)
+    check_output(settings)  # before Ray starts: a mistake in the command costs no start-up
     init_ray(verbose=args.verbose, address=args.address)
-    _result(classify(config))
+    _result(classify(settings))
     return 0
-
-
-def _add_serve(commands) -> None:
-    from skin_ray.config import ServeSettings
-
-    parser = commands.add_parser("serve", help="run the HTTP service (Ray Serve) until Ctrl-C")
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, e.g. in a container)"
-    )
-    parser.add_argument("--port", type=int, default=8000, help="port of the HTTP service")
-    _add_settings(parser, ServeSettings)
 
 
 def _run_serve(args) -> int:
@@ -261,7 +213,6 @@ def _run_serve(args) -> int:
     import signal
     import threading
 
-    from skin_ray.config import ServeSettings
     from skin_ray.runtime import StartupError, init_ray
 
     settings = _settings_from(args, ServeSettings)
@@ -321,47 +272,74 @@ def _check_port_free(host: str, port: int) -> None:
             raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); stop what uses it or pass --port") from None
 
 
+class Command(NamedTuple):
+    settings: type[BaseModel]
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    positional: tuple[str, ...] = ()
+    description: str | None = None
+    uses_ray: bool = True  # accepts --address
+    other_flags: tuple = ()  # (option strings, add_argument keywords) of flags that are not settings
+
+
+_LISTENER_FLAGS = (  # the HTTP listener's, not the app's: a Serve config sets them in http_options
+    (("--host",), {"default": "127.0.0.1", "help": "address to listen on (0.0.0.0: every interface, e.g. in a container)"}),
+    (("--port",), {"type": int, "default": 8000, "help": "port of the HTTP service"}),
+)
+_PREDICT_EXIT = (
+    "Exit status: 0 when every image was classified, 1 when some could not be (their lines say why), 2 when there "
+    "was nothing to classify."
+)
+
 COMMANDS = {
-    "train": (_add_train, _run_train),
-    "ensemble": (_add_ensemble, _run_ensemble),
-    "fit-safeguards": (_add_fit_safeguards, _run_fit_safeguards),
-    "evaluate": (_add_evaluate, _run_evaluate),
-    "predict": (_add_predict, _run_predict),
-    "explain": (_add_explain, _run_explain),
-    "serve": (_add_serve, _run_serve),
-    "classify": (_add_classify, _run_classify),
+    "train": Command(TrainSettings, _run_train, "train a model with Ray Train and write a model bundle", ("data",)),
+    "ensemble": Command(
+        EnsembleSettings, _run_ensemble, "combine bundles trained on one split into a bundle averaging them", ("members",)
+    ),
+    "fit-safeguards": Command(
+        FitSafeguardsSettings, _run_fit_safeguards,
+        "fit a bundle's input gate and uncertainty margin on its own split (for older bundles)", ("bundle",),
+        "Train and ensemble fit both when they make a bundle; this adds them to a bundle made before.",
+    ),
+    "evaluate": Command(EvaluateSettings, _run_evaluate, "metrics and plots of a bundle on a labelled image tree", ("data",)),
+    "predict": Command(
+        PredictSettings, _run_predict, "classify image files; one JSON line per image", ("images",),
+        f"Classify image files, one JSON line per image. {_PREDICT_EXIT}", uses_ray=False,
+    ),
+    "explain": Command(
+        ExplainSettings, _run_explain, "classify images and write a Grad-CAM overlay for each: what moved the prediction",
+        ("images",), "One JSON line per image (predict's record plus `explanation`: the map, the box of the photo it "
+        f"covers, the overlay's path) and one <name>.gradcam.png per image in --output. {_PREDICT_EXIT}", uses_ray=False,
+    ),
+    "serve": Command(ServeSettings, _run_serve, "run the HTTP service (Ray Serve) until Ctrl-C", other_flags=_LISTENER_FLAGS),
+    "classify": Command(
+        ClassifySettings, _run_classify, "classify every image below a directory or s3:// prefix (Ray Data)", ("source",)
+    ),
 }
 
 
-LOCAL_COMMANDS = ("predict", "explain")  # run in this process, without Ray
-
-
-class _Commands(argparse._SubParsersAction):
-    """Sub-commands that show their defaults in --help and accept --verbose (and --address when they use Ray)."""
-
-    def add_parser(self, name, **kwargs):
-        parser = super().add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
-        parser.add_argument(
-            "--verbose", action="store_true", help="also print Ray's, Ray Data's and TensorFlow's own logs"
-        )
-        if name not in LOCAL_COMMANDS:
-            parser.add_argument(
-                "--address",
-                help="Ray cluster to run on (default: RAY_ADDRESS, else the cluster `ray start` made on this "
-                "machine, else a Ray of this command's own that stops with it)",
-            )
-        return parser
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's flags come from its settings model; each also takes --verbose, and --address when it
+    uses Ray; --help shows the defaults."""
     import skin_ray
 
     parser = argparse.ArgumentParser(prog="skin-ray", description=__doc__)
     parser.add_argument("--version", action="version", version=f"skin-ray {skin_ray.__version__}")
-    parser.register("action", "commands", _Commands)
-    commands = parser.add_subparsers(dest="command", required=True, action="commands")
-    for add, _ in COMMANDS.values():
-        add(commands)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(
+            name, help=command.help, description=command.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        _add_settings(sub, command.settings, command.positional)
+        for flags, options in command.other_flags:
+            sub.add_argument(*flags, **options)
+        sub.add_argument("--verbose", action="store_true", help="also print Ray's, Ray Data's and TensorFlow's own logs")
+        if command.uses_ray:
+            sub.add_argument(
+                "--address",
+                help="Ray cluster to run on (default: RAY_ADDRESS, else the cluster `ray start` made on this "
+                "machine, else a Ray of this command's own that stops with it)",
+            )
     return parser
 
 
@@ -380,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
         limit_tensorflow_threads()  # imports TensorFlow, whose C++ prints notices while it loads
     try:
-        return COMMANDS[args.command][1](args)
+        return COMMANDS[args.command].run(args)
     except (OSError, ValueError, StartupError) as exc:
         # Mistakes in the input or the environment (FileNotFoundError and FileExistsError are OSErrors): a
         # one-line reason, not a traceback.

@@ -1,86 +1,156 @@
-"""Settings for each job, as typed models with defaults that run on a laptop.
+"""Settings of every command, as pydantic models with defaults that run on a laptop.
 
-The same fields are reachable from Python, from `skin-ray` flags (generated from these definitions) and,
-for serving, from the Serve config's `args` (deployments/serve_config.yaml). Importing this module is cheap:
-no TensorFlow, no Ray.
+The same fields are reachable from Python, from `skin-ray` flags (generated from these models: each field's
+description is its --help) and, for serving, from the Serve config's `args` (deployments/serve_config.yaml).
+A parameter naming a model bundle (directory or s3:// prefix) is called `bundle` everywhere. Importing this
+module is cheap: no TensorFlow, no Ray.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TARGET_SENSITIVITY = 0.90  # for Cancer, on validation: what a bundle's decision threshold must keep
 
-
-def _setting(default, help: str):
-    """A dataclass field whose `help` is what `skin-ray --help` shows for it; MISSING makes it required."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Everything `skin-ray train` can set."""
-
-    data: str = _setting(MISSING, "labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
-    output: str = _setting(MISSING, "where to write the bundle (directory or s3:// prefix)")
-    arch: str = _setting("default", "default (ours, residual), plain (ours, plain stages) or seed (the original notebook CNN)")
-    workers: int = _setting(2, "Ray Train workers (MultiWorkerMirroredStrategy replicas)")
-    epochs: int = _setting(40, "passes over the training split")
-    batch_size: int = _setting(32, "global batch size, split evenly across workers")
-    learning_rate: float = _setting(2e-3, "peak AdamW learning rate (warm-up, then cosine decay)")
-    weight_decay: float = _setting(1e-4, "AdamW weight decay")
-    seed: int = _setting(0, "random seed for initialisation and augmentation")
-    validation_fraction: float = _setting(0.2, "share of distinct images held out, chosen by content hash")
-    target_sensitivity: float = _setting(TARGET_SENSITIVITY, "Cancer sensitivity the decision threshold must keep on validation")
-    subset: str | None = _setting(None, "train only on images inside sub-folders of this name, e.g. Training")
-    storage_path: str = _setting("~/skin_ray_runs", "Ray Train run and checkpoint storage (local path or s3://)")
-    run_name: str | None = _setting(None, "name of the run under --storage-path (default: arch and time)")
-    max_failures: int = _setting(3, "restarts from the last checkpoint after a worker dies")
-    cpus_per_worker: float = _setting(1.0, "CPUs reserved for each worker")
-    placement_strategy: str = _setting("PACK", "PACK, or SPREAD to place workers on different nodes")
-    resources_timeout_s: float = _setting(120.0, "give up if the workers' CPUs are not free within this many seconds")
-
-    def __post_init__(self):
-        if self.batch_size % self.workers:
-            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
+# Each choice is listed once, here; the modules that act on a choice key their tables by these names.
+Arch = Literal["default", "plain", "seed"]
+OutputFormat = Literal["parquet", "csv", "jsonl"]
+Layout = Literal["fused", "split"]
+EvaluationSplit = Literal["all", "validation"]
 
 
-@dataclass
-class ClassifyConfig:
-    """Everything `skin-ray classify` can set."""
+def _bundle_field(description: str = "bundle directory or s3:// prefix (default: the shipped model)"):
+    # `model` was this parameter's name before 0.2; Serve configs written then still load.
+    return Field(None, description=description, validation_alias=AliasChoices("bundle", "model"))
 
-    source: str = _setting(MISSING, "directory or s3://bucket/prefix, searched recursively for images")
-    output: str = _setting(MISSING, "directory or s3:// prefix for the results")
-    model: str | None = _setting(None, "bundle directory or s3:// prefix (default: the shipped model)")
-    format: str = _setting("parquet", "parquet, csv or jsonl")
-    batch_size: int = _setting(32, "images per model call")
-    workers: int = _setting(2, "classifier actors; each loads the model once")
-    cpus_per_actor: float = _setting(0.5, "fractional, so a Serve replica or a trainer elsewhere cannot starve the pool")
-    max_file_mb: float = _setting(50.0, "files larger than this become error rows without being read")
-    rows_per_file: int = _setting(5000, "most rows in one output file")
-    flush_interval_s: float = _setting(10.0, "write the rows finished so far at least this often: what a killed job can lose")
-    resume: bool = _setting(False, "skip files already present in the output's results")
-    explain: str | None = _setting(
-        None, "directory or s3:// prefix for a Grad-CAM overlay of every classified image, named in the `explanation` "
-        "column (a gradient pass and a second read per image)",
+
+class Settings(BaseModel):
+    """Unknown fields are errors: a misspelt YAML key or keyword must not be ignored silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainSettings(Settings):
+    """`skin-ray train`."""
+
+    data: str = Field(description="labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
+    output: str = Field(description="where to write the bundle (directory or s3:// prefix)")
+    arch: Arch = Field(
+        "default", description="default (ours, residual), plain (ours, plain stages) or seed (the original notebook CNN)"
+    )
+    workers: int = Field(2, ge=1, description="Ray Train workers (MultiWorkerMirroredStrategy replicas)")
+    epochs: int = Field(40, ge=1, description="passes over the training split")
+    batch_size: int = Field(32, ge=1, description="global batch size, split evenly across workers")
+    learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate (warm-up, then cosine decay)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    seed: int = Field(0, description="random seed for initialisation and augmentation")
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="share of distinct images held out, chosen by content hash")
+    target_sensitivity: float = Field(
+        TARGET_SENSITIVITY, gt=0, lt=1, description="Cancer sensitivity the decision threshold must keep on validation"
+    )
+    subset: str | None = Field(None, description="train only on images inside sub-folders of this name, e.g. Training")
+    storage_path: str = Field("~/skin_ray_runs", description="Ray Train run and checkpoint storage (local path or s3://)")
+    run_name: str | None = Field(None, description="name of the run under --storage-path (default: arch and time)")
+    max_failures: int = Field(3, ge=0, description="restarts from the last checkpoint after a worker dies")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved for each worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="PACK, or SPREAD to place workers on different nodes"
+    )
+    resources_timeout_s: float = Field(
+        120.0, gt=0, description="give up if the workers' CPUs are not free within this many seconds"
     )
 
-    def __post_init__(self):
-        if self.format not in ("parquet", "csv", "jsonl"):
-            raise ValueError(f"--format must be parquet, csv or jsonl, not {self.format!r}")
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> TrainSettings:
+        if self.batch_size % self.workers:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
+        return self
 
 
-class ServeSettings(BaseModel):
+class EnsembleSettings(Settings):
+    """`skin-ray ensemble`."""
+
+    members: list[str] = Field(description="two or more bundles (directories or s3:// prefixes)")
+    output: str = Field(description="where to write the ensemble bundle")
+    data: str | None = Field(None, description="the members' labelled image tree, if it moved since they were trained")
+    target_sensitivity: float = Field(TARGET_SENSITIVITY, gt=0, lt=1, description="Cancer sensitivity the threshold must keep")
+
+    @field_validator("members")
+    @classmethod
+    def _two_or_more(cls, members: list[str]) -> list[str]:
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two bundles")
+        return members
+
+
+class FitSafeguardsSettings(Settings):
+    """`skin-ray fit-safeguards`."""
+
+    bundle: str = Field(description="bundle directory or s3:// prefix, rewritten in place (bundle.json, input_gate.npz)")
+    data: str | None = Field(None, description="the bundle's labelled image tree, if it moved since it was trained")
+
+
+class EvaluateSettings(Settings):
+    """`skin-ray evaluate`."""
+
+    data: str = Field(description="labelled image tree (directory or s3:// prefix)")
+    bundle: str | None = _bundle_field()
+    report: str | None = Field(None, description="directory for summary.json, roc.png, confusion.png and calibration.png")
+    subset: str | None = Field(None, description="evaluate only images inside sub-folders of this name, e.g. Testing")
+    split: EvaluationSplit = Field(
+        "all", description="validation: only the images the bundle's content-hash split held out from its training"
+    )
+
+
+class PredictSettings(Settings):
+    """`skin-ray predict`."""
+
+    images: list[str] = Field(
+        min_length=1, description="image files or folders (searched recursively); local or s3:// (a prefix ends in /)"
+    )
+    bundle: str | None = _bundle_field()
+
+
+class ExplainSettings(PredictSettings):
+    """`skin-ray explain`."""
+
+    output: str = Field(description="directory for the overlays")
+
+
+class ClassifySettings(Settings):
+    """`skin-ray classify`."""
+
+    source: str = Field(description="directory or s3://bucket/prefix, searched recursively for images")
+    output: str = Field(description="directory or s3:// prefix for the results")
+    bundle: str | None = _bundle_field()
+    format: OutputFormat = Field("parquet", description="parquet, csv or jsonl")
+    batch_size: int = Field(32, ge=1, description="images per model call")
+    workers: int = Field(2, ge=1, description="classifier actors; each loads the model once")
+    cpus_per_actor: float = Field(
+        0.5, gt=0, description="fractional, so a Serve replica or a trainer elsewhere cannot starve the pool"
+    )
+    max_file_mb: float = Field(50.0, gt=0, description="files larger than this become error rows without being read")
+    rows_per_file: int = Field(5000, ge=1, description="most rows in one output file")
+    flush_interval_s: float = Field(
+        10.0, gt=0, description="write the rows finished so far at least this often: what a killed job can lose"
+    )
+    resume: bool = Field(False, description="skip files already present in the output's results")
+    explain: str | None = Field(
+        None, description="directory or s3:// prefix for a Grad-CAM overlay of every classified image, named in the "
+        "`explanation` column (a gradient pass and a second read per image)",
+    )
+
+
+class ServeSettings(Settings):
     """The app builder's arguments: the same fields in `deployments/serve_config.yaml`, `skin-ray serve`
     flags and Python."""
 
-    model: str | None = Field(None, description="bundle directory or s3:// prefix; None = the shipped model")
-    layout: Literal["fused", "split"] = Field(
+    bundle: str | None = _bundle_field("bundle directory or s3:// prefix; None = the shipped model")
+    layout: Layout = Field(
         "fused",
         description="fused: one deployment decodes, batches and predicts (fastest on one node); split: Ingress "
         "replicas decode and batch, SkinModel replicas predict (decoding and the model scale apart on a cluster)",

@@ -18,11 +18,10 @@ import numpy as np
 from keras import layers
 
 from skin_ray.bundle import BundleMetadata, load_bundle, save_bundle
-from skin_ray.config import TARGET_SENSITIVITY
-from skin_ray.data import discover, split_by_content
+from skin_ray.config import EnsembleSettings
+from skin_ray.finalize import bundle_split, finalize_bundle
 from skin_ray.model import NUM_CLASSES
 from skin_ray.preprocess import IMAGE_SIZE
-from skin_ray.train import calibrate, describe_bundle, fit_safeguards
 
 
 def make_ensemble(members: list[keras.Model]) -> keras.Model:
@@ -42,25 +41,16 @@ def make_ensemble(members: list[keras.Model]) -> keras.Model:
     return keras.Model(inputs, outputs, name="ensemble")
 
 
-def build_ensemble(
-    members: list[str], output: str, data: str | None = None, target_sensitivity: float = TARGET_SENSITIVITY
-) -> BundleMetadata:
-    """Write the ensemble of the bundles at `members` to `output`; `data` defaults to the members' own source."""
-    if len(members) < 2:
-        raise ValueError("an ensemble needs at least two bundles")
-    bundles = [load_bundle(uri) for uri in members]
+def build_ensemble(settings: EnsembleSettings) -> BundleMetadata:
+    """Write the ensemble of the bundles `settings.members` to `settings.output`."""
+    bundles = [load_bundle(uri) for uri in settings.members]
     first = bundles[0].metadata
     for bundle in bundles[1:]:
         meta = bundle.metadata
         if meta.data.get("fingerprint") != first.data.get("fingerprint") or meta.class_names != first.class_names:
             raise ValueError(f"{bundle.uri} was trained on another split or class order than {bundles[0].uri}")
-    source = data or first.data["source"]
-    images = discover(source, class_names=tuple(first.class_names), subset=first.training.get("subset"))
-    split = split_by_content(images, first.training["validation_fraction"])
-    if split.fingerprint != first.data["fingerprint"]:
-        raise ValueError(f"{source} is not the data the members were trained on")
+    split, source = bundle_split(first, bundles[0].uri, settings.data)
     model = make_ensemble([bundle.model for bundle in bundles])
-    threshold, bundle_metrics = calibrate(model, split, target_sensitivity)
     training = {
         "members": [
             {"uri": bundle.uri, "model_version": bundle.metadata.model_version, "arch": bundle.metadata.arch,
@@ -70,8 +60,6 @@ def build_ensemble(
         "validation_fraction": first.training["validation_fraction"],
         "subset": first.training.get("subset"),
     }
-    gate, input_gate, uncertainty = fit_safeguards(model, split, threshold)
-    metadata = describe_bundle(model, "ensemble", split, threshold, target_sensitivity, bundle_metrics, training, source)
-    metadata.input_gate, metadata.uncertainty = input_gate, uncertainty
-    save_bundle(model, metadata, output, split.train_digests, gate)
+    metadata, gate = finalize_bundle(model, split, "ensemble", settings.target_sensitivity, training, source)
+    save_bundle(model, metadata, settings.output, split.train_digests, gate)
     return metadata

@@ -9,34 +9,30 @@ from pathlib import Path
 import numpy as np
 
 from skin_ray import metrics
+from skin_ray.config import EvaluateSettings
 from skin_ray.data import discover, image_dataset, in_validation
 from skin_ray.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("all", "validation")
-
-
-def evaluate(
-    data: str, model: str | None = None, report_dir: str | None = None, subset: str | None = None, split: str = "all"
-) -> dict:
-    """Score every image below `data` (decoding runs in parallel on Ray Data); return the summary figures.
+def evaluate(settings: EvaluateSettings) -> dict:
+    """Score every image below `settings.data` (decoding runs in parallel on Ray Data); return the summary
+    figures.
 
     `split="validation"` scores only the images the bundle's content-hash split holds out (on the bundle's
     own data: exactly its validation split). Undecodable files are counted in `errors` and left out of the
     figures; images the bundle was trained on are counted in `seen_in_training`, with a warning, because
     they flatter it. The figures score the model on every decodable image, including those its input gate
     would refuse (`out_of_distribution` counts them); `certain_accuracy` is the accuracy of the predictions
-    not flagged uncertain. With `report_dir`, every image's prediction record goes to predictions.jsonl.
+    not flagged uncertain. With `report`, every image's prediction record goes to predictions.jsonl.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    predictor = Predictor.from_bundle(model)
+    data, split = settings.data, settings.split
+    predictor = Predictor.from_bundle(settings.bundle)
     meta = predictor.metadata
     validation_fraction = meta.training.get("validation_fraction")
     if split == "validation" and validation_fraction is None:
         raise ValueError(f"{predictor.bundle.uri} does not record its validation split; use --split all")
-    images = discover(data, class_names=tuple(meta.class_names), subset=subset)
+    images = discover(data, class_names=tuple(meta.class_names), subset=settings.subset)
     dataset = image_dataset(images)
     dataset.set_name("evaluate")  # what its progress line is called
     y_true, p_cancer, records, errors, seen, held_out = [], [], [], 0, 0, 0
@@ -82,9 +78,9 @@ def evaluate(
         )
     elif not predictor.bundle.train_digests:
         logger.info("%s does not record its training images; overlap with them was not checked", meta.model_version)
-    if report_dir:
-        write_report(y_true, p_cancer, summary, Path(report_dir))
-        with open(Path(report_dir, "predictions.jsonl"), "w") as out:
+    if settings.report:
+        write_report(y_true, p_cancer, summary, Path(settings.report))
+        with open(Path(settings.report, "predictions.jsonl"), "w") as out:
             out.writelines(json.dumps(record) + "\n" for record in records)
     return summary
 

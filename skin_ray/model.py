@@ -9,13 +9,14 @@ only, so a saved model is just the inference graph.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import keras
 from keras import layers, ops
 
+from skin_ray.config import Arch
 from skin_ray.preprocess import IMAGE_SIZE
 
-ARCHITECTURES = ("default", "plain", "seed")
 NUM_CLASSES = 2
 
 
@@ -41,14 +42,14 @@ class ShadesOfGray(layers.Layer):
         return {**super().get_config(), "power": self.power}
 
 
-def make_model(arch: str = "default") -> keras.Model:
+def make_model(arch: Arch = "default") -> keras.Model:
     if arch == "default":
         return _make_ours(_residual_block, name="default")
     if arch == "plain":
         return _make_ours(_plain_block, name="plain")
     if arch == "seed":
         return _make_seed()
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {get_args(Arch)}")
 
 
 def _make_seed() -> keras.Model:

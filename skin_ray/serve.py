@@ -166,9 +166,10 @@ class LoadedModel:
         return asdict(self.predictor.metadata)
 
     def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {model: s3://...}` in the YAML swaps the bundle without downtime."""
-        if user_config.get("model") and user_config["model"] != self.predictor.bundle.uri:
-            self.load(user_config["model"])
+        """`user_config: {bundle: s3://...}` in the YAML swaps the bundle without downtime."""
+        bundle = user_config.get("bundle", user_config.get("model"))  # `model`: the key's name before 0.2
+        if bundle and bundle != self.predictor.bundle.uri:
+            self.load(bundle)
 
 
 class _RemoteModel:
@@ -206,8 +207,8 @@ class _RemoteModel:
 class SkinModel:
     """The split layout's model replica: holds one bundle and predicts the batches Ingress replicas send."""
 
-    def __init__(self, model: str | None):
-        self.model = LoadedModel(model)
+    def __init__(self, bundle: str | None):
+        self.model = LoadedModel(bundle)
 
     async def predict(self, pixels: np.ndarray) -> list[dict]:
         return await self.model.predict(pixels)
@@ -220,14 +221,6 @@ class SkinModel:
 
     def reconfigure(self, user_config: dict) -> None:
         self.model.reconfigure(user_config)
-
-
-# /docs and /redoc serve their scripts from the package (fastapi-offline), so they work without internet.
-app = FastAPIOffline(
-    title="skin-ray",
-    version=skin_ray.__version__,
-    description="Classifies skin-lesion images as Cancer or Non_Cancer. Not a medical diagnosis.",
-)
 
 
 class PredictionResponse(BaseModel):
@@ -300,14 +293,12 @@ ONE_IMAGE_ERRORS = {
 }
 
 
-@app.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     """A failure nobody foresaw is still the service's fault, not the caller's: JSON 503, retry."""
     logger.exception("unexpected failure answering %s", request.url.path)
     return _error(503, f"internal failure ({type(exc).__name__}); retry shortly")
 
 
-@app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     fields = ", ".join(sorted({repr(".".join(map(str, error["loc"][1:]))) for error in exc.errors()}))
     return JSONResponse(status_code=422, content={"detail": f"no file: send the image(s) as multipart field {fields}"})
@@ -468,8 +459,6 @@ def _response(result: dict) -> JSONResponse:
     return JSONResponse(result)
 
 
-# Helpers of Ingress are defined above it: @serve.ingress copies the class's functions with the module's
-# globals as they are at that line.
 def _node_metrics_url() -> str:
     """Where Ray's metrics agent on this node exports Prometheus text (a port Ray picks at start)."""
     node_id = ray.get_runtime_context().get_node_id()
@@ -485,13 +474,13 @@ def _read_url(url: str) -> str:
 # max_ongoing_requests is above max_pending_images so the Batcher's JSON 503 answers overload before
 # Serve's own plain-text one would.
 @serve.deployment(max_ongoing_requests=512, max_queued_requests=512, ray_actor_options={"num_cpus": 0.5})
-@serve.ingress(app)
+@serve.ingress()
 class Ingress:
     """HTTP front: validation, limits, decoding, batching, the page, health and metadata; in the fused layout
-    (no `model` handle) it also holds the model."""
+    (no `model_handle`) it also holds the model."""
 
-    def __init__(self, settings: ServeSettings, model=None):
-        self.model = LoadedModel(settings.model) if model is None else _RemoteModel(model)
+    def __init__(self, settings: ServeSettings, model_handle=None):
+        self.model = LoadedModel(settings.bundle) if model_handle is None else _RemoteModel(model_handle)
         self.max_batch_files = settings.max_batch_files
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="skin-ray-decode")
         self.batcher = Batcher(
@@ -507,8 +496,7 @@ class Ingress:
         self.guard = RequestGuard(
             int(settings.max_upload_mb * 2**20), settings.upload_timeout_s, settings.max_concurrent_uploads
         )
-        app.add_middleware(self.guard.middleware)
-        self.page = PAGE.read_text()
+        self.page_html = PAGE.read_text()
         self.metrics_url = _node_metrics_url()
 
     async def drain(self, timeout_s: float) -> int:
@@ -518,7 +506,7 @@ class Ingress:
 
     def reconfigure(self, user_config: dict) -> None:
         """`user_config` on Ingress changes batching (`max_batch_size`, `batch_wait_timeout_s`) and, in the fused
-        layout, swaps the bundle (`model: s3://...`), all without downtime."""
+        layout, swaps the bundle (`bundle: s3://...`), all without downtime."""
         if "max_batch_size" in user_config:
             self.batcher.max_batch_size = int(user_config["max_batch_size"])
         if "batch_wait_timeout_s" in user_config:
@@ -555,30 +543,58 @@ class Ingress:
         self.predictions.inc(tags={"label": result["label"] or "withheld", "uncertain": str(bool(result["uncertain"])).lower()})
         return result
 
-    @app.post(
-        "/predict",
-        summary="Classify one image (multipart field `file`)",
-        response_model=PredictionResponse,
-        responses=_errors(**ONE_IMAGE_ERRORS, e503=OVERLOADED),
-    )
+    def __serve_build_asgi_app__(self) -> FastAPIOffline:
+        """This replica's HTTP app, which Serve asks for after __init__: the routes bound to this instance,
+        behind its RequestGuard. Built per replica, so no replica changes an app that others share.
+        /docs and /redoc serve their scripts from the package (fastapi-offline), so they work offline."""
+        app = FastAPIOffline(
+            title="skin-ray",
+            version=skin_ray.__version__,
+            description="Classifies skin-lesion images as Cancer or Non_Cancer. Not a medical diagnosis.",
+        )
+        app.add_exception_handler(Exception, _unexpected_error)
+        app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_middleware(self.guard.middleware)
+        app.post(
+            "/predict",
+            summary="Classify one image (multipart field `file`)",
+            response_model=PredictionResponse,
+            responses=_errors(**ONE_IMAGE_ERRORS, e503=OVERLOADED),
+        )(self.predict)
+        app.post(
+            "/explain",
+            summary="Classify one image and show which parts of it moved the prediction (Grad-CAM; multipart field `file`)",
+            response_model=ExplainResponse,
+            responses=_errors(**ONE_IMAGE_ERRORS),
+        )(self.explain)
+        app.post(
+            "/predict/batch",
+            summary="Classify several images (multipart field `files`, repeated)",
+            response_model=BatchResponse,
+            responses=_errors(e413="body larger than max_upload_mb, or more files than max_batch_files", e422=NO_FILE),
+        )(self.predict_batch)
+        app.get(
+            "/healthz",
+            summary="200 once the model is loaded and answered a warm-up prediction",
+            responses=_errors(e503="the model is not ready"),
+        )(self.healthz)
+        app.get("/model", summary="The served bundle's metadata")(self.model_metadata)
+        app.get("/stats", summary="Batch sizes this Ingress replica has formed")(self.stats)
+        app.get(
+            "/metrics",
+            response_class=PlainTextResponse,
+            summary="Prometheus metrics of this replica's node: ours (ray_skin_ray_*), Serve's (ray_serve_*) and Ray's",
+            responses=_errors(e503="Ray's metrics exporter on this node did not answer"),
+        )(self.metrics_text)
+        app.get("/", response_class=HTMLResponse, include_in_schema=False)(self.page)
+        return app
+
     async def predict(self, file: UploadFile = File(...)) -> JSONResponse:
         return _response(await self._classify(file))
 
-    @app.post(
-        "/explain",
-        summary="Classify one image and show which parts of it moved the prediction (Grad-CAM; multipart field `file`)",
-        response_model=ExplainResponse,
-        responses=_errors(**ONE_IMAGE_ERRORS),
-    )
     async def explain(self, file: UploadFile = File(...)) -> JSONResponse:
         return _response(await self._classify(file, explain=True))
 
-    @app.post(
-        "/predict/batch",
-        summary="Classify several images (multipart field `files`, repeated)",
-        response_model=BatchResponse,
-        responses=_errors(e413="body larger than max_upload_mb, or more files than max_batch_files", e422=NO_FILE),
-    )
     async def predict_batch(self, files: list[UploadFile] = File(...)) -> JSONResponse:
         if len(files) > self.max_batch_files:
             return JSONResponse(
@@ -593,11 +609,6 @@ class Ingress:
         ]
         return JSONResponse({"results": entries})
 
-    @app.get(
-        "/healthz",
-        summary="200 once the model is loaded and answered a warm-up prediction",
-        responses=_errors(e503="the model is not ready"),
-    )
     async def healthz(self) -> JSONResponse:
         try:
             metadata = await self.model.metadata()
@@ -606,20 +617,12 @@ class Ingress:
             return JSONResponse(status_code=503, content={"detail": f"model not ready: {type(exc).__name__}"})
         return JSONResponse({"status": "ok", "model_version": metadata["model_version"]})
 
-    @app.get("/model", summary="The served bundle's metadata")
     async def model_metadata(self) -> dict:
         return await self.model.metadata()
 
-    @app.get("/stats", summary="Batch sizes this Ingress replica has formed")
     async def stats(self) -> dict:
         return {"batch_sizes": {str(size): count for size, count in sorted(self.batcher.batch_sizes.items())}}
 
-    @app.get(
-        "/metrics",
-        response_class=PlainTextResponse,
-        summary="Prometheus metrics of this replica's node: ours (ray_skin_ray_*), Serve's (ray_serve_*) and Ray's",
-        responses=_errors(e503="Ray's metrics exporter on this node did not answer"),
-    )
     async def metrics_text(self) -> Response:
         try:
             text = await asyncio.get_running_loop().run_in_executor(None, _read_url, self.metrics_url)
@@ -627,9 +630,8 @@ class Ingress:
             return JSONResponse(status_code=503, content={"detail": f"metrics exporter unavailable: {exc}"})
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(self.page)
+        return HTMLResponse(self.page_html)
 
 
 def app_builder(args: ServeSettings) -> serve.Application:
@@ -640,5 +642,5 @@ def app_builder(args: ServeSettings) -> serve.Application:
     `drain_timeout_s` first."""
     drained = {"graceful_shutdown_timeout_s": args.drain_timeout_s}
     if args.layout == "split":
-        return Ingress.options(**drained).bind(args, SkinModel.options(**drained).bind(args.model))
+        return Ingress.options(**drained).bind(args, SkinModel.options(**drained).bind(args.bundle))
     return Ingress.options(**drained).bind(args)

@@ -2,8 +2,8 @@
 
 Each worker reads its own shard of the training set through Ray Data (`get_dataset_shard`), runs a custom
 training loop, and rank 0 validates, checkpoints and reports per epoch. The best checkpoint by validation
-ROC AUC becomes the model bundle, after calibration and the choice of a decision threshold on the same
-validation split.
+ROC AUC becomes the model bundle, after calibration, the choice of a decision threshold and the safeguards
+on the same validation split (skin_ray.finalize).
 
 Why a custom loop instead of `model.fit`: on this stack (TensorFlow 2.21, Keras 3.15) `fit` under
 MultiWorkerMirroredStrategy with 2+ workers fails inside Keras (keras-team/keras#20585, then
@@ -14,15 +14,15 @@ legacy tf-keras needs the full TensorFlow wheel and writes files Keras 3 cannot 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow.fs
@@ -30,14 +30,13 @@ import ray
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
-from skin_ray import metrics, safeguards, storage
-from skin_ray.bundle import BundleMetadata, load_bundle, save_bundle, write_safeguards
-from skin_ray.config import TrainConfig
-from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, discover, image_dataset, split_by_content
-from skin_ray.predictor import analysis_function, member_cancer_probabilities
-from skin_ray.preprocess import IMAGE_SIZE
+from skin_ray import metrics, storage
+from skin_ray.bundle import save_bundle
+from skin_ray.calibration import score_dataset
+from skin_ray.config import TrainSettings
+from skin_ray.data import discover, image_dataset, split_by_content
+from skin_ray.finalize import finalize_bundle
 from skin_ray.runtime import format_duration, limit_tensorflow_threads, wait_for_resources
-from skin_ray.safeguards import InputGate
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +52,10 @@ class TrainOutcome:
     history: list[dict]
 
 
-def train(config: TrainConfig) -> TrainOutcome:
-    """Train on `config.data`, write the bundle to `config.output`, return its validation metrics."""
-    images = discover(config.data, subset=config.subset)
-    split = split_by_content(images, config.validation_fraction)
+def train(settings: TrainSettings) -> TrainOutcome:
+    """Train on `settings.data`, write the bundle to `settings.output`, return its validation metrics."""
+    images = discover(settings.data, subset=settings.subset)
+    split = split_by_content(images, settings.validation_fraction)
     if len(split.validation) == 0 or len(set(split.validation.labels)) < 2:
         raise ValueError("the validation split needs images of both classes; add images or raise --validation-fraction")
     logger.info(
@@ -65,25 +64,25 @@ def train(config: TrainConfig) -> TrainOutcome:
         len(split.skipped),
     )
     counts = np.bincount(split.train.labels, minlength=len(images.class_names))
-    rows_per_worker = len(split.train) // config.workers
-    steps_per_epoch = rows_per_worker // (config.batch_size // config.workers)
+    rows_per_worker = len(split.train) // settings.workers
+    steps_per_epoch = rows_per_worker // (settings.batch_size // settings.workers)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(split.train)} training images are fewer than one batch per worker")
     loop_config = {
-        **asdict(config),
+        **settings.model_dump(),
         "class_weights": (len(split.train) / (len(counts) * np.maximum(counts, 1))).tolist(),
         "steps_per_epoch": steps_per_epoch,
     }
-    _wait_for_resources(config)
-    epoch_lines = EpochLines(config.epochs)
-    storage_fs, storage_path = storage.pyarrow_filesystem(os.path.expanduser(config.storage_path))
+    _wait_for_resources(settings)
+    epoch_lines = EpochLines(settings.epochs)
+    storage_fs, storage_path = storage.pyarrow_filesystem(os.path.expanduser(settings.storage_path))
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.workers,
-            resources_per_worker={"CPU": config.cpus_per_worker},
-            placement_strategy=config.placement_strategy,
+            num_workers=settings.workers,
+            resources_per_worker={"CPU": settings.cpus_per_worker},
+            placement_strategy=settings.placement_strategy,
         ),
         datasets={
             "train": image_dataset(split.train, shuffle=True),
@@ -93,10 +92,10 @@ def train(config: TrainConfig) -> TrainOutcome:
         # "validation" is read whole by rank 0.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=config.run_name or f"skin-ray-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=settings.run_name or f"skin-ray-{settings.arch}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
             ),
@@ -110,10 +109,12 @@ def train(config: TrainConfig) -> TrainOutcome:
         history = json.loads(Path(latest, STATE_FILE).read_text())["history"]
     best = result.get_best_checkpoint(metric="val_auc", mode="max")
     with best.as_directory() as checkpoint_dir:
-        model = _model_from_checkpoint(config.arch, checkpoint_dir)
-    metadata, gate = finalize_bundle(model, config, split, history)
-    save_bundle(model, metadata, config.output, split.train_digests, gate)
-    return TrainOutcome(config.output, metadata.metrics, history)
+        model = _model_from_checkpoint(settings.arch, checkpoint_dir)
+    training = {**settings.model_dump(), "epochs_run": len(history)}
+    metadata, gate = finalize_bundle(model, split, settings.arch, settings.target_sensitivity, training, settings.data)
+    metadata.metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
+    save_bundle(model, metadata, settings.output, split.train_digests, gate)
+    return TrainOutcome(settings.output, metadata.metrics, history)
 
 
 def _remove_unrecorded_checkpoints(result: ray.train.Result) -> None:
@@ -178,150 +179,16 @@ class _ReportToQueue(ray.train.UserCallback):
             self.queue.put(metrics[0])
 
 
-def finalize_bundle(model, config: TrainConfig, split, history: list[dict]) -> tuple[BundleMetadata, InputGate]:
-    """Calibrate the best checkpoint's model in place, choose its threshold, fit its safeguards, describe
-    the bundle."""
-    threshold, bundle_metrics = calibrate(model, split, config.target_sensitivity)
-    bundle_metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
-    gate, input_gate, uncertainty = fit_safeguards(model, split, threshold)
-    metadata = describe_bundle(
-        model, config.arch, split, threshold, config.target_sensitivity, bundle_metrics,
-        training={**asdict(config), "epochs_run": len(history)}, source=config.data,
-    )
-    metadata.input_gate, metadata.uncertainty = input_gate, uncertainty
-    return metadata, gate
-
-
-def fit_safeguards(model, split, threshold: float) -> tuple[InputGate, dict, dict]:
-    """The input gate and the uncertainty margin of a calibrated model, with their bundle.json descriptions.
-
-    The gate's reference is the training split as the model saw it in training: every image, and every image
-    zoomed out onto skin as the augmentation does (without them, 14% of the validation images re-photographed
-    with a wider field were refused; with them 2.7%, at the price of letting more noise and flat images
-    through: benchmarks/ood.py). Its threshold and the margin come from the validation split.
-    """
-    from skin_ray.model import RandomZoomOutOntoSkin
-
-    analyse = analysis_function(model, (IMAGE_SIZE, IMAGE_SIZE, 3))
-    positive = CLASS_NAMES.index(POSITIVE_CLASS)
-    zoom_out = RandomZoomOutOntoSkin(probability=1.0, seed=0)
-
-    def features_of(images, zoomed_too: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        labels, probabilities, features = [], [], []
-        dataset = image_dataset(images)
-        dataset.set_name("fit-safeguards")  # what its progress line is called
-        for batch in dataset.iter_batches(batch_size=64):
-            views = [batch["image"]]
-            if zoomed_too:
-                views.append(np.asarray(zoom_out(batch["image"], training=True)))
-            for pixels in views:
-                p, f = (np.asarray(t) for t in analyse(pixels))
-                labels.append(batch["label"])
-                probabilities.append(p[:, positive])
-                features.append(f)
-        return np.concatenate(labels), np.concatenate(probabilities), np.concatenate(features)
-
-    train_labels, _, train_features = features_of(split.train, zoomed_too=True)
-    labels, p_cancer, features = features_of(split.validation)
-    gate = safeguards.fit_input_gate(train_features, train_labels, features)
-    disagree = safeguards.members_disagree(member_cancer_probabilities(model, features, positive), threshold, len(labels))
-    y_true = (labels == positive).astype(np.int64)
-    margin = safeguards.uncertainty_margin(y_true, p_cancer, threshold, disagree)
-    return gate, *safeguards.describe(gate, margin, y_true, p_cancer, threshold, disagree)
-
-
-def add_safeguards(bundle_uri: str, data: str | None = None) -> BundleMetadata:
-    """Fit the safeguards of an existing bundle on its own split (re-derived from `data`, by default the
-    data it was trained on) and write them into it; the model file is left untouched."""
-    bundle = load_bundle(bundle_uri)
-    metadata = bundle.metadata
-    source = data or metadata.data["source"]
-    images = discover(source, class_names=tuple(metadata.class_names), subset=metadata.training.get("subset"))
-    split = split_by_content(images, metadata.training["validation_fraction"])
-    if split.fingerprint != metadata.data["fingerprint"]:
-        raise ValueError(f"{source} is not the data {bundle_uri} was trained on (its fingerprint differs)")
-    gate, metadata.input_gate, metadata.uncertainty = fit_safeguards(bundle.model, split, metadata.threshold)
-    write_safeguards(metadata, gate, bundle_uri)
-    return metadata
-
-
-def calibrate(model, split, target_sensitivity: float) -> tuple[float, dict]:
-    """Calibrate `model` in place on the validation split; return the threshold and the bundle's metrics.
-
-    Platt scaling is folded into the last Dense layer, so every consumer gets calibrated probabilities from
-    the plain model. Because calibration and threshold are fitted on the split they are reported on, the
-    metrics also carry a 2-fold cross-fitted ECE, an honest estimate for unseen images of the same kind.
-    """
-    import tensorflow as tf
-
-    forward = tf.function(lambda images: model(images, training=False))
-    validation = image_dataset(split.validation).materialize()
-    y_true, p_raw = score_dataset(forward, validation)
-    gap = metrics.log_odds(p_raw)
-    scale, offset = metrics.fit_platt(y_true, gap)
-    _fold_platt_into_classifier(model, scale, offset)
-    _, p_cancer = score_dataset(forward, validation)
-    threshold = metrics.threshold_for_sensitivity(y_true, p_cancer, target_sensitivity)
-    summary = metrics.summary(y_true, p_cancer, threshold)
-    summary.update(
-        ece_uncalibrated=metrics.expected_calibration_error(y_true, p_raw),
-        ece_crossfit=_crossfit_ece(y_true, gap),
-    )
-    return threshold, {"validation": summary, "calibration": {"platt_scale": scale, "platt_offset": offset}}
-
-
-def describe_bundle(
-    model, arch: str, split, threshold: float, target_sensitivity: float, bundle_metrics: dict, training: dict, source: str
-) -> BundleMetadata:
-    """The bundle.json of a calibrated model; its version names the architecture, the day and the weights."""
-    weights_digest = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
-    return BundleMetadata(
-        model_version=f"{arch}-{time.strftime('%Y%m%d')}-{weights_digest[:10]}",
-        arch=arch,
-        class_names=list(split.train.class_names),
-        positive_class=POSITIVE_CLASS,
-        threshold=threshold,
-        target_sensitivity=target_sensitivity,
-        metrics=bundle_metrics,
-        training=training,
-        data={
-            "source": source,
-            "fingerprint": split.fingerprint,
-            "train": split.train.class_counts(),
-            "validation": split.validation.class_counts(),
-            "skipped": len(split.skipped),
-        },
-    )
-
-
-def _fold_platt_into_classifier(model, scale: float, offset: float) -> None:
-    """softmax(a*l + c*e_pos) has logit gap a*(l_pos - l_neg) + c: scale kernel and bias, shift one bias."""
-    classifier = model.layers[-1]
-    kernel, bias = classifier.get_weights()
-    bias = scale * bias
-    bias[CLASS_NAMES.index(POSITIVE_CLASS)] += offset
-    classifier.set_weights([scale * kernel, bias])
-
-
-def _crossfit_ece(y_true: np.ndarray, gap: np.ndarray) -> float:
-    folds = np.arange(len(y_true)) % 2
-    out_of_fold = np.empty(len(y_true))
-    for fold in (0, 1):
-        scale, offset = metrics.fit_platt(y_true[folds != fold], gap[folds != fold])
-        out_of_fold[folds == fold] = metrics.sigmoid(scale * gap[folds == fold] + offset)
-    return metrics.expected_calibration_error(y_true, out_of_fold)
-
-
-def _wait_for_resources(config: TrainConfig) -> None:
+def _wait_for_resources(settings: TrainSettings) -> None:
     """The workers' CPUs plus one for Ray Data must be free, or training fails with a clear message.
 
     Without this, Ray Train waits forever when another actor (a Serve replica, say) holds the CPUs.
     """
     wait_for_resources(
-        [{"CPU": config.cpus_per_worker}] * config.workers + [{"CPU": 1}],
-        strategy="SPREAD" if config.placement_strategy.endswith("SPREAD") else "PACK",
-        timeout_s=config.resources_timeout_s,
-        purpose=f"training needs {config.workers} workers x {config.cpus_per_worker} CPU plus 1 CPU for data loading",
+        [{"CPU": settings.cpus_per_worker}] * settings.workers + [{"CPU": 1}],
+        strategy="SPREAD" if settings.placement_strategy.endswith("SPREAD") else "PACK",
+        timeout_s=settings.resources_timeout_s,
+        purpose=f"training needs {settings.workers} workers x {settings.cpus_per_worker} CPU plus 1 CPU for data loading",
         remedy="Stop what holds them (a Serve app?), lower --workers, or add nodes.",
     )
 
@@ -330,13 +197,30 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker. MultiWorkerMirroredStrategy keeps the replicas' weights identical."""
     context = ray.train.get_context()
     limit_tensorflow_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    _run_epochs(_make_training(config, strategy, context.get_world_rank()), config, context)
+
+
+class _Training(NamedTuple):
+    """One worker's replica of the network and the compiled functions an epoch calls."""
+
+    model: Any
+    optimizer: Any
+    step: Any  # (images, labels) -> (summed loss, correct predictions) over every worker's batch
+    forward: Any  # images -> probabilities, for validation
+    weight_divergence: Any  # () -> largest relative difference between the workers' weights (0.0 in sync)
+
+
+def _make_training(config: dict, strategy, rank: int) -> _Training:
+    """The network and AdamW (warm-up, then cosine decay) in the strategy's scope, and the class-weighted
+    training step: the recipe, apart from the loop that runs it."""
     import keras
     import tensorflow as tf
 
     from skin_ray.model import make_augmenter, make_model
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    rank = context.get_world_rank()
     keras.utils.set_random_seed(config["seed"])
     global_batch, epochs, steps = config["batch_size"], config["epochs"], config["steps_per_epoch"]
     with strategy.scope():
@@ -352,7 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
     class_weights = tf.constant(config["class_weights"], tf.float32)
 
     @tf.function
-    def train_step(images, labels):
+    def step(images, labels):
         def replica_step(images, labels):
             images = augmenter(images, training=True)
             with tf.GradientTape() as tape:
@@ -370,9 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
         return total(loss), total(correct)
 
     @tf.function
-    def replica_weight_divergence():
-        """Largest relative difference between the workers' weight checksums (0.0 when in sync)."""
-
+    def weight_divergence():
         def checksum():
             values = [tf.reshape(tf.cast(w, tf.float64), [-1]) for w in model.weights]
             flat = tf.concat(values, axis=0)
@@ -386,39 +268,47 @@ def train_loop_per_worker(config: dict) -> None:
     def forward(images):
         return model(images, training=False)
 
+    return _Training(model, optimizer, step, forward, weight_divergence)
+
+
+def _run_epochs(training: _Training, config: dict, context) -> None:
+    """Epochs from the last checkpoint on: every worker trains on its shard; rank 0 then validates,
+    checkpoints and reports, the others report their training figures."""
+    import tensorflow as tf
+
+    global_batch, rank = config["batch_size"], context.get_world_rank()
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as checkpoint_dir:
-            history = _restore(model, optimizer, checkpoint_dir)
+            history = _restore(training.model, training.optimizer, checkpoint_dir)
     start_epoch = len(history)
     best_auc = max((row["val_auc"] for row in history), default=-1.0)
     train_shard = ray.train.get_dataset_shard("train")
     validation = ray.train.get_dataset_shard("validation")
     per_worker_batch = global_batch // context.get_world_size()
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, config["epochs"]):
         started = time.perf_counter()
         losses, correct = [], 0.0
         for batch in train_shard.iter_batches(
             batch_size=per_worker_batch, drop_last=True, local_shuffle_buffer_size=4 * per_worker_batch
         ):
-            loss, batch_correct = train_step(tf.constant(batch["image"]), tf.constant(batch["label"]))
+            loss, batch_correct = training.step(tf.constant(batch["image"]), tf.constant(batch["label"]))
             losses.append(float(loss))
             correct += float(batch_correct)
-        divergence = float(replica_weight_divergence())
         epoch_metrics = {
             "epoch": epoch + 1,
             "loss": float(np.mean(losses)),
             "accuracy": correct / max(1, len(losses) * global_batch),  # on augmented images
             "steps": len(losses),
-            "replica_weight_divergence": divergence,
+            "replica_weight_divergence": float(training.weight_divergence()),
             "resumed_from_epoch": start_epoch,
             "epoch_seconds": time.perf_counter() - started,
         }
         if rank != 0:
             ray.train.report(epoch_metrics)
             continue
-        y_true, p_cancer = score_dataset(forward, validation)
+        y_true, p_cancer = score_dataset(training.forward, validation)
         summary = metrics.summary(y_true, p_cancer, 0.5)
         best_auc = max(best_auc, summary["roc_auc"])
         epoch_metrics.update(
@@ -426,18 +316,8 @@ def train_loop_per_worker(config: dict) -> None:
         )
         history.append(epoch_metrics)
         with tempfile.TemporaryDirectory() as checkpoint_dir:
-            _save(model, optimizer, checkpoint_dir, history)
+            _save(training.model, training.optimizer, checkpoint_dir, history)
             ray.train.report(epoch_metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
-
-
-def score_dataset(forward, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(y_true as 1 = Cancer, Cancer probability) for every row of an `image_dataset`."""
-    positive = CLASS_NAMES.index(POSITIVE_CLASS)
-    labels, probabilities = [], []
-    for batch in dataset.iter_batches(batch_size=64):
-        labels.append(batch["label"] == positive)
-        probabilities.append(np.asarray(forward(batch["image"]))[:, positive])
-    return np.concatenate(labels).astype(np.int64), np.concatenate(probabilities)
 
 
 def _save(model, optimizer, directory: str, history: list[dict]) -> None:

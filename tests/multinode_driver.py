@@ -52,7 +52,7 @@ def watch(job, class_fragment: str, address: str) -> set[str]:
 
 def main(data: str, bundle: str, scratch: str) -> None:
     from skin_ray.classify import classify
-    from skin_ray.config import ClassifyConfig, ServeSettings, TrainConfig
+    from skin_ray.config import ClassifySettings, ServeSettings, TrainSettings
     from skin_ray.serve import Ingress, SkinModel
     from skin_ray.train import train
 
@@ -70,13 +70,13 @@ def main(data: str, bundle: str, scratch: str) -> None:
     address = ray.get_runtime_context().gcs_address
     report: dict = {"nodes": len([n for n in ray.nodes() if n["Alive"]])}
 
-    config = TrainConfig(
+    config = TrainSettings(
         data=data, output=f"{scratch}/bundle", storage_path=f"{scratch}/runs", workers=2, epochs=1,
         batch_size=16, placement_strategy="SPREAD",
     )
     report["train_nodes"] = sorted(watch(lambda: train(config), "RayTrainWorker", address))
 
-    classify_config = ClassifyConfig(source=data, output=f"{scratch}/classified", model=bundle, workers=2, batch_size=8)
+    classify_config = ClassifySettings(source=data, output=f"{scratch}/classified", bundle=bundle, workers=2, batch_size=8)
     outcome: dict = {}
     report["classify_nodes"] = sorted(
         watch(lambda: outcome.update(classify(classify_config)), "Classifier", address)
@@ -85,8 +85,8 @@ def main(data: str, bundle: str, scratch: str) -> None:
 
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(model=bundle, layout="split")  # the cluster layout: decoding and the model apart
-    model = SkinModel.options(num_replicas=2).bind(settings.model)
+    settings = ServeSettings(bundle=bundle, layout="split")  # the cluster layout: decoding and the model apart
+    model = SkinModel.options(num_replicas=2).bind(settings.bundle)
     serve.run(Ingress.options(num_replicas=2).bind(settings, model), name="skin-ray")
     image = next(Path(data).rglob("*.jpg")).read_bytes()
     report["serve_status_codes"] = [

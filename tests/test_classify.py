@@ -18,7 +18,7 @@ from PIL import Image
 
 from skin_ray import storage
 from skin_ray.classify import classify, read_results
-from skin_ray.config import ClassifyConfig
+from skin_ray.config import ClassifySettings
 from skin_ray.testing import encode, lesion_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +56,9 @@ def _image_files(root: Path) -> list[str]:
     return sorted(str(p.absolute()) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
-def _config(source, output, bundle, **overrides) -> ClassifyConfig:
-    settings = dict(model=str(bundle), batch_size=8, workers=2, max_file_mb=0.5, rows_per_file=16)
-    return ClassifyConfig(source=str(source), output=str(output), **{**settings, **overrides})
+def _config(source, output, bundle, **overrides) -> ClassifySettings:
+    settings = dict(bundle=str(bundle), batch_size=8, workers=2, max_file_mb=0.5, rows_per_file=16)
+    return ClassifySettings(source=str(source), output=str(output), **{**settings, **overrides})
 
 
 def _check_rows(results, expected_paths: list[str], reasons: dict[str, str]) -> None:
@@ -90,7 +90,7 @@ def test_results_agree_with_predict(ray_session, mixed_tree, untrained_bundle, t
     results = read_results(str(tmp_path / "out"), "jsonl").set_index("path")
     sample = _image_files(mixed_tree)[::5]
     predicted = subprocess.run(
-        ["skin-ray", "predict", *sample, "--model", str(untrained_bundle)], capture_output=True, text=True
+        ["skin-ray", "predict", *sample, "--bundle", str(untrained_bundle)], capture_output=True, text=True
     )
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert len(rows) == len(sample)
@@ -198,7 +198,7 @@ def test_a_killed_job_keeps_what_it_finished_and_resume_completes_it(ray_session
     """The driver killed outright (SIGKILL, no clean-up) mid-job: the rows of every interval it finished are on
     disk, although fewer than --rows-per-file, and `--resume` classifies exactly the files that are not."""
     output = tmp_path / "out"
-    command = ["skin-ray", "classify", str(many_images), "--output", str(output), "--model", str(untrained_bundle),
+    command = ["skin-ray", "classify", str(many_images), "--output", str(output), "--bundle", str(untrained_bundle),
                "--batch-size", "4", "--flush-interval-s", "0.5"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -221,7 +221,7 @@ def test_ray_job_submit(ray_context, mixed_tree, untrained_bundle, tmp_path):
     output = tmp_path / "job_out"
     command = [
         "ray", "job", "submit", "--address", f"http://{ray_context.dashboard_url}", "--working-dir", str(ROOT), "--",
-        "skin-ray", "classify", str(mixed_tree), "--output", str(output), "--model", str(untrained_bundle), "--format", "csv",
+        "skin-ray", "classify", str(mixed_tree), "--output", str(output), "--bundle", str(untrained_bundle), "--format", "csv",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

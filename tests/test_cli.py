@@ -36,7 +36,7 @@ def test_predict_prints_one_line_per_image_and_survives_bad_files(lesion_tree, u
     text = tmp_path / "notes.jpg"
     text.write_text("not a picture")
     missing = tmp_path / "missing.jpg"
-    result = skin_ray_cli("predict", *map(str, good), str(text), str(missing), "--model", str(untrained_bundle))
+    result = skin_ray_cli("predict", *map(str, good), str(text), str(missing), "--bundle", str(untrained_bundle))
     assert result.returncode == 1, result.stderr  # some files could not be classified
     assert result.stderr == "skin-ray predict: 2 of 4 files could not be classified\n"
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -55,7 +55,7 @@ def test_predict_searches_folders_and_prints_nothing_else(lesion_tree, untrained
     folder = tmp_path / "photos"
     shutil.copytree(lesion_tree / "Cancer", folder / "nested")
     (folder / "notes.txt").write_text("not an image suffix: not searched")
-    result = skin_ray_cli("predict", str(folder), "--model", str(untrained_bundle))
+    result = skin_ray_cli("predict", str(folder), "--bundle", str(untrained_bundle))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -63,7 +63,7 @@ def test_predict_searches_folders_and_prints_nothing_else(lesion_tree, untrained
     assert all(row["error"] is None for row in rows)
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = skin_ray_cli("predict", str(empty), "--model", str(untrained_bundle))
+    result = skin_ray_cli("predict", str(empty), "--bundle", str(untrained_bundle))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("skin-ray predict: error: no image files") and result.stderr.count("\n") == 1
 
@@ -84,7 +84,7 @@ def test_classify_reports_progress_on_stderr_and_its_summary_alone_on_stdout(
 ):
     address = ray_session.get_runtime_context().gcs_address
     result = skin_ray_cli(
-        "classify", str(lesion_tree), "--output", str(tmp_path / "out"), "--model", str(untrained_bundle), ray_address=address,
+        "classify", str(lesion_tree), "--output", str(tmp_path / "out"), "--bundle", str(untrained_bundle), ray_address=address,
         RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL="1",  # Ray Data's report interval when not on a terminal (10 s)
     )
     assert result.returncode == 0, result.stderr
@@ -127,7 +127,7 @@ def test_predict_reads_from_s3(lesion_tree, untrained_bundle, bucket):
     path = sorted((lesion_tree / "Non_Cancer").glob("*.jpg"))[0]
     uri = f"s3://{bucket}/one.jpg"
     storage.write_bytes(uri, path.read_bytes())
-    result = skin_ray_cli("predict", uri, "--model", str(untrained_bundle))
+    result = skin_ray_cli("predict", uri, "--bundle", str(untrained_bundle))
     (row,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert row["path"] == uri and row["error"] is None
 
@@ -136,7 +136,7 @@ def test_evaluate_prints_metrics_and_writes_plots(ray_session, lesion_tree, untr
     report = tmp_path / "report"
     address = ray_session.get_runtime_context().gcs_address
     result = skin_ray_cli(
-        "evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--report", str(report), ray_address=address
+        "evaluate", str(lesion_tree), "--bundle", str(untrained_bundle), "--report", str(report), ray_address=address
     )
     assert result.returncode == 0, result.stderr
     assert_quiet(result.stderr)
@@ -207,14 +207,14 @@ def bundle_trained_on_lesion_tree(untrained_bundle, lesion_tree, tmp_path_factor
 def test_evaluate_warns_about_images_the_bundle_was_trained_on(ray_session, lesion_tree, bundle_trained_on_lesion_tree):
     bundle, trained_on = bundle_trained_on_lesion_tree
     address = ray_session.get_runtime_context().gcs_address
-    result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(bundle), ray_address=address)
+    result = skin_ray_cli("evaluate", str(lesion_tree), "--bundle", str(bundle), ray_address=address)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 < trained_on < 240 and summary["seen_in_training"] == trained_on
     assert f"{trained_on} of the 240 images scored were in untrained-test's training split" in result.stderr
     assert "--split validation" in result.stderr
 
-    result = skin_ray_cli("evaluate", str(lesion_tree), "--model", str(bundle), "--split", "validation", ray_address=address)
+    result = skin_ray_cli("evaluate", str(lesion_tree), "--bundle", str(bundle), "--split", "validation", ray_address=address)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["n"] == 240 - trained_on and summary["not_in_validation"] == trained_on
@@ -224,7 +224,7 @@ def test_evaluate_warns_about_images_the_bundle_was_trained_on(ray_session, lesi
 def test_evaluate_validation_split_needs_a_bundle_that_records_it(ray_session, lesion_tree, untrained_bundle):
     address = ray_session.get_runtime_context().gcs_address
     result = skin_ray_cli(
-        "evaluate", str(lesion_tree), "--model", str(untrained_bundle), "--split", "validation", ray_address=address
+        "evaluate", str(lesion_tree), "--bundle", str(untrained_bundle), "--split", "validation", ray_address=address
     )
     assert result.returncode == 2
     error = result.stderr.splitlines()[-1]  # after "connected to the running Ray cluster"

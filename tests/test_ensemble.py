@@ -12,6 +12,7 @@ import ray
 
 from skin_ray import metrics
 from skin_ray.bundle import BundleMetadata, save_bundle
+from skin_ray.config import EnsembleSettings
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.ensemble import build_ensemble, make_ensemble
 from skin_ray.model import make_model
@@ -98,5 +99,5 @@ def test_refuses_members_of_another_split_or_data(ray_session, lesion_tree, lesi
         (other_data / source.parent.name).mkdir(parents=True, exist_ok=True)
         (other_data / source.parent.name / source.name).write_bytes(source.read_bytes())
     with pytest.raises(ValueError, match="not the data"):
-        build_ensemble(same, str(tmp_path / "out"), data=str(other_data))
+        build_ensemble(EnsembleSettings(members=same, output=str(tmp_path / "out"), data=str(other_data)))
     assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ from PIL import Image
 from ray import serve
 
 from skin_ray.classify import classify, read_results
-from skin_ray.config import ClassifyConfig, ServeSettings
+from skin_ray.config import ClassifySettings, EvaluateSettings, ServeSettings
 from skin_ray.evaluate import evaluate
 from skin_ray.predictor import OUT_OF_DISTRIBUTION, RECORD_FIELDS
 from skin_ray.serve import app_builder
@@ -40,7 +40,7 @@ def tree(tmp_path_factory):
 def service(ray_session, guarded_bundle):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(ServeSettings(model=str(guarded_bundle))), name="records", route_prefix="/")
+    serve.run(app_builder(ServeSettings(bundle=str(guarded_bundle))), name="records", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -57,7 +57,9 @@ def _same(a, b) -> bool:
 
 def test_every_path_gives_the_same_record(service, guarded_bundle, tree, tmp_path):
     files = sorted(tree.rglob("*.jpg"))
-    predicted = subprocess.run(["skin-ray", "predict", str(tree), "--model", str(guarded_bundle)], capture_output=True, text=True)
+    predicted = subprocess.run(
+        ["skin-ray", "predict", str(tree), "--bundle", str(guarded_bundle)], capture_output=True, text=True
+    )
     paths = {
         "predict": {row.pop("path"): row for row in map(json.loads, predicted.stdout.splitlines())},
         "/predict": {},
@@ -73,11 +75,11 @@ def test_every_path_gives_the_same_record(service, guarded_bundle, tree, tmp_pat
     for path, entry in zip(files, batch, strict=True):
         assert entry.pop("filename") == path.name
         paths["/predict/batch"][str(path)] = entry
-    classify(ClassifyConfig(source=str(tree), output=str(tmp_path / "rows"), model=str(guarded_bundle), format="jsonl"))
+    classify(ClassifySettings(source=str(tree), output=str(tmp_path / "rows"), bundle=str(guarded_bundle), format="jsonl"))
     rows = read_results(str(tmp_path / "rows"), "jsonl")
     assert len(rows) == len(files)  # rows == files, the refused one included
     paths["classify"] = {row.pop("path"): row for row in json.loads(rows.to_json(orient="records"))}
-    evaluate(str(tree), str(guarded_bundle), str(tmp_path / "report"))
+    evaluate(EvaluateSettings(data=str(tree), bundle=str(guarded_bundle), report=str(tmp_path / "report")))
     with open(tmp_path / "report" / "predictions.jsonl") as lines:
         paths["evaluate"] = {row.pop("path"): row for row in map(json.loads, lines) if row.pop("true_label")}
 
@@ -113,7 +115,7 @@ def test_explain_over_http(service, tree):
 
 def test_classify_writes_an_overlay_per_labelled_image(ray_session, guarded_bundle, tree, tmp_path):
     overlays = tmp_path / "overlays"
-    config = ClassifyConfig(source=str(tree), output=str(tmp_path / "rows"), model=str(guarded_bundle), explain=str(overlays))
+    config = ClassifySettings(source=str(tree), output=str(tmp_path / "rows"), bundle=str(guarded_bundle), explain=str(overlays))
     classify(config)
     rows = read_results(str(tmp_path / "rows"), "parquet").set_index("path")
     lesion, page = rows.loc[str(tree / "Cancer" / "lesion.jpg")], rows.loc[str(tree / "Non_Cancer" / "page.jpg")]

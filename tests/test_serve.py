@@ -30,7 +30,7 @@ def service(ray_session, untrained_bundle):
     """The app with a small upload limit and batches that wait long enough to fill under load."""
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(model=str(untrained_bundle), max_batch_size=16, batch_wait_timeout_s=0.05, max_upload_mb=2)
+    settings = ServeSettings(bundle=str(untrained_bundle), max_batch_size=16, batch_wait_timeout_s=0.05, max_upload_mb=2)
     serve.run(app_builder(settings), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()  # frees the replicas' CPUs for the tests that follow
@@ -180,7 +180,7 @@ def test_batches_form_under_concurrent_load(service, client, jpeg):
 @pytest.fixture(scope="module")
 def split_service(service, untrained_bundle):
     """The same app in the split layout (Ingress -> SkinModel), beside the fused one."""
-    settings = ServeSettings(model=str(untrained_bundle), layout="split", max_batch_size=16, batch_wait_timeout_s=0.05)
+    settings = ServeSettings(bundle=str(untrained_bundle), layout="split", max_batch_size=16, batch_wait_timeout_s=0.05)
     serve.run(app_builder(settings), name="split", route_prefix="/split")
     yield f"{service}/split"
     serve.delete("split")
@@ -266,7 +266,7 @@ def test_overload_answers_503_and_never_500(service, untrained_bundle, jpeg, lay
     """A replica that admits 2 images at a time, under a burst of 40: the excess gets a JSON 503, none 500,
     then it recovers."""
     settings = ServeSettings(
-        model=str(untrained_bundle), layout=layout, max_batch_size=2, batch_wait_timeout_s=0.5, max_pending_images=2
+        bundle=str(untrained_bundle), layout=layout, max_batch_size=2, batch_wait_timeout_s=0.5, max_pending_images=2
     )
     serve.run(app_builder(settings), name="tight", route_prefix="/tight")
 
@@ -298,13 +298,13 @@ def test_reconfigure_swaps_the_model_without_downtime(service, client, untrained
     shutil.copytree(untrained_bundle, swapped)
     metadata = json.loads((swapped / "bundle.json").read_text())
     (swapped / "bundle.json").write_text(json.dumps({**metadata, "model_version": "swapped-test"}))
-    settings = ServeSettings(model=str(untrained_bundle), layout=layout, max_batch_size=4, batch_wait_timeout_s=0.01)
+    settings = ServeSettings(bundle=str(untrained_bundle), layout=layout, max_batch_size=4, batch_wait_timeout_s=0.01)
 
     def deploy(bundle: Path) -> None:
         if layout == "fused":
-            app = Ingress.options(name="SwapIngress", user_config={"model": str(bundle)}).bind(settings)
+            app = Ingress.options(name="SwapIngress", user_config={"bundle": str(bundle)}).bind(settings)
         else:
-            model = SkinModel.options(name="SwapModel", user_config={"model": str(bundle)}).bind(settings.model)
+            model = SkinModel.options(name="SwapModel", user_config={"bundle": str(bundle)}).bind(settings.bundle)
             app = Ingress.options(name="SwapIngress").bind(settings, model)
         serve.run(app, name="swap", route_prefix="/swap")
 
@@ -333,7 +333,7 @@ def test_reconfigure_swaps_the_model_without_downtime(service, client, untrained
 def test_a_redeploy_under_load_loses_no_request(service, untrained_bundle, jpeg):
     """`serve deploy` of changed settings replaces every replica while 8 clients keep asking: the old replicas
     finish what they received (drain_timeout_s), the new ones take the rest; every answer is a 200."""
-    before = ServeSettings(model=str(untrained_bundle), layout="split", max_batch_size=8)
+    before = ServeSettings(bundle=str(untrained_bundle), layout="split", max_batch_size=8)
     serve.run(app_builder(before), name="redeploy", route_prefix="/redeploy")
     redeployed = []
 
@@ -373,7 +373,7 @@ def test_a_replica_killed_under_load_never_answers_500(service, untrained_bundle
     import os
     import signal
 
-    serve.run(app_builder(ServeSettings(model=str(untrained_bundle), layout="split")), name="faults", route_prefix="/faults")
+    serve.run(app_builder(ServeSettings(bundle=str(untrained_bundle), layout="split")), name="faults", route_prefix="/faults")
     url = f"{service}/faults"
     killed = []
 
@@ -421,7 +421,7 @@ def test_slow_uploads_are_cut_and_normal_clients_keep_their_answers(service, unt
     import socket
     import threading
 
-    serve.run(app_builder(ServeSettings(model=str(untrained_bundle), upload_timeout_s=3)), name="slow", route_prefix="/slow")
+    serve.run(app_builder(ServeSettings(bundle=str(untrained_bundle), upload_timeout_s=3)), name="slow", route_prefix="/slow")
     host, port = service.removeprefix("http://").split(":")
     head = (
         "POST /slow/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"

@@ -133,7 +133,7 @@ def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_se
         (source / f"{i:03d}.jpg").write_bytes(encode(lesion_image(("Cancer", "Non_Cancer")[i % 2], rng, size=100), "JPEG"))
     port = free_port()
     service = subprocess.Popen(
-        ["skin-ray", "serve", "--port", str(port), "--model", str(untrained_bundle)], env=own_ray_environment(),
+        ["skin-ray", "serve", "--port", str(port), "--bundle", str(untrained_bundle)], env=own_ray_environment(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     job = None
@@ -141,7 +141,7 @@ def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_se
         wait_healthy(f"http://127.0.0.1:{port}", service)
         output = tmp_path / "results"
         job = subprocess.Popen(
-            ["skin-ray", "classify", str(source), "--output", str(output), "--model", str(untrained_bundle),
+            ["skin-ray", "classify", str(source), "--output", str(output), "--bundle", str(untrained_bundle),
              "--flush-interval-s", "0.5", "--verbose"],
             env=own_ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )

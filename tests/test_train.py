@@ -15,19 +15,19 @@ import ray
 
 from skin_ray import metrics, safeguards
 from skin_ray.bundle import load_bundle
-from skin_ray.config import TrainConfig
+from skin_ray.config import TrainSettings
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.predictor import Predictor
 from skin_ray.runtime import InsufficientResourcesError
 from skin_ray.train import train
 
 
-def _config(data: Path, tmp_path: Path, **overrides) -> TrainConfig:
+def _config(data: Path, tmp_path: Path, **overrides) -> TrainSettings:
     settings = dict(
         data=str(data), output=str(tmp_path / "bundle"), storage_path=str(tmp_path / "runs"), run_name="run",
         workers=2, epochs=8, batch_size=16, learning_rate=3e-3, seed=0,
     )
-    return TrainConfig(**{**settings, **overrides})
+    return TrainSettings(**{**settings, **overrides})
 
 
 def test_two_workers_stay_identical_and_learn(ray_session, lesion_tree, tmp_path):

@@ -1,0 +1,63 @@
+"""Calibration and the decision threshold of a trained network, fitted on its validation split.
+
+Platt scaling is folded into the network's last Dense layer, so every consumer gets calibrated
+probabilities from the plain model. Because calibration and threshold are fitted on the split they are
+reported on, the figures also carry a 2-fold cross-fitted ECE: an honest estimate for unseen images of the
+same kind. Used by training, ensembling and anything else that makes a bundle (skin_ray.finalize).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from skin_ray import metrics
+from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, image_dataset
+
+
+def calibrate(model, split, target_sensitivity: float) -> tuple[float, dict]:
+    """Calibrate `model` in place on `split.validation`; return the threshold and the bundle's metrics."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda images: model(images, training=False))
+    validation = image_dataset(split.validation).materialize()
+    y_true, p_raw = score_dataset(forward, validation)
+    gap = metrics.log_odds(p_raw)
+    scale, offset = metrics.fit_platt(y_true, gap)
+    _fold_platt_into_classifier(model, scale, offset)
+    _, p_cancer = score_dataset(forward, validation)
+    threshold = metrics.threshold_for_sensitivity(y_true, p_cancer, target_sensitivity)
+    summary = metrics.summary(y_true, p_cancer, threshold)
+    summary.update(
+        ece_uncalibrated=metrics.expected_calibration_error(y_true, p_raw),
+        ece_crossfit=_crossfit_ece(y_true, gap),
+    )
+    return threshold, {"validation": summary, "calibration": {"platt_scale": scale, "platt_offset": offset}}
+
+
+def score_dataset(forward, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(y_true as 1 = Cancer, Cancer probability) for every row of an `image_dataset` (or a shard of one)."""
+    positive = CLASS_NAMES.index(POSITIVE_CLASS)
+    labels, probabilities = [], []
+    for batch in dataset.iter_batches(batch_size=64):
+        labels.append(batch["label"] == positive)
+        probabilities.append(np.asarray(forward(batch["image"]))[:, positive])
+    return np.concatenate(labels).astype(np.int64), np.concatenate(probabilities)
+
+
+def _fold_platt_into_classifier(model, scale: float, offset: float) -> None:
+    """softmax(a*l + c*e_pos) has logit gap a*(l_pos - l_neg) + c: scale kernel and bias, shift one bias."""
+    classifier = model.layers[-1]
+    kernel, bias = classifier.get_weights()
+    bias = scale * bias
+    bias[CLASS_NAMES.index(POSITIVE_CLASS)] += offset
+    classifier.set_weights([scale * kernel, bias])
+
+
+def _crossfit_ece(y_true: np.ndarray, gap: np.ndarray) -> float:
+    """ECE of Platt scaling fitted on one half of the images and applied to the other, both ways."""
+    folds = np.arange(len(y_true)) % 2
+    out_of_fold = np.empty(len(y_true))
+    for fold in (0, 1):
+        scale, offset = metrics.fit_platt(y_true[folds != fold], gap[folds != fold])
+        out_of_fold[folds == fold] = metrics.sigmoid(scale * gap[folds == fold] + offset)
+    return metrics.expected_calibration_error(y_true, out_of_fold)
