@@ -2,7 +2,7 @@
 
     python benchmarks/ood.py [--bundle BUNDLE] [--data DIR]
 
-Out-of-distribution images, all generated or shipped with a package (tests/images.py): scikit-image's
+Out-of-distribution images, all generated or shipped with a package (skin_ray/testing.py): scikit-image's
 sample photographs and crops of them, documents / screenshots / charts drawn with Pillow, noise and flat
 colours, and two kinds made from the validation images themselves: heavily blurred (Gaussian, radius 12)
 and cropped to skin (a corner of the photo, without the lesion). For each kind: TNR (the share refused) at

@@ -11,11 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from skin_ray import metrics
+from skin_ray.config import ThresholdSettings
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, image_dataset
 
 
-def calibrate(model, split, target_sensitivity: float) -> tuple[float, dict]:
-    """Calibrate `model` in place on `split.validation`; return the threshold and the bundle's metrics."""
+def calibrate(model, split, rule: ThresholdSettings) -> tuple[float, dict]:
+    """Calibrate `model` in place on `split.validation`; return the threshold `rule` chooses on it and the
+    bundle's metrics (with `threshold_rule`: what the threshold promises on new images, and its cost)."""
     import tensorflow as tf
 
     forward = tf.function(lambda images: model(images, training=False))
@@ -25,22 +27,29 @@ def calibrate(model, split, target_sensitivity: float) -> tuple[float, dict]:
     scale, offset = metrics.fit_platt(y_true, gap)
     _fold_platt_into_classifier(model, scale, offset)
     _, p_cancer = score_dataset(forward, validation)
-    threshold = metrics.threshold_for_sensitivity(y_true, p_cancer, target_sensitivity)
+    threshold, threshold_rule = metrics.threshold_keeping_sensitivity(
+        y_true, p_cancer, rule.target_sensitivity, rule.sensitivity_confidence
+    )
     summary = metrics.summary(y_true, p_cancer, threshold)
     summary.update(
         ece_uncalibrated=metrics.expected_calibration_error(y_true, p_raw),
         ece_crossfit=_crossfit_ece(y_true, gap),
     )
-    return threshold, {"validation": summary, "calibration": {"platt_scale": scale, "platt_offset": offset}}
+    return threshold, {
+        "validation": summary,
+        "calibration": {"platt_scale": scale, "platt_offset": offset},
+        "threshold_rule": threshold_rule,
+    }
 
 
-def score_dataset(forward, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(y_true as 1 = Cancer, Cancer probability) for every row of an `image_dataset` (or a shard of one)."""
+def score_dataset(forward, dataset, column: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """(y_true as 1 = Cancer, Cancer probability) for every row of a dataset of labelled images (or a shard
+    of one), `forward` taking its `column`."""
     positive = CLASS_NAMES.index(POSITIVE_CLASS)
     labels, probabilities = [], []
     for batch in dataset.iter_batches(batch_size=64):
         labels.append(batch["label"] == positive)
-        probabilities.append(np.asarray(forward(batch["image"]))[:, positive])
+        probabilities.append(np.asarray(forward(batch[column]))[:, positive])
     return np.concatenate(labels).astype(np.int64), np.concatenate(probabilities)
 
 

@@ -1,4 +1,4 @@
-"""The `skin-ray` command line: train, ensemble, evaluate, predict, serve, classify."""
+"""The `skin-ray` command line: train, distill, ensemble, evaluate, predict, explain, serve, classify."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from skin_ray.config import (
     ClassifySettings,
+    DistillSettings,
     EnsembleSettings,
     EvaluateSettings,
     ExplainSettings,
@@ -81,12 +82,23 @@ def _settings_from(args, settings: type[BaseModel]):
 
 
 def _run_train(args) -> int:
-    from skin_ray.runtime import init_ray
     from skin_ray.train import train
 
-    settings = _settings_from(args, TrainSettings)
+    return _run_training(args, TrainSettings, train)
+
+
+def _run_distill(args) -> int:
+    from skin_ray.train import distill
+
+    return _run_training(args, DistillSettings, distill)
+
+
+def _run_training(args, settings_type: type[BaseModel], job: Callable) -> int:
+    from skin_ray.runtime import init_ray
+
+    settings = _settings_from(args, settings_type)
     init_ray(verbose=args.verbose, address=args.address)
-    outcome = train(settings)
+    outcome = job(settings)
     _result({"bundle": outcome.bundle_uri, **outcome.metrics["validation"]})
     return 0
 
@@ -293,6 +305,10 @@ _PREDICT_EXIT = (
 
 COMMANDS = {
     "train": Command(TrainSettings, _run_train, "train a model with Ray Train and write a model bundle", ("data",)),
+    "distill": Command(
+        DistillSettings, _run_distill, "train one network on a teacher bundle's soft targets (knowledge distillation)",
+        ("teacher",),
+    ),
     "ensemble": Command(
         EnsembleSettings, _run_ensemble, "combine bundles trained on one split into a bundle averaging them", ("members",)
     ),

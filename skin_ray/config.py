@@ -34,11 +34,21 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class TrainSettings(Settings):
-    """`skin-ray train`."""
+class ThresholdSettings(Settings):
+    """How a command that makes a bundle chooses its decision threshold on the validation split."""
 
-    data: str = Field(description="labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
-    output: str = Field(description="where to write the bundle (directory or s3:// prefix)")
+    target_sensitivity: float = Field(
+        TARGET_SENSITIVITY, gt=0, lt=1, description="Cancer sensitivity the decision threshold must keep on new images"
+    )
+    sensitivity_confidence: float = Field(
+        0.95, gt=0, lt=1, description="probability that the sensitivity on new images of the kind validated on is at "
+        "least --target-sensitivity (a lower confidence bound; 0.5 about fits the validation split exactly)",
+    )
+
+
+class TrainingRecipe(ThresholdSettings):
+    """What training a network takes, whatever its targets: labels (`train`) or a teacher's (`distill`)."""
+
     arch: Arch = Field(
         "default", description="default (ours, residual), plain (ours, plain stages) or seed (the original notebook CNN)"
     )
@@ -48,11 +58,6 @@ class TrainSettings(Settings):
     learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate (warm-up, then cosine decay)")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     seed: int = Field(0, description="random seed for initialisation and augmentation")
-    validation_fraction: float = Field(0.2, gt=0, lt=1, description="share of distinct images held out, chosen by content hash")
-    target_sensitivity: float = Field(
-        TARGET_SENSITIVITY, gt=0, lt=1, description="Cancer sensitivity the decision threshold must keep on validation"
-    )
-    subset: str | None = Field(None, description="train only on images inside sub-folders of this name, e.g. Training")
     storage_path: str = Field("~/skin_ray_runs", description="Ray Train run and checkpoint storage (local path or s3://)")
     run_name: str | None = Field(None, description="name of the run under --storage-path (default: arch and time)")
     max_failures: int = Field(3, ge=0, description="restarts from the last checkpoint after a worker dies")
@@ -63,21 +68,48 @@ class TrainSettings(Settings):
     resources_timeout_s: float = Field(
         120.0, gt=0, description="give up if the workers' CPUs are not free within this many seconds"
     )
+    decode_every_epoch: bool = Field(
+        False, description="decode the images again every epoch instead of once per run (which keeps their pixels, "
+        "87 KB an image, in Ray's object store): for training sets the object store and its spill cannot hold",
+    )
 
     @model_validator(mode="after")
-    def _batch_splits_evenly(self) -> TrainSettings:
+    def _batch_splits_evenly(self) -> TrainingRecipe:
         if self.batch_size % self.workers:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
         return self
 
 
-class EnsembleSettings(Settings):
+class TrainSettings(TrainingRecipe):
+    """`skin-ray train`."""
+
+    data: str = Field(description="labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
+    output: str = Field(description="where to write the bundle (directory or s3:// prefix)")
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="share of distinct images held out, chosen by content hash")
+    subset: str | None = Field(None, description="train only on images inside sub-folders of this name, e.g. Training")
+
+
+class DistillSettings(TrainingRecipe):
+    """`skin-ray distill`: a network trained on a teacher bundle's soft targets and the labels, on the
+    teacher's own split."""
+
+    teacher: str = Field(description="the bundle to learn from (directory or s3:// prefix), e.g. an ensemble")
+    output: str = Field(description="where to write the bundle (directory or s3:// prefix)")
+    data: str | None = Field(None, description="the teacher's labelled image tree, if it moved since it was trained")
+    temperature: float = Field(
+        2.0, gt=0, description="softens the teacher's and the student's probabilities in the distillation loss"
+    )
+    teacher_weight: float = Field(
+        0.7, ge=0, le=1, description="share of the loss from the teacher's soft targets; the rest from the labels"
+    )
+
+
+class EnsembleSettings(ThresholdSettings):
     """`skin-ray ensemble`."""
 
     members: list[str] = Field(description="two or more bundles (directories or s3:// prefixes)")
     output: str = Field(description="where to write the ensemble bundle")
     data: str | None = Field(None, description="the members' labelled image tree, if it moved since they were trained")
-    target_sensitivity: float = Field(TARGET_SENSITIVITY, gt=0, lt=1, description="Cancer sensitivity the threshold must keep")
 
     @field_validator("members")
     @classmethod

@@ -20,7 +20,7 @@ import numpy as np
 import ray
 
 from skin_ray import storage
-from skin_ray.preprocess import IMAGE_SIZE, IMAGE_SUFFIXES, ImageDecodeError, preprocess_image
+from skin_ray.preprocess import IMAGE_SIZE, IMAGE_SUFFIXES, ImageDecodeError, decode_pixels, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _inspect_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             continue
         digests.append(hashlib.sha256(data).hexdigest())
         try:
-            preprocess_image(data)
+            decode_pixels(data)
             errors.append("")
         except ImageDecodeError as exc:
             errors.append(str(exc))
@@ -130,14 +130,20 @@ def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> d
     (ImageDecodeError's reasons, `too_large` or `unreadable`); the others get an empty error. `sha256` is
     the file's content hash (empty when unreadable), what a bundle's training split is recorded by.
     """
-    images = np.zeros((len(batch["path"]), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    decoded = load_pixels(batch, max_bytes)
+    return {**batch, "image": to_model_input(decoded.pop("pixels")), "error": decoded["error"], "sha256": decoded["sha256"]}
+
+
+def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """`load_images` up to the model input's last step: `pixels`, uint8, a quarter of the float32 bytes."""
+    pixels = np.zeros((len(batch["path"]), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     errors, digests = [], []
     for i, path in enumerate(batch["path"]):
         digests.append("")
         try:
             data = storage.read_bytes(path, max_bytes)
             digests[-1] = hashlib.sha256(data).hexdigest()
-            images[i] = preprocess_image(data)
+            pixels[i] = decode_pixels(data)
             errors.append("")
         except ImageDecodeError as exc:
             errors.append(str(exc))
@@ -145,17 +151,34 @@ def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> d
             errors.append(f"too_large: {exc}")
         except OSError as exc:
             errors.append(f"unreadable: {exc}")
-    return {**batch, "image": images, "error": np.array(errors, dtype=object), "sha256": np.array(digests, dtype=object)}
+    return {**batch, "pixels": pixels, "error": np.array(errors, dtype=object), "sha256": np.array(digests, dtype=object)}
 
 
-def image_dataset(images: LabelledImages, shuffle: bool = False) -> ray.data.Dataset:
+def image_dataset(images: LabelledImages) -> ray.data.Dataset:
     """A Ray Dataset of `path`, `label`, `image` (float32, 170x170x3, the one preprocessing), `error` columns.
 
-    Decoding is lazy and streams: each pass over the dataset reads and decodes the files again, and with
-    `shuffle` each pass visits the files in a new order (shuffling paths is cheap; images never move).
+    Decoding is lazy and streams: each pass over the dataset reads and decodes the files again.
     """
+    return _paths_and_labels(images).map_batches(load_images, batch_size=32)
+
+
+def pixel_dataset(images: LabelledImages, decode_once: bool = True, shuffle: bool = False) -> ray.data.Dataset:
+    """A Ray Dataset of `path`, `label`, `pixels` (uint8, the model input but its last step): what training
+    reads. Every image must decode (`split_by_content` leaves out those that do not).
+
+    `decode_once` decodes every image once into Ray's object store (which spills to disk what memory cannot
+    hold: 87 KB an image), so each pass reads pixels without decoding again; otherwise each pass decodes
+    the files again. With `shuffle`, each pass visits the images in a new order.
+    """
+    dataset = _paths_and_labels(images)
+    if not decode_once:
+        dataset = dataset.random_shuffle() if shuffle else dataset  # paths: cheaper to move than pixels
+        return dataset.map_batches(load_pixels, batch_size=32).drop_columns(["error", "sha256"])
+    dataset.set_name("decode-once")  # what its progress line is called
+    decoded = dataset.map_batches(load_pixels, batch_size=32).drop_columns(["error", "sha256"]).materialize()
+    return decoded.random_shuffle() if shuffle else decoded
+
+
+def _paths_and_labels(images: LabelledImages) -> ray.data.Dataset:
     items = [{"path": p, "label": label} for p, label in zip(images.paths, images.labels, strict=True)]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
-    if shuffle:
-        dataset = dataset.random_shuffle()
-    return dataset.map_batches(load_images, batch_size=32)
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))

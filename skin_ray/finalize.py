@@ -10,7 +10,7 @@ import numpy as np
 from skin_ray import safeguards
 from skin_ray.bundle import BundleMetadata, describe_bundle, load_bundle, write_safeguards
 from skin_ray.calibration import calibrate
-from skin_ray.config import FitSafeguardsSettings
+from skin_ray.config import FitSafeguardsSettings, ThresholdSettings
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, Split, discover, image_dataset, split_by_content
 from skin_ray.predictor import analysis_function, member_cancer_probabilities
 from skin_ray.preprocess import IMAGE_SIZE
@@ -18,13 +18,13 @@ from skin_ray.safeguards import InputGate
 
 
 def finalize_bundle(
-    model, split: Split, arch: str, target_sensitivity: float, training: dict, source: str
+    model, split: Split, arch: str, rule: ThresholdSettings, training: dict, source: str
 ) -> tuple[BundleMetadata, InputGate]:
-    """Calibrate `model` in place, choose its threshold, fit its safeguards, describe the bundle: what
-    `save_bundle` then writes."""
-    threshold, bundle_metrics = calibrate(model, split, target_sensitivity)
+    """Calibrate `model` in place, choose its threshold by `rule`, fit its safeguards, describe the bundle:
+    what `save_bundle` then writes."""
+    threshold, bundle_metrics = calibrate(model, split, rule)
     gate, input_gate, uncertainty = fit_safeguards(model, split, threshold)
-    metadata = describe_bundle(model, arch, split, threshold, target_sensitivity, bundle_metrics, training, source)
+    metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training, source)
     metadata.input_gate, metadata.uncertainty = input_gate, uncertainty
     return metadata, gate
 

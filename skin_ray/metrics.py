@@ -134,6 +134,72 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_cancer: np.ndarray, target: 
     return float(positives[needed - 1])
 
 
+def binomial_tail(n: int, p: float, k: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0 or p >= 1.0:
+        return 1.0 if k <= n else 0.0
+    if k > n or p <= 0.0:
+        return 0.0
+    j = np.arange(k, n + 1)
+    log_terms = (
+        math.lgamma(n + 1) - np.array([math.lgamma(i + 1) + math.lgamma(n - i + 1) for i in j])
+        + j * math.log(p) + (n - j) * math.log1p(-p)
+    )
+    top = log_terms.max()
+    return float(min(1.0, math.exp(top) * np.exp(log_terms - top).sum()))
+
+
+def sensitivity_quantile(k: int, n: int, q: float) -> float:
+    """The q-quantile of the sensitivity on new cases at the k-th highest of n Cancer scores: Beta(k, n+1-k),
+    whose CDF at x is P(Binomial(n, x) >= k); found by bisection."""
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if binomial_tail(n, middle, k) < q else (low, middle)
+    return (low + high) / 2
+
+
+def threshold_keeping_sensitivity(
+    y_true: np.ndarray, p_cancer: np.ndarray, target: float, confidence: float
+) -> tuple[float, dict]:
+    """The highest threshold whose sensitivity on new cases of the same kind is at least `target` with
+    probability `confidence`, and a description of the choice for bundle.json.
+
+    At the k-th highest of n Cancer scores the sensitivity on the population the cases came from is
+    Beta(k, n+1-k) distributed, whatever the scores' distribution (order statistics of exchangeable cases),
+    so it falls below `target` with probability P(Binomial(n, target) >= k). The rule takes the smallest k
+    for which that is at most 1 - confidence; when even k = n is not enough (too few cases), it takes n and
+    reports the confidence reached. Fitting the sensitivity exactly (`threshold_for_sensitivity`) falls short
+    on new cases about half of the time.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    positives = np.sort(np.asarray(p_cancer)[y_true])[::-1]
+    n = len(positives)
+    if n == 0:
+        raise ValueError("no Cancer cases to choose a threshold on")
+    k = next((k for k in range(1, n + 1) if binomial_tail(n, target, k) <= 1 - confidence), n)
+    threshold = float(positives[k - 1])
+    exact_fit = threshold_for_sensitivity(y_true, p_cancer, target)
+    negatives = np.asarray(p_cancer)[~y_true]
+
+    def specificity(at: float) -> float:
+        return float((negatives < at).mean()) if len(negatives) else float("nan")
+
+    return threshold, {
+        "rule": "lower confidence bound: the k-th highest Cancer score, k the fewest for which the sensitivity on "
+        "new cases is below the target with probability at most 1 - confidence (Beta(k, n+1-k))",
+        "target_sensitivity": target,
+        "confidence_reached": 1 - binomial_tail(n, target, k),
+        "cancers": n,
+        "cancers_at_or_above": int((positives >= threshold).sum()),
+        "expected_sensitivity": k / (n + 1),
+        "sensitivity_ci95": (sensitivity_quantile(k, n, 0.025), sensitivity_quantile(k, n, 0.975)),
+        "specificity": specificity(threshold),
+        "exact_fit_threshold": exact_fit,
+        "exact_fit_specificity": specificity(exact_fit),
+    }
+
+
 def summary(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float) -> dict[str, float | int | tuple[float, float]]:
     """The headline figures at `threshold`: n, accuracy, roc_auc (with its 95% interval), sensitivity,
     specificity, ece."""

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from skin_ray import metrics
 from skin_ray.config import Locations
 
 LOCATIONS = Locations.from_environment()
@@ -209,3 +210,20 @@ def noise_and_flat(rng: np.random.Generator, count: int = 60) -> list[Image.Imag
             pixels = rng.integers(0, 256, 3) * ramp + rng.integers(0, 256, 3) * (1 - ramp) + np.zeros((size[1], 1, 1))
         images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
     return images
+
+
+def threshold_miss_rates(y_true: np.ndarray, p_cancer: np.ndarray, target: float, trials: int, seed: int = 0) -> dict[str, float]:
+    """How often each rule's threshold, chosen on a random half of the cases, gives a sensitivity below
+    `target` on the other half."""
+    rng = np.random.default_rng(seed)
+    misses = {"exact_fit": 0, "lower_bound": 0}
+    for _ in range(trials):
+        half = rng.permutation(len(y_true)) < len(y_true) // 2
+        chosen = {
+            "exact_fit": metrics.threshold_for_sensitivity(y_true[half], p_cancer[half], target),
+            "lower_bound": metrics.threshold_keeping_sensitivity(y_true[half], p_cancer[half], target, 0.95)[0],
+        }
+        other = p_cancer[~half & y_true]
+        for rule, threshold in chosen.items():
+            misses[rule] += (other >= threshold).mean() < target
+    return {rule: count / trials for rule, count in misses.items()}

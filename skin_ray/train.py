@@ -31,11 +31,11 @@ import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
 from skin_ray import metrics, storage
-from skin_ray.bundle import save_bundle
+from skin_ray.bundle import load_bundle, save_bundle
 from skin_ray.calibration import score_dataset
-from skin_ray.config import TrainSettings
-from skin_ray.data import discover, image_dataset, split_by_content
-from skin_ray.finalize import finalize_bundle
+from skin_ray.config import DistillSettings, TrainingRecipe, TrainSettings
+from skin_ray.data import Split, discover, pixel_dataset, split_by_content
+from skin_ray.finalize import bundle_split, finalize_bundle
 from skin_ray.runtime import format_duration, limit_tensorflow_threads, wait_for_resources
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,28 @@ def train(settings: TrainSettings) -> TrainOutcome:
     """Train on `settings.data`, write the bundle to `settings.output`, return its validation metrics."""
     images = discover(settings.data, subset=settings.subset)
     split = split_by_content(images, settings.validation_fraction)
+    return _train_on_split(settings, split, settings.data, settings.model_dump())
+
+
+def distill(settings: DistillSettings) -> TrainOutcome:
+    """Train a network on the teacher bundle's soft targets and the labels, on the split the teacher was
+    trained and calibrated on (so its validation images stay unseen by both); write it as a bundle."""
+    teacher = load_bundle(settings.teacher)
+    split, source = bundle_split(teacher.metadata, settings.teacher, settings.data)
+    record = {
+        **settings.model_dump(),
+        "teacher": {"uri": teacher.uri, "model_version": teacher.metadata.model_version,
+                    "roc_auc": teacher.metadata.metrics["validation"]["roc_auc"]},
+        # The split's definition, as every bundle records it (fit-safeguards and ensemble re-derive it).
+        "validation_fraction": teacher.metadata.training["validation_fraction"],
+        "subset": teacher.metadata.training.get("subset"),
+    }
+    return _train_on_split(settings, split, source, record)
+
+
+def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record: dict) -> TrainOutcome:
+    """Train by `settings` on `split` (its teacher, if any, in `settings.teacher`), then calibrate, threshold
+    and safeguard the best checkpoint and write the bundle, whose bundle.json records `record`."""
     if len(split.validation) == 0 or len(set(split.validation.labels)) < 2:
         raise ValueError("the validation split needs images of both classes; add images or raise --validation-fraction")
     logger.info(
@@ -63,7 +85,7 @@ def train(settings: TrainSettings) -> TrainOutcome:
         len(split.train), split.train.class_counts(), len(split.validation), split.validation.class_counts(),
         len(split.skipped),
     )
-    counts = np.bincount(split.train.labels, minlength=len(images.class_names))
+    counts = np.bincount(split.train.labels, minlength=len(split.train.class_names))
     rows_per_worker = len(split.train) // settings.workers
     steps_per_epoch = rows_per_worker // (settings.batch_size // settings.workers)
     if steps_per_epoch == 0:
@@ -85,8 +107,8 @@ def train(settings: TrainSettings) -> TrainOutcome:
             placement_strategy=settings.placement_strategy,
         ),
         datasets={
-            "train": image_dataset(split.train, shuffle=True),
-            "validation": image_dataset(split.validation),
+            "train": pixel_dataset(split.train, not settings.decode_every_epoch, shuffle=True),
+            "validation": pixel_dataset(split.validation, not settings.decode_every_epoch),
         },
         # Every worker gets an equal share of "train" (equal row counts keep the collectives in step);
         # "validation" is read whole by rank 0.
@@ -110,8 +132,7 @@ def train(settings: TrainSettings) -> TrainOutcome:
     best = result.get_best_checkpoint(metric="val_auc", mode="max")
     with best.as_directory() as checkpoint_dir:
         model = _model_from_checkpoint(settings.arch, checkpoint_dir)
-    training = {**settings.model_dump(), "epochs_run": len(history)}
-    metadata, gate = finalize_bundle(model, split, settings.arch, settings.target_sensitivity, training, settings.data)
+    metadata, gate = finalize_bundle(model, split, settings.arch, settings, {**record, "epochs_run": len(history)}, source)
     metadata.metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
     save_bundle(model, metadata, settings.output, split.train_digests, gate)
     return TrainOutcome(settings.output, metadata.metrics, history)
@@ -208,8 +229,8 @@ class _Training(NamedTuple):
 
     model: Any
     optimizer: Any
-    step: Any  # (images, labels) -> (summed loss, correct predictions) over every worker's batch
-    forward: Any  # images -> probabilities, for validation
+    step: Any  # (uint8 pixels, labels) -> (summed loss, correct predictions) over every worker's batch
+    forward: Any  # uint8 pixels -> probabilities, for validation
     weight_divergence: Any  # () -> largest relative difference between the workers' weights (0.0 in sync)
 
 
@@ -231,25 +252,34 @@ def _make_training(config: dict, strategy, rank: int) -> _Training:
         )
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=config["weight_decay"])
         optimizer.build(model.trainable_variables)
-    # Outside the scope: each worker augments its own shard with its own random stream.
+    # Outside the scope: each worker augments its own shard with its own random stream, and holds the
+    # teacher (frozen: only read) whole.
     augmenter = make_augmenter(seed=config["seed"] * 1000 + rank)
+    teacher = load_bundle(config["teacher"]).model if config.get("teacher") else None
     class_weights = tf.constant(config["class_weights"], tf.float32)
 
+    def to_model_input(pixels):  # as skin_ray.preprocess.to_model_input
+        return tf.cast(pixels, tf.float32) / 255.0
+
     @tf.function
-    def step(images, labels):
-        def replica_step(images, labels):
-            images = augmenter(images, training=True)
+    def step(pixels, labels):
+        def replica_step(pixels, labels):
+            images = augmenter(to_model_input(pixels), training=True)
+            # The teacher sees the same augmented images as the student ("consistent teaching", Beyer et al., 2022).
+            teacher_probabilities = None if teacher is None else teacher(images, training=False)
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
-                per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-                per_example *= tf.gather(class_weights, labels)
+                per_example = training_loss(
+                    labels, probabilities, class_weights, teacher_probabilities,
+                    config.get("temperature", 1.0), config.get("teacher_weight", 0.0),
+                )
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
             correct = tf.reduce_sum(tf.cast(tf.argmax(probabilities, axis=1) == tf.cast(labels, tf.int64), tf.float32))
             return loss, correct
 
-        loss, correct = strategy.run(replica_step, args=(images, labels))
+        loss, correct = strategy.run(replica_step, args=(pixels, labels))
         total = lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)  # noqa: E731
         return total(loss), total(correct)
 
@@ -265,10 +295,30 @@ def _make_training(config: dict, strategy, rank: int) -> _Training:
         return tf.reduce_max(tf.abs(gathered - gathered[:1]) / (tf.abs(gathered[:1]) + 1e-12))
 
     @tf.function
-    def forward(images):
-        return model(images, training=False)
+    def forward(pixels):
+        return model(to_model_input(pixels), training=False)
 
     return _Training(model, optimizer, step, forward, weight_divergence)
+
+
+def training_loss(labels, probabilities, class_weights, teacher_probabilities=None, temperature=1.0, teacher_weight=0.0):
+    """Per-example loss, weighted by the label's class weight: cross-entropy with the labels, or with a
+    teacher `teacher_weight` of the cross-entropy with its probabilities softened by `temperature` (times
+    temperature², which keeps the gradients at the labels' scale; Hinton et al., 2015) and the rest with the
+    labels. The networks end in a softmax: log-probabilities stand for the logits they are shifts of."""
+    import keras
+    import tensorflow as tf
+
+    per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+    if teacher_probabilities is not None:
+
+        def softened_log(p):
+            return tf.nn.log_softmax(tf.math.log(tf.clip_by_value(p, 1e-7, 1.0)) / temperature)
+
+        soft_targets = tf.exp(softened_log(teacher_probabilities))
+        soft = -tf.reduce_sum(soft_targets * softened_log(probabilities), axis=-1) * temperature**2
+        per_example = (1 - teacher_weight) * per_example + teacher_weight * soft
+    return per_example * tf.gather(class_weights, labels)
 
 
 def _run_epochs(training: _Training, config: dict, context) -> None:
@@ -293,7 +343,7 @@ def _run_epochs(training: _Training, config: dict, context) -> None:
         for batch in train_shard.iter_batches(
             batch_size=per_worker_batch, drop_last=True, local_shuffle_buffer_size=4 * per_worker_batch
         ):
-            loss, batch_correct = training.step(tf.constant(batch["image"]), tf.constant(batch["label"]))
+            loss, batch_correct = training.step(tf.constant(batch["pixels"]), tf.constant(batch["label"]))
             losses.append(float(loss))
             correct += float(batch_correct)
         epoch_metrics = {
@@ -308,11 +358,13 @@ def _run_epochs(training: _Training, config: dict, context) -> None:
         if rank != 0:
             ray.train.report(epoch_metrics)
             continue
-        y_true, p_cancer = score_dataset(training.forward, validation)
+        started = time.perf_counter()
+        y_true, p_cancer = score_dataset(training.forward, validation, column="pixels")
         summary = metrics.summary(y_true, p_cancer, 0.5)
         best_auc = max(best_auc, summary["roc_auc"])
         epoch_metrics.update(
             val_accuracy=summary["accuracy"], val_auc=summary["roc_auc"], val_ece=summary["ece"], best_val_auc=best_auc,
+            validate_seconds=time.perf_counter() - started,
         )
         history.append(epoch_metrics)
         with tempfile.TemporaryDirectory() as checkpoint_dir:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The fewest arguments each command accepts: its positional and required values.
 REQUIRED = {
     "train": ["DATA", "--output", "OUT"],
+    "distill": ["TEACHER", "--output", "OUT"],
     "ensemble": ["A", "B", "--output", "OUT"],
     "fit-safeguards": ["BUNDLE"],
     "evaluate": ["DATA"],

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from skin_ray import metrics
+from skin_ray.testing import threshold_miss_rates
 
 
 def scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -53,3 +54,35 @@ def test_roc_auc_difference_interval_matches_the_paired_bootstrap():
 
 def test_roc_auc_interval_needs_both_classes():
     assert np.isnan(metrics.roc_auc_interval(np.array([1, 1, 0]), np.array([0.9, 0.8, 0.1]))).all()
+
+
+def test_binomial_tail_and_sensitivity_quantile_match_their_definitions():
+    from math import comb
+
+    for n, p, k in ((10, 0.3, 4), (25, 0.9, 24), (7, 0.5, 0), (7, 0.5, 8)):
+        exact = sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+        assert metrics.binomial_tail(n, p, k) == pytest.approx(exact, abs=1e-12)
+    # Beta(1, 1) is uniform; Beta(n, 1) has the CDF x^n.
+    assert metrics.sensitivity_quantile(1, 1, 0.3) == pytest.approx(0.3, abs=1e-9)
+    assert metrics.sensitivity_quantile(5, 5, 0.05) == pytest.approx(0.05 ** (1 / 5), abs=1e-9)
+
+
+def test_the_lower_bound_keeps_its_sensitivity_on_unseen_cases_where_the_exact_fit_does_not():
+    """Scores of a classifier as good as ours (ROC AUC about 0.95), 554 cases as in our validation split."""
+    rng = np.random.default_rng(1)
+    y_true = rng.random(554) < 0.47
+    p_cancer = metrics.sigmoid(rng.normal(np.where(y_true, 1.6, -1.6), 1.2))
+    rates = threshold_miss_rates(y_true, p_cancer, 0.9, trials=400)
+    assert 0.3 < rates["exact_fit"] < 0.7  # about half of the time, as the issue measured
+    assert rates["lower_bound"] < rates["exact_fit"] / 3, rates
+
+
+def test_threshold_rule_describes_its_promise_and_its_price():
+    y_true, p_cancer = scores(600, seed=3)
+    threshold, rule = metrics.threshold_keeping_sensitivity(y_true, p_cancer, 0.9, 0.95)
+    assert rule["confidence_reached"] >= 0.95 and rule["sensitivity_ci95"][0] < 0.9 < rule["expected_sensitivity"]
+    assert threshold <= rule["exact_fit_threshold"] and rule["specificity"] <= rule["exact_fit_specificity"]
+    assert rule["cancers_at_or_above"] == (p_cancer[y_true] >= threshold).sum()
+    # Too few cases for the confidence asked: every case above the threshold, and the confidence reached said.
+    threshold, rule = metrics.threshold_keeping_sensitivity(y_true[:20], p_cancer[:20], 0.9, 0.95)
+    assert threshold == p_cancer[:20][y_true[:20]].min() and rule["confidence_reached"] < 0.95

@@ -15,11 +15,11 @@ import ray
 
 from skin_ray import metrics, safeguards
 from skin_ray.bundle import load_bundle
-from skin_ray.config import TrainSettings
+from skin_ray.config import DistillSettings, TrainSettings
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.predictor import Predictor
 from skin_ray.runtime import InsufficientResourcesError
-from skin_ray.train import train
+from skin_ray.train import distill, train, training_loss
 
 
 def _config(data: Path, tmp_path: Path, **overrides) -> TrainSettings:
@@ -30,8 +30,14 @@ def _config(data: Path, tmp_path: Path, **overrides) -> TrainSettings:
     return TrainSettings(**{**settings, **overrides})
 
 
-def test_two_workers_stay_identical_and_learn(ray_session, lesion_tree, tmp_path):
-    outcome = train(_config(lesion_tree, tmp_path))
+@pytest.fixture(scope="module")
+def trained(ray_session, lesion_tree, tmp_path_factory):
+    """One 2-worker training run on the generated lesions, shared by the tests that read its outcome."""
+    return train(_config(lesion_tree, tmp_path_factory.mktemp("trained")))
+
+
+def test_two_workers_stay_identical_and_learn(trained, lesion_tree):
+    outcome = trained
 
     assert [row["epoch"] for row in outcome.history] == list(range(1, 9))
     # Both workers' weight checksums, all-gathered after every epoch, are exactly equal.
@@ -121,3 +127,37 @@ def test_fails_fast_when_another_actor_holds_the_cpus(ray_session, lesion_tree, 
         assert time.monotonic() - started < 60
     finally:
         ray.kill(holder)
+
+
+def test_distill_learns_from_its_teacher_on_the_teachers_split(trained, lesion_tree, tmp_path):
+    teacher = load_bundle(trained.bundle_uri)
+    settings = DistillSettings(
+        teacher=trained.bundle_uri, output=str(tmp_path / "student"), storage_path=str(tmp_path / "runs"),
+        run_name="student", arch="plain", workers=2, epochs=6, batch_size=16, learning_rate=3e-3,
+    )
+    outcome = distill(settings)
+    student = load_bundle(outcome.bundle_uri).metadata
+    assert student.arch == "plain" and student.data["fingerprint"] == teacher.metadata.data["fingerprint"]
+    assert student.training["teacher"]["model_version"] == teacher.metadata.model_version
+    assert student.training["validation_fraction"] == teacher.metadata.training["validation_fraction"]
+    assert all(row["replica_weight_divergence"] == 0.0 for row in outcome.history)
+    assert outcome.metrics["validation"]["roc_auc"] > 0.9, outcome.metrics  # learned the teacher's task
+
+
+def test_training_loss_mixes_the_labels_and_the_teachers_softened_probabilities():
+    import tensorflow as tf
+
+    labels = tf.constant([0, 1, 1])
+    weights = tf.constant([2.0, 0.5])
+    student = tf.constant([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]])
+    teacher = tf.constant([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    cross_entropy = -np.log([0.7, 0.6, 0.1]) * [2.0, 0.5, 0.5]
+    np.testing.assert_allclose(training_loss(labels, student, weights), cross_entropy, rtol=1e-6)
+    np.testing.assert_allclose(training_loss(labels, student, weights, teacher, 2.0, 0.0), cross_entropy, rtol=1e-6)
+    # All from the teacher: the loss is smallest, its gradient zero, where the student equals the teacher.
+    logits = tf.Variable(tf.math.log(teacher))
+    with tf.GradientTape() as tape:
+        at_teacher = training_loss(labels, tf.nn.softmax(logits), weights, teacher, 2.0, 1.0)
+        total = tf.reduce_sum(at_teacher)
+    np.testing.assert_allclose(tape.gradient(total, logits), 0.0, atol=1e-6)
+    assert (training_loss(labels, student, weights, teacher, 2.0, 1.0).numpy() > at_teacher.numpy()).all()
