@@ -14,8 +14,9 @@ TensorFlow on this machine's cores as a worker has them, one after the other:
 
 then `skin-ray train`'s own path (Ray Train, its workers, Ray Data) for `--epochs` epochs twice, decoding
 the images every epoch (`--decode-every-epoch`, as training did before) and once per run (the default),
-reporting each run's mean epoch and validation times without the first epoch (tracing, start-up) and
-their ratio. Prints one JSON line.
+reporting each run's mean epoch and validation times without the first epoch (tracing, start-up), their
+ratio, and Ray Train's epoch over the same augmentation and steps in one process (what distribution costs).
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -173,6 +174,10 @@ def main() -> None:
         report[f"ray_train_{args.workers}_workers"] = runs
         report["ratio_epoch_plus_validation_every_over_once"] = round(
             sum(runs["decode_every_epoch"].values()) / sum(runs["decode_once"].values()), 3
+        )
+        # What distribution costs: Ray Train's epoch against the same work in this one process.
+        report["ratio_ray_train_over_one_process"] = round(
+            runs["decode_once"]["epoch_s"] / (report["augment_s"] + report["step_s"]), 3
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

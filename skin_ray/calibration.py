@@ -21,7 +21,9 @@ def calibrate(model, split, rule: ThresholdSettings) -> tuple[float, dict]:
     import tensorflow as tf
 
     forward = tf.function(lambda images: model(images, training=False))
-    validation = image_dataset(split.validation).materialize()
+    validation = image_dataset(split.validation)
+    validation.set_name("calibrate")  # what its progress line is called
+    validation = validation.materialize()
     y_true, p_raw = score_dataset(forward, validation)
     gap = metrics.log_odds(p_raw)
     scale, offset = metrics.fit_platt(y_true, gap)

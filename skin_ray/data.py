@@ -131,7 +131,8 @@ def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> d
     the file's content hash (empty when unreadable), what a bundle's training split is recorded by.
     """
     decoded = load_pixels(batch, max_bytes)
-    return {**batch, "image": to_model_input(decoded.pop("pixels")), "error": decoded["error"], "sha256": decoded["sha256"]}
+    pixels = decoded.pop("pixels")
+    return {**decoded, "image": to_model_input(pixels)}
 
 
 def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> dict[str, np.ndarray]:
@@ -170,13 +171,15 @@ def pixel_dataset(images: LabelledImages, decode_once: bool = True, shuffle: boo
     hold: 87 KB an image), so each pass reads pixels without decoding again; otherwise each pass decodes
     the files again. With `shuffle`, each pass visits the images in a new order.
     """
-    dataset = _paths_and_labels(images)
+    paths = _paths_and_labels(images)
+    if shuffle and not decode_once:
+        paths = paths.random_shuffle()  # paths are cheaper to move than pixels
+    pixels = paths.map_batches(load_pixels, batch_size=32).drop_columns(["error", "sha256"])
     if not decode_once:
-        dataset = dataset.random_shuffle() if shuffle else dataset  # paths: cheaper to move than pixels
-        return dataset.map_batches(load_pixels, batch_size=32).drop_columns(["error", "sha256"])
-    dataset.set_name("decode-once")  # what its progress line is called
-    decoded = dataset.map_batches(load_pixels, batch_size=32).drop_columns(["error", "sha256"]).materialize()
-    return decoded.random_shuffle() if shuffle else decoded
+        return pixels
+    pixels.set_name("decode-once")  # what its progress line is called
+    pixels = pixels.materialize()
+    return pixels.random_shuffle() if shuffle else pixels
 
 
 def _paths_and_labels(images: LabelledImages) -> ray.data.Dataset:

@@ -153,35 +153,42 @@ def configure_output(verbose: bool) -> None:
     # Ray configures handlers and levels of its own; only errors and Ray Data's progress pass.
     for name in ("ray", "ray.data", "ray.train", "ray.serve"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    progress = logging.getLogger("ray.data._internal.progress.logging_progress")
-    progress.setLevel(logging.INFO)
-    progress.addFilter(_ProgressLine())
+    progress_lines = _ProgressLine()
+    for name in ("ray.data._internal.progress.logging_progress", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addFilter(progress_lines)
 
 
 class _ProgressLine(logging.Filter):
     """When stdout is not a terminal, Ray Data logs a block every 10 s: a banner naming the dataset, "Total
     Progress: done/total", "step: done/total" for each step, resource lines, a closing rule. This prints one
     line per block on stderr instead, for the step furthest along (a final write counts files, not rows),
-    with the rate and the time left."""
+    with the rate and the time left; and, for a dataset that finished before any block counted a row, one
+    line saying it finished."""
 
     _BANNER = re.compile(r"=+ Running Dataset: (\S+) =+")
     _COUNT = re.compile(r".+: (\d+)/(\d+|\?)")
     _RULE = re.compile(r"=+")
+    _FINISHED = re.compile(r".*Dataset (\S+) execution finished in ([\d.]+) seconds")
 
     def __init__(self):
         super().__init__()
-        self.dataset, self.started, self.done, self.total = None, time.monotonic(), 0, None
+        self.dataset, self.started, self.done, self.total, self.printed = None, time.monotonic(), 0, None, False
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if banner := self._BANNER.fullmatch(message):
             if banner.group(1) != self.dataset:
-                self.dataset, self.started = banner.group(1), time.monotonic()
+                self.dataset, self.started, self.printed = banner.group(1), time.monotonic(), False
             self.done, self.total = 0, None
         elif (count := self._COUNT.fullmatch(message)) and int(count.group(1)) > self.done:
             self.done, self.total = int(count.group(1)), None if count.group(2) == "?" else int(count.group(2))
         elif self._RULE.fullmatch(message) and self.done:
             print(self._line(), file=sys.stderr, flush=True)
+            self.printed = True
+        elif (finished := self._FINISHED.fullmatch(message)) and not (finished.group(1) == self.dataset and self.printed):
+            name, seconds = finished.group(1).rsplit("_", 2)[0], float(finished.group(2))
+            print(f"{name}: finished in {seconds:.1f} s", file=sys.stderr, flush=True)
         return False
 
     def _line(self) -> str:

@@ -94,7 +94,7 @@ def test_classify_reports_progress_on_stderr_and_its_summary_alone_on_stdout(
     progress = [
         line
         for line in result.stderr.splitlines()
-        if re.fullmatch(r"classify: [\d,]+ rows( of [\d,]+)?, [\d.]+/s(, about .* left)?", line)
+        if re.fullmatch(r"classify: ([\d,]+ rows( of [\d,]+)?, [\d.]+/s(, about .* left)?|finished in [\d.]+ s)", line)
     ]
     assert progress, result.stderr
 
