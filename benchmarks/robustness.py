@@ -10,14 +10,17 @@ in three ways and scored through the real path (JPEG bytes -> `preprocess_image`
 - camera_colour: another white balance, exposure and tone curve (per-channel gains, then a gamma of 0.8);
 - both.
 Prints one JSON line per model: ROC AUC per condition with its 95% interval, its ratio to the unchanged
-images and, for every model after the first trained on the same split, the paired 95% interval of its AUC
-minus the first model's (an interval that excludes 0 is a real difference on these images).
+images, the ECE of the unchanged images (as calibrated, and cross-fitted on content-hash halves) and, for
+every model after the first trained on the same split, the paired 95% intervals of its AUC minus the first
+model's (an interval that excludes 0 is a real difference on these images) and of its ECE minus the first
+model's (bootstrap).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import io
 import json
 import os
@@ -29,6 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from skin_ray import metrics, storage  # noqa: E402
+from skin_ray.calibration import content_fold, crossfit_ece  # noqa: E402
 from skin_ray.config import Locations  # noqa: E402
 from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
@@ -90,18 +94,19 @@ def main() -> None:
 
     @functools.cache
     def validation_inputs(validation_fraction: float):
-        """The split and each condition's JPEG bytes, made once for every model trained on that split."""
+        """The split, each condition's JPEG bytes and the images' cross-fitting halves, made once for every
+        model trained on that split."""
         split = split_by_content(images, validation_fraction)
         originals = [storage.read_bytes(path) for path in split.validation.paths]
         inputs = {"as_is": originals}
         for name, shift in CONDITIONS.items():
             inputs[name] = [encode(shift(Image.open(io.BytesIO(data)).convert("RGB")), "JPEG", quality=92) for data in originals]
-        return split, inputs
+        return split, inputs, np.array([content_fold(hashlib.sha256(data).hexdigest()) for data in originals])
 
     first_model = first_split = first_scores = None  # later models on the first one's split are paired with it
     for bundle in args.bundle or [None]:
         predictor = Predictor.from_bundle(bundle)
-        split, inputs = validation_inputs(predictor.metadata.training["validation_fraction"])
+        split, inputs, folds = validation_inputs(predictor.metadata.training["validation_fraction"])
         if split.fingerprint != predictor.metadata.data["fingerprint"]:
             raise SystemExit(f"{args.data} is not the data {predictor.model_version} was trained on")
         y_true = np.array(split.validation.labels) == predictor.metadata.positive_index
@@ -113,6 +118,8 @@ def main() -> None:
             "roc_auc": {name: round(value, 4) for name, value in auc.items()},
             "roc_auc_ci95": {name: rounded(metrics.roc_auc_interval(y_true, p)) for name, p in p_cancer.items()},
             "ratio_to_as_is": {name: round(value / auc["as_is"], 3) for name, value in auc.items() if name != "as_is"},
+            "ece_as_is": round(metrics.expected_calibration_error(y_true, p_cancer["as_is"]), 4),
+            "ece_crossfit_as_is": round(crossfit_ece(y_true.astype(int), metrics.log_odds(p_cancer["as_is"]), folds), 4),
         }
         if first_model is None:
             first_model, first_split, first_scores = predictor.model_version, split, p_cancer
@@ -123,6 +130,9 @@ def main() -> None:
                     name: rounded(metrics.roc_auc_difference_interval(y_true, p, first_scores[name]))
                     for name, p in p_cancer.items()
                 },
+                "ece_difference_ci95_as_is": rounded(
+                    metrics.ece_difference_interval(y_true, p_cancer["as_is"], first_scores["as_is"])
+                ),
             }
         print(json.dumps(report), flush=True)
 

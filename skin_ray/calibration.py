@@ -12,30 +12,30 @@ import numpy as np
 
 from skin_ray import metrics
 from skin_ray.config import ThresholdSettings
-from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, image_dataset
+from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS
+from skin_ray.preprocess import to_model_input
 
 
-def calibrate(model, split, rule: ThresholdSettings) -> tuple[float, dict]:
-    """Calibrate `model` in place on `split.validation`; return the threshold `rule` chooses on it and the
-    bundle's metrics (with `threshold_rule`: what the threshold promises on new images, and its cost)."""
+def calibrate(model, validation, rule: ThresholdSettings) -> tuple[float, dict]:
+    """Calibrate `model` in place on `validation` (a materialized `pixel_dataset`, so every pass reads its rows
+    in the same order); return the threshold `rule` chooses on it and the bundle's metrics (with
+    `threshold_rule`: what the threshold promises on new images, and its cost)."""
     import tensorflow as tf
 
-    forward = tf.function(lambda images: model(images, training=False))
-    validation = image_dataset(split.validation)
-    validation.set_name("calibrate")  # what its progress line is called
-    validation = validation.materialize()
-    y_true, p_raw = score_dataset(forward, validation)
+    network = tf.function(lambda images: model(images, training=False))
+    forward = lambda pixels: network(to_model_input(pixels))  # noqa: E731
+    y_true, p_raw = score_dataset(forward, validation, column="pixels")
     gap = metrics.log_odds(p_raw)
     scale, offset = metrics.fit_platt(y_true, gap)
     _fold_platt_into_classifier(model, scale, offset)
-    _, p_cancer = score_dataset(forward, validation)
+    _, p_cancer = score_dataset(forward, validation, column="pixels")
     threshold, threshold_rule = metrics.threshold_keeping_sensitivity(
         y_true, p_cancer, rule.target_sensitivity, rule.sensitivity_confidence
     )
     summary = metrics.summary(y_true, p_cancer, threshold)
     summary.update(
         ece_uncalibrated=metrics.expected_calibration_error(y_true, p_raw),
-        ece_crossfit=_crossfit_ece(y_true, gap),
+        ece_crossfit=crossfit_ece(y_true, gap, _content_folds(validation)),
     )
     return threshold, {
         "validation": summary,
@@ -64,9 +64,20 @@ def _fold_platt_into_classifier(model, scale: float, offset: float) -> None:
     classifier.set_weights([scale * kernel, bias])
 
 
-def _crossfit_ece(y_true: np.ndarray, gap: np.ndarray) -> float:
-    """ECE of Platt scaling fitted on one half of the images and applied to the other, both ways."""
-    folds = np.arange(len(y_true)) % 2
+def content_fold(sha256: str) -> int:
+    """The cross-fitting half (0 or 1) of an image, from its content hash: the same halves whatever order
+    the rows come in (halves by row number moved the figure with Ray Data's order)."""
+    return int(sha256[-8:], 16) % 2  # the last digits: the split's rule reads the first ones
+
+
+def _content_folds(dataset) -> np.ndarray:
+    """`content_fold` of every row of a `pixel_dataset`, in its row order."""
+    return np.array([content_fold(digest) for batch in dataset.iter_batches(batch_size=64) for digest in batch["sha256"]])
+
+
+def crossfit_ece(y_true: np.ndarray, gap: np.ndarray, folds: np.ndarray) -> float:
+    """ECE of Platt scaling fitted on one half of the images (`folds` == 0 or 1) and applied to the other,
+    both ways."""
     out_of_fold = np.empty(len(y_true))
     for fold in (0, 1):
         scale, offset = metrics.fit_platt(y_true[folds != fold], gap[folds != fold])

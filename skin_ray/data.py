@@ -164,8 +164,9 @@ def image_dataset(images: LabelledImages) -> ray.data.Dataset:
 
 
 def pixel_dataset(images: LabelledImages, decode_once: bool = True, shuffle: bool = False) -> ray.data.Dataset:
-    """A Ray Dataset of `path`, `label`, `pixels` (uint8, the model input but its last step): what training
-    reads. Every image must decode (`split_by_content` leaves out those that do not).
+    """A Ray Dataset of `path`, `label`, `pixels` (uint8, the model input but its last step) and `sha256`:
+    what training and calibration read. Every image must decode (`split_by_content` leaves out those that
+    do not).
 
     `decode_once` decodes every image once into Ray's object store (which spills to disk what memory cannot
     hold: 87 KB an image), so each pass reads pixels without decoding again; otherwise each pass decodes
@@ -174,7 +175,7 @@ def pixel_dataset(images: LabelledImages, decode_once: bool = True, shuffle: boo
     paths = _paths_and_labels(images)
     if shuffle and not decode_once:
         paths = paths.random_shuffle()  # paths are cheaper to move than pixels
-    pixels = paths.map_batches(load_pixels, batch_size=32).drop_columns(["error", "sha256"])
+    pixels = paths.map_batches(load_pixels, batch_size=32).drop_columns(["error"])
     if not decode_once:
         return pixels
     pixels.set_name("decode-once")  # what its progress line is called

@@ -11,9 +11,9 @@ from skin_ray import safeguards
 from skin_ray.bundle import BundleMetadata, describe_bundle, load_bundle, write_safeguards
 from skin_ray.calibration import calibrate
 from skin_ray.config import FitSafeguardsSettings, ThresholdSettings
-from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, Split, discover, image_dataset, split_by_content
+from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, Split, discover, pixel_dataset, split_by_content
 from skin_ray.predictor import analysis_function, member_cancer_probabilities
-from skin_ray.preprocess import IMAGE_SIZE
+from skin_ray.preprocess import IMAGE_SIZE, to_model_input
 from skin_ray.safeguards import InputGate
 
 
@@ -21,16 +21,18 @@ def finalize_bundle(
     model, split: Split, arch: str, rule: ThresholdSettings, training: dict, source: str
 ) -> tuple[BundleMetadata, InputGate]:
     """Calibrate `model` in place, choose its threshold by `rule`, fit its safeguards, describe the bundle:
-    what `save_bundle` then writes."""
-    threshold, bundle_metrics = calibrate(model, split, rule)
-    gate, input_gate, uncertainty = fit_safeguards(model, split, threshold)
+    what `save_bundle` then writes. Each split is decoded once, for all of them."""
+    train, validation = pixel_dataset(split.train), pixel_dataset(split.validation)
+    threshold, bundle_metrics = calibrate(model, validation, rule)
+    gate, input_gate, uncertainty = fit_safeguards(model, train, validation, threshold)
     metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training, source)
     metadata.input_gate, metadata.uncertainty = input_gate, uncertainty
     return metadata, gate
 
 
-def fit_safeguards(model, split: Split, threshold: float) -> tuple[InputGate, dict, dict]:
-    """The input gate and the uncertainty margin of a calibrated model, with their bundle.json descriptions.
+def fit_safeguards(model, train, validation, threshold: float) -> tuple[InputGate, dict, dict]:
+    """The input gate and the uncertainty margin of a calibrated model, with their bundle.json descriptions;
+    `train` and `validation` are the split's `pixel_dataset`s.
 
     The gate's reference is the training split as the model saw it in training: every image, and every image
     zoomed out onto skin as the augmentation does (without them, 14% of the validation images re-photographed
@@ -43,23 +45,22 @@ def fit_safeguards(model, split: Split, threshold: float) -> tuple[InputGate, di
     positive = CLASS_NAMES.index(POSITIVE_CLASS)
     zoom_out = RandomZoomOutOntoSkin(probability=1.0, seed=0)
 
-    def features_of(images, zoomed_too: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def features_of(dataset, zoomed_too: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels, probabilities, features = [], [], []
-        dataset = image_dataset(images)
-        dataset.set_name("fit-safeguards")  # what its progress line is called
         for batch in dataset.iter_batches(batch_size=64):
-            views = [batch["image"]]
+            images = to_model_input(batch["pixels"])
+            views = [images]
             if zoomed_too:
-                views.append(np.asarray(zoom_out(batch["image"], training=True)))
-            for pixels in views:
-                p, f = (np.asarray(t) for t in analyse(pixels))
+                views.append(np.asarray(zoom_out(images, training=True)))
+            for view in views:
+                p, f = (np.asarray(t) for t in analyse(view))
                 labels.append(batch["label"])
                 probabilities.append(p[:, positive])
                 features.append(f)
         return np.concatenate(labels), np.concatenate(probabilities), np.concatenate(features)
 
-    train_labels, _, train_features = features_of(split.train, zoomed_too=True)
-    labels, p_cancer, features = features_of(split.validation)
+    train_labels, _, train_features = features_of(train, zoomed_too=True)
+    labels, p_cancer, features = features_of(validation)
     gate = safeguards.fit_input_gate(train_features, train_labels, features)
     disagree = safeguards.members_disagree(member_cancer_probabilities(model, features, positive), threshold, len(labels))
     y_true = (labels == positive).astype(np.int64)
@@ -84,6 +85,7 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     bundle = load_bundle(settings.bundle)
     metadata = bundle.metadata
     split, _ = bundle_split(metadata, settings.bundle, settings.data)
-    gate, metadata.input_gate, metadata.uncertainty = fit_safeguards(bundle.model, split, metadata.threshold)
+    train, validation = pixel_dataset(split.train), pixel_dataset(split.validation)
+    gate, metadata.input_gate, metadata.uncertainty = fit_safeguards(bundle.model, train, validation, metadata.threshold)
     write_safeguards(metadata, gate, settings.bundle)
     return metadata

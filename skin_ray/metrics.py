@@ -43,6 +43,22 @@ def roc_auc_difference_interval(
     return _delong_interval(y_true, [p_cancer_a, p_cancer_b], [1.0, -1.0], level)
 
 
+def ece_difference_interval(
+    y_true: np.ndarray, p_cancer_a: np.ndarray, p_cancer_b: np.ndarray, level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
+    """Bootstrap interval of ECE(a) - ECE(b) for two models scored on the same images, resampled together
+    (ECE has no closed-form variance; a fixed seed makes the interval reproducible)."""
+    y_true = np.asarray(y_true)
+    rng = np.random.default_rng(0)
+    differences = []
+    for _ in range(resamples):
+        i = rng.integers(0, len(y_true), len(y_true))
+        ece_a, ece_b = expected_calibration_error(y_true[i], p_cancer_a[i]), expected_calibration_error(y_true[i], p_cancer_b[i])
+        differences.append(ece_a - ece_b)
+    low, high = np.quantile(differences, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def _delong_interval(y_true, scores: list[np.ndarray], weights: list[float], level: float) -> tuple[float, float]:
     """Normal interval of the weighted sum of the models' AUCs, from the covariance of their placements.
 
@@ -134,19 +150,20 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_cancer: np.ndarray, target: 
     return float(positives[needed - 1])
 
 
+def binomial_tails(n: int, p: float) -> np.ndarray:
+    """P(X >= k) for X ~ Binomial(n, p) and every k = 0..n+1, in one reverse cumulative sum of the pmf."""
+    if p <= 0.0 or p >= 1.0:
+        return (np.arange(n + 2) <= (n if p >= 1.0 else 0)).astype(float)
+    j = np.arange(n + 1)
+    log_factorial = np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, n + 1)))))
+    log_choose = log_factorial[n] - log_factorial[j] - log_factorial[n - j]
+    pmf = np.exp(log_choose + j * math.log(p) + (n - j) * math.log1p(-p))
+    return np.minimum(1.0, np.append(np.cumsum(pmf[::-1])[::-1], 0.0))
+
+
 def binomial_tail(n: int, p: float, k: int) -> float:
     """P(X >= k) for X ~ Binomial(n, p)."""
-    if k <= 0 or p >= 1.0:
-        return 1.0 if k <= n else 0.0
-    if k > n or p <= 0.0:
-        return 0.0
-    j = np.arange(k, n + 1)
-    log_terms = (
-        math.lgamma(n + 1) - np.array([math.lgamma(i + 1) + math.lgamma(n - i + 1) for i in j])
-        + j * math.log(p) + (n - j) * math.log1p(-p)
-    )
-    top = log_terms.max()
-    return float(min(1.0, math.exp(top) * np.exp(log_terms - top).sum()))
+    return float(binomial_tails(n, p)[min(max(k, 0), n + 1)])
 
 
 def sensitivity_quantile(k: int, n: int, q: float) -> float:
@@ -177,7 +194,9 @@ def threshold_keeping_sensitivity(
     n = len(positives)
     if n == 0:
         raise ValueError("no Cancer cases to choose a threshold on")
-    k = next((k for k in range(1, n + 1) if binomial_tail(n, target, k) <= 1 - confidence), n)
+    tails = binomial_tails(n, target)
+    enough = np.flatnonzero(tails[1 : n + 1] <= 1 - confidence)
+    k = int(enough[0]) + 1 if len(enough) else n
     threshold = float(positives[k - 1])
     exact_fit = threshold_for_sensitivity(y_true, p_cancer, target)
     negatives = np.asarray(p_cancer)[~y_true]
@@ -189,7 +208,7 @@ def threshold_keeping_sensitivity(
         "rule": "lower confidence bound: the k-th highest Cancer score, k the fewest for which the sensitivity on "
         "new cases is below the target with probability at most 1 - confidence (Beta(k, n+1-k))",
         "target_sensitivity": target,
-        "confidence_reached": 1 - binomial_tail(n, target, k),
+        "confidence_reached": float(1 - tails[k]),
         "cancers": n,
         "cancers_at_or_above": int((positives >= threshold).sum()),
         "expected_sensitivity": k / (n + 1),

@@ -258,13 +258,10 @@ def _make_training(config: dict, strategy, rank: int) -> _Training:
     teacher = load_bundle(config["teacher"]).model if config.get("teacher") else None
     class_weights = tf.constant(config["class_weights"], tf.float32)
 
-    def to_model_input(pixels):  # as skin_ray.preprocess.to_model_input
-        return tf.cast(pixels, tf.float32) / 255.0
-
     @tf.function
     def step(pixels, labels):
         def replica_step(pixels, labels):
-            images = augmenter(to_model_input(pixels), training=True)
+            images = augmenter(model_input_tensor(pixels), training=True)
             # The teacher sees the same augmented images as the student ("consistent teaching", Beyer et al., 2022).
             teacher_probabilities = None if teacher is None else teacher(images, training=False)
             with tf.GradientTape() as tape:
@@ -296,9 +293,16 @@ def _make_training(config: dict, strategy, rank: int) -> _Training:
 
     @tf.function
     def forward(pixels):
-        return model(to_model_input(pixels), training=False)
+        return model(model_input_tensor(pixels), training=False)
 
     return _Training(model, optimizer, step, forward, weight_divergence)
+
+
+def model_input_tensor(pixels):
+    """skin_ray.preprocess.to_model_input in TensorFlow, for the train step's graph (a test holds them equal)."""
+    import tensorflow as tf
+
+    return tf.cast(pixels, tf.float32) / 255.0
 
 
 def training_loss(labels, probabilities, class_weights, teacher_probabilities=None, temperature=1.0, teacher_weight=0.0):

@@ -62,6 +62,11 @@ def test_binomial_tail_and_sensitivity_quantile_match_their_definitions():
     for n, p, k in ((10, 0.3, 4), (25, 0.9, 24), (7, 0.5, 0), (7, 0.5, 8)):
         exact = sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
         assert metrics.binomial_tail(n, p, k) == pytest.approx(exact, abs=1e-12)
+    # Every tail at once, as the threshold rule reads them: from 1 at k = 0 down to 0 past n.
+    for p in (0.0, 0.37, 0.9, 1.0):
+        tails = metrics.binomial_tails(40, p)
+        exact = [sum(comb(40, j) * p**j * (1 - p) ** (40 - j) for j in range(k, 41)) for k in range(42)]
+        np.testing.assert_allclose(tails, exact, atol=1e-12)
     # Beta(1, 1) is uniform; Beta(n, 1) has the CDF x^n.
     assert metrics.sensitivity_quantile(1, 1, 0.3) == pytest.approx(0.3, abs=1e-9)
     assert metrics.sensitivity_quantile(5, 5, 0.05) == pytest.approx(0.05 ** (1 / 5), abs=1e-9)
@@ -86,3 +91,14 @@ def test_threshold_rule_describes_its_promise_and_its_price():
     # Too few cases for the confidence asked: every case above the threshold, and the confidence reached said.
     threshold, rule = metrics.threshold_keeping_sensitivity(y_true[:20], p_cancer[:20], 0.9, 0.95)
     assert threshold == p_cancer[:20][y_true[:20]].min() and rule["confidence_reached"] < 0.95
+
+
+def test_ece_difference_interval_is_paired():
+    rng = np.random.default_rng(5)
+    p_cancer = rng.random(600)
+    y_true = rng.random(600) < p_cancer  # calibrated by construction
+    assert metrics.ece_difference_interval(y_true, p_cancer, p_cancer) == (0.0, 0.0)
+    overconfident = metrics.sigmoid(3 * metrics.log_odds(p_cancer))
+    low, high = metrics.ece_difference_interval(y_true, overconfident, p_cancer)
+    difference = metrics.expected_calibration_error(y_true, overconfident) - metrics.expected_calibration_error(y_true, p_cancer)
+    assert 0 < low < difference < high

@@ -15,11 +15,13 @@ import ray
 
 from skin_ray import metrics, safeguards
 from skin_ray.bundle import load_bundle
-from skin_ray.config import DistillSettings, TrainSettings
-from skin_ray.data import discover, image_dataset, split_by_content
+from skin_ray.calibration import calibrate
+from skin_ray.config import DistillSettings, ThresholdSettings, TrainSettings
+from skin_ray.data import discover, image_dataset, pixel_dataset, split_by_content
 from skin_ray.predictor import Predictor
+from skin_ray.preprocess import to_model_input
 from skin_ray.runtime import InsufficientResourcesError
-from skin_ray.train import distill, train, training_loss
+from skin_ray.train import distill, model_input_tensor, train, training_loss
 
 
 def _config(data: Path, tmp_path: Path, **overrides) -> TrainSettings:
@@ -68,6 +70,22 @@ def test_two_workers_stay_identical_and_learn(trained, lesion_tree):
     assert flagged.mean() == pytest.approx(uncertainty["validation"]["flagged"], abs=1e-9)
     correct = (p_cancer >= threshold) == (y_true == 1)
     assert not (~flagged).any() or correct[~flagged].mean() >= safeguards.CERTAIN_ACCURACY
+
+
+def test_calibration_does_not_depend_on_the_order_of_the_rows(ray_session, untrained_bundle, lesion_tree):
+    """The cross-fitted ECE's halves follow each image's content, not its row number (Ray Data writes rows
+    in any order), so calibrating on the same images in another order gives the same figures. (An untrained
+    network: a trained one separates the generated lesions perfectly, and every half would calibrate alike.)"""
+    split = split_by_content(discover(str(lesion_tree)), 0.2)
+    rows = pixel_dataset(split.validation).take_all()
+    shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    figures = []
+    for ordered in (rows, shuffled):
+        threshold, bundle_metrics = calibrate(
+            load_bundle(str(untrained_bundle)).model, ray.data.from_items(ordered).materialize(), ThresholdSettings()
+        )
+        figures.append([threshold, bundle_metrics["validation"]["ece_crossfit"], bundle_metrics["validation"]["roc_auc"]])
+    np.testing.assert_allclose(figures[0], figures[1], rtol=1e-5)
 
 
 def _alive_train_workers() -> list:
@@ -161,3 +179,11 @@ def test_training_loss_mixes_the_labels_and_the_teachers_softened_probabilities(
         total = tf.reduce_sum(at_teacher)
     np.testing.assert_allclose(tape.gradient(total, logits), 0.0, atol=1e-6)
     assert (training_loss(labels, student, weights, teacher, 2.0, 1.0).numpy() > at_teacher.numpy()).all()
+
+
+def test_the_train_steps_model_input_is_the_served_one_bit_for_bit():
+    """Training scales pixels in TensorFlow, serving and calibration in numpy: a model trained on one and
+    served on the other must see the same numbers."""
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 17, 17, 3), dtype=np.uint8)
+    pixels[0, 0, 0] = (0, 128, 255)
+    np.testing.assert_array_equal(np.asarray(model_input_tensor(pixels)), to_model_input(pixels))
