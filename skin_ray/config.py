@@ -68,6 +68,10 @@ class TrainingRecipe(ThresholdSettings):
     resources_timeout_s: float = Field(
         120.0, gt=0, description="give up if the workers' CPUs are not free within this many seconds"
     )
+    precision: Literal["float32", "mixed_bfloat16"] = Field(
+        "float32", description="mixed_bfloat16: the network computes in bfloat16 (weights stay float32), about 1.35x "
+        "faster per step on CPUs with AMX or AVX512-BF16 and on GPUs, much slower on CPUs without them",
+    )
     decode_every_epoch: bool = Field(
         False, description="decode the images again every epoch instead of once per run (which keeps their pixels, "
         "87 KB an image, in Ray's object store): for training sets the object store and its spill cannot hold",

@@ -63,7 +63,7 @@ def _make_seed() -> keras.Model:
             layers.MaxPooling2D(2),
             layers.Flatten(),
             layers.Dense(128, activation="relu"),
-            layers.Dense(NUM_CLASSES, activation="softmax"),
+            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),  # as in _make_ours
         ],
         name="seed",
     )
@@ -105,7 +105,7 @@ def _make_ours(block, name: str) -> keras.Model:
     the lesion sits in the frame.
     """
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
-    x = ShadesOfGray()(inputs)
+    x = ShadesOfGray(dtype="float32")(inputs)  # its image-wide means, too, stay out of bfloat16
     x = _conv_bn_relu(x, 32, strides=2)
     x = _conv_bn_relu(x, 32)
     for filters in (64, 128, 256):
@@ -113,7 +113,9 @@ def _make_ours(block, name: str) -> keras.Model:
         x = block(x, filters)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="classifier")(x)
+    # float32 whatever the training precision: a softmax and its log-loss in bfloat16 would round the
+    # probabilities near 0 and 1 to a few hundredths.
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="classifier", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -245,7 +245,11 @@ def _make_training(config: dict, strategy, rank: int) -> _Training:
     keras.utils.set_random_seed(config["seed"])
     global_batch, epochs, steps = config["batch_size"], config["epochs"], config["steps_per_epoch"]
     with strategy.scope():
+        # The precision applies to the layers built now, the network's; the augmentation stays in float32.
+        # The weights are float32 either way, so the bundle's network (skin_ray.finalize) is the usual one.
+        keras.config.set_dtype_policy(config["precision"])
         model = make_model(config["arch"])
+        keras.config.set_dtype_policy("float32")
         schedule = keras.optimizers.schedules.CosineDecay(
             config["learning_rate"] / 20, decay_steps=epochs * steps, alpha=0.01,
             warmup_target=config["learning_rate"], warmup_steps=min(2 * steps, epochs * steps // 4),
