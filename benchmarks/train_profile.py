@@ -8,14 +8,15 @@ TensorFlow on this machine's cores as a worker has them, one after the other:
 - decode: read and preprocess every training image once (what an epoch costs when images are not cached);
 - augment: the training augmentation over every batch;
 - step: forward, backward and AdamW update over every batch, on pre-augmented images; again compiled
-  with XLA (`jit_compile`);
+  with XLA (`jit_compile`), and again in mixed precision (`--precision mixed_bfloat16`);
 - teacher forward: the shipped ensemble's forward pass over every batch (what distillation adds to a step);
 - validate: decode and score the validation split (rank 0 does it after every epoch);
 
-then `skin-ray train`'s own path (Ray Train, its workers, Ray Data) for `--epochs` epochs twice, decoding
-the images every epoch (`--decode-every-epoch`, as training did before) and once per run (the default),
-reporting each run's mean epoch and validation times without the first epoch (tracing, start-up), their
-ratio, and Ray Train's epoch over the same augmentation and steps in one process (what distribution costs).
+then `skin-ray train`'s own path (Ray Train, its workers, Ray Data) for `--epochs` epochs three times:
+decoding the images every epoch (`--decode-every-epoch`, as training did before), once per run (the
+default), and once per run in mixed precision, reporting each run's mean epoch and validation times without
+the first epoch (tracing, start-up), the first run's over each of the others, and Ray Train's epoch over the
+same augmentation and steps in one process (what distribution costs).
 Prints one JSON line.
 """
 
@@ -79,13 +80,18 @@ def parts(data: Path, batch_size: int, repeats: int = 2) -> dict:
     starts = range(0, len(labels) - batch_size + 1, batch_size)
     batches = [(pixels[i : i + batch_size], labels[i : i + batch_size]) for i in starts]
     model, augmenter = make_model("default"), make_augmenter(seed=0)
-    optimizer = keras.optimizers.AdamW(1e-3)
 
     @tf.function
     def augment(images):
         return augmenter(images, training=True)
 
-    def step_function(jit_compile: bool):
+    def step_function(jit_compile: bool = False, precision: str = "float32"):
+        """A fresh network's train step, its layers built in `precision` as skin_ray.train builds them."""
+        keras.config.set_dtype_policy(precision)
+        model = make_model("default")
+        keras.config.set_dtype_policy("float32")
+        optimizer = keras.optimizers.AdamW(1e-3)
+
         @tf.function(jit_compile=jit_compile)
         def step(images, labels):
             with tf.GradientTape() as tape:
@@ -96,7 +102,7 @@ def parts(data: Path, batch_size: int, repeats: int = 2) -> dict:
 
         return step
 
-    step, step_xla = step_function(jit_compile=False), step_function(jit_compile=True)
+    step, step_xla, step_bf16 = step_function(), step_function(jit_compile=True), step_function(precision="mixed_bfloat16")
 
     @tf.function
     def forward(images):
@@ -111,6 +117,7 @@ def parts(data: Path, batch_size: int, repeats: int = 2) -> dict:
     augmented = [(augment(x), y) for x, y in batches]  # also the warm-up (tracing) of `augment`
     step(*augmented[0])
     step_xla(*augmented[0])
+    step_bf16(*augmented[0])
     forward(batches[0][0])
     teach(batches[0][0])
 
@@ -120,6 +127,7 @@ def parts(data: Path, batch_size: int, repeats: int = 2) -> dict:
     augment_s = best(lambda: [augment(x).numpy() for x, _ in batches])
     step_s = best(lambda: [float(step(x, y)) for x, y in augmented])
     step_xla_s = best(lambda: [float(step_xla(x, y)) for x, y in augmented])
+    step_bf16_s = best(lambda: [float(step_bf16(x, y)) for x, y in augmented])
     teacher_s = best(lambda: [teach(x).numpy() for x, _ in augmented])
     validate_s = best(lambda: forward(decode(split.validation)["image"]).numpy())
     return {
@@ -129,20 +137,28 @@ def parts(data: Path, batch_size: int, repeats: int = 2) -> dict:
         "augment_s": round(augment_s, 2),
         "step_s": round(step_s, 2),
         "step_xla_s": round(step_xla_s, 2),
+        "step_mixed_bfloat16_s": round(step_bf16_s, 2),
         "teacher_forward_s": round(teacher_s, 2),
         "validate_s": round(validate_s, 2),
     }
 
 
-def ray_train(data: Path, epochs: int, batch_size: int, workers: int, scratch: Path, decode_every_epoch: bool) -> dict:
+# `skin-ray train` as it was (decoding every epoch), as it is, and with the faster precision.
+RAY_TRAIN_ARMS = {
+    "decode_every_epoch": {"decode_every_epoch": True},
+    "decode_once": {},
+    "decode_once_mixed_bfloat16": {"precision": "mixed_bfloat16"},
+}
+
+
+def ray_train(data: Path, epochs: int, batch_size: int, workers: int, scratch: Path, name: str) -> dict:
     """Mean seconds of an epoch's training and of its validation, without the first epoch."""
     from skin_ray.config import TrainSettings
     from skin_ray.train import train
 
-    name = "decode_every_epoch" if decode_every_epoch else "decode_once"
     settings = TrainSettings(
         data=str(data), output=str(scratch / name), storage_path=str(scratch / "runs"), run_name=name, workers=workers,
-        epochs=epochs, batch_size=batch_size, decode_every_epoch=decode_every_epoch,
+        epochs=epochs, batch_size=batch_size, **RAY_TRAIN_ARMS[name],
     )
     history = train(settings).history[1:]
     return {
@@ -167,13 +183,12 @@ def main() -> None:
         data = data_tree(scratch, args.images)
         report = {"benchmark": "train_profile", "data": "skin_isic" if REAL_DATA.is_dir() else "generated",
                   "cpus": os.cpu_count(), **parts(data, args.batch_size)}
-        runs = {
-            name: ray_train(data, args.epochs, args.batch_size, args.workers, scratch, decode_every_epoch=every)
-            for name, every in (("decode_every_epoch", True), ("decode_once", False))
-        }
+        runs = {name: ray_train(data, args.epochs, args.batch_size, args.workers, scratch, name) for name in RAY_TRAIN_ARMS}
         report[f"ray_train_{args.workers}_workers"] = runs
-        report["ratio_epoch_plus_validation_every_over_once"] = round(
-            sum(runs["decode_every_epoch"].values()) / sum(runs["decode_once"].values()), 3
+        seconds = {name: sum(run.values()) for name, run in runs.items()}  # an epoch and its validation
+        report["ratio_epoch_plus_validation_every_over_once"] = round(seconds["decode_every_epoch"] / seconds["decode_once"], 3)
+        report["ratio_epoch_plus_validation_every_over_once_mixed_bfloat16"] = round(
+            seconds["decode_every_epoch"] / seconds["decode_once_mixed_bfloat16"], 3
         )
         # What distribution costs: Ray Train's epoch against the same work in this one process.
         report["ratio_ray_train_over_one_process"] = round(

@@ -187,3 +187,34 @@ def test_the_train_steps_model_input_is_the_served_one_bit_for_bit():
     pixels = np.random.default_rng(0).integers(0, 256, (4, 17, 17, 3), dtype=np.uint8)
     pixels[0, 0, 0] = (0, 128, 255)
     np.testing.assert_array_equal(np.asarray(model_input_tensor(pixels)), to_model_input(pixels))
+
+
+@pytest.mark.parametrize("arch", ["default", "seed"])
+def test_mixed_precision_trains_a_bfloat16_network_whose_weights_are_the_float32_ones(arch, tmp_path):
+    """`--precision mixed_bfloat16`: the train step's network computes in bfloat16 but keeps float32 weights,
+    softmax (and colour constancy), the augmentation stays float32, and the checkpoint loads into the float32
+    network a bundle holds, which scores like the network that was trained."""
+    import keras
+    import tensorflow as tf
+
+    from skin_ray.train import _make_training, _model_from_checkpoint, _save
+
+    config = {**TrainSettings(data="unused", output="unused", arch=arch, workers=1, batch_size=4, epochs=1,
+                              precision="mixed_bfloat16").model_dump(), "class_weights": [1.0, 1.0], "steps_per_epoch": 1}
+    training = _make_training(config, tf.distribute.get_strategy(), rank=0)
+    assert keras.config.dtype_policy().name == "float32"  # set back for whatever is built next
+    computing = {layer.compute_dtype for layer in training.model.layers if layer.weights}
+    assert computing == {"bfloat16", "float32"}
+    assert {weight.dtype for weight in training.model.weights} == {"float32"}
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 170, 170, 3), dtype=np.uint8)
+    loss, _ = training.step(tf.constant(pixels), tf.constant([0, 1, 0, 1]))
+    assert np.isfinite(float(loss))
+    trained = training.forward(tf.constant(pixels)).numpy()
+    assert trained.dtype == np.float32
+
+    _save(training.model, training.optimizer, str(tmp_path), history=[])
+    served = _model_from_checkpoint(arch, str(tmp_path))
+    assert {layer.compute_dtype for layer in served.layers} == {"float32"}
+    # bfloat16 keeps about 3 significant digits through the network; the float32 one is the same function.
+    np.testing.assert_allclose(served.predict(to_model_input(pixels), verbose=0), trained, atol=0.05)
