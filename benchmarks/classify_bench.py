@@ -59,14 +59,13 @@ def make_tree(root: Path, sources: list[Path], count: int) -> Path:
 
 def ceiling_images_per_second(model: str | None, paths: list[Path], batch_size: int = 32) -> float:
     from skin_ray.predictor import Predictor
-    from skin_ray.preprocess import preprocess_image
 
     predictor = Predictor.from_bundle(model)
-    predictor.predict_arrays(np.stack([preprocess_image(paths[0].read_bytes())]))
+    predictor.predict_pixels(predictor.decode_pixels(paths[0].read_bytes())[None])
     started = time.perf_counter()
     for start in range(0, len(paths), batch_size):
-        batch = [preprocess_image(p.read_bytes()) for p in paths[start : start + batch_size]]
-        predictor.predict_arrays(np.stack(batch))
+        batch = [predictor.decode_pixels(p.read_bytes()) for p in paths[start : start + batch_size]]
+        predictor.predict_pixels(np.stack(batch))
     return len(paths) / (time.perf_counter() - started)
 
 

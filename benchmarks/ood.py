@@ -26,7 +26,7 @@ from skin_ray import storage  # noqa: E402
 from skin_ray.config import Locations  # noqa: E402
 from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
-from skin_ray.preprocess import preprocess_image  # noqa: E402
+from skin_ray.preprocess import to_model_input  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
 from skin_ray.testing import documents, encode, noise_and_flat, sample_photographs  # noqa: E402
 
@@ -42,7 +42,8 @@ def skin_only(image: Image.Image) -> Image.Image:
 
 def scores(predictor: Predictor, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     """(gate score, maximum softmax probability) of each image, through JPEG bytes and the one preprocessing."""
-    inputs = np.stack([preprocess_image(encode(image.convert("RGB"), "JPEG", quality=92)) for image in images])
+    jpegs = [encode(image.convert("RGB"), "JPEG", quality=92) for image in images]
+    inputs = to_model_input(np.stack([predictor.decode_pixels(data) for data in jpegs]))
     gate, msp = [], []
     for start in range(0, len(inputs), 64):
         analysis = predictor.analyse(inputs[start : start + 64])

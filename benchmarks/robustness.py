@@ -4,7 +4,7 @@
 
 The other clinic's photos are larger, frame the lesion smaller and come from other cameras. No such photos
 are used here (nothing is tuned to them): each validation image of the bundle's own split is re-photographed
-in three ways and scored through the real path (JPEG bytes -> `preprocess_image` -> model):
+in three ways and scored through the real path (JPEG bytes -> the bundle's preprocessing -> model):
 - wider_field: the dermoscopic crop shrunk to 40% of the short side of a 1600x1200 photo, surrounded by
   its own border colour with a soft edge (larger photo, lesion smaller in the frame);
 - camera_colour: another white balance, exposure and tone curve (per-channel gains, then a gamma of 0.8);
@@ -36,7 +36,7 @@ from skin_ray.calibration import content_fold, crossfit_ece  # noqa: E402
 from skin_ray.config import Locations  # noqa: E402
 from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
-from skin_ray.preprocess import preprocess_image  # noqa: E402
+from skin_ray.preprocess import to_model_input  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
 from skin_ray.testing import encode  # noqa: E402
 
@@ -76,7 +76,7 @@ CONDITIONS = {
 
 
 def score(predictor: Predictor, inputs: list[bytes]) -> np.ndarray:
-    images = np.stack([preprocess_image(data) for data in inputs])
+    images = to_model_input(np.stack([predictor.decode_pixels(data) for data in inputs]))
     return np.concatenate([predictor.cancer_probabilities(images[i : i + 64]) for i in range(0, len(images), 64)])
 
 

@@ -48,20 +48,19 @@ NO_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZE
 def ceilings(model: str | None, images: list[bytes], batch_size: int = 32) -> dict:
     """In-process images/s with no HTTP: sequential and pipelined decode + batch predict, and one image alone."""
     from skin_ray.predictor import Predictor
-    from skin_ray.preprocess import decode_pixels
 
     predictor = Predictor.from_bundle(model)
     batches = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
-    predictor.predict_pixels(np.stack([decode_pixels(data) for data in batches[0]]))
+    predictor.predict_pixels(np.stack([predictor.decode_pixels(data) for data in batches[0]]))
 
     started = time.perf_counter()
     for batch in batches:
-        predictor.predict_pixels(np.stack([decode_pixels(data) for data in batch]))
+        predictor.predict_pixels(np.stack([predictor.decode_pixels(data) for data in batch]))
     sequential = len(images) / (time.perf_counter() - started)
 
     with ThreadPoolExecutor(2) as decoders:  # decoding runs ahead while the model computes the previous batch
         started = time.perf_counter()
-        decoded = [decoders.map(decode_pixels, batch) for batch in batches]
+        decoded = [decoders.map(predictor.decode_pixels, batch) for batch in batches]
         for pixels in decoded:
             predictor.predict_pixels(np.stack(list(pixels)))
         pipelined = len(images) / (time.perf_counter() - started)
@@ -69,7 +68,7 @@ def ceilings(model: str | None, images: list[bytes], batch_size: int = 32) -> di
     single_ms = []
     for data in images[:64]:
         started = time.perf_counter()
-        predictor.predict_pixels(decode_pixels(data)[None])
+        predictor.predict_pixels(predictor.decode_pixels(data)[None])
         single_ms.append(1000 * (time.perf_counter() - started))
     return {"sequential": round(sequential, 1), "pipelined": round(pipelined, 1),
             "single_image_ms": round(float(np.median(single_ms)), 1)}
@@ -163,7 +162,6 @@ import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from starlette.concurrency import run_in_threadpool
 from skin_ray.predictor import Predictor
-from skin_ray.preprocess import decode_pixels
 from skin_ray.runtime import limit_tensorflow_threads
 
 limit_tensorflow_threads()
@@ -171,7 +169,7 @@ predictor = Predictor.from_bundle(MODEL)
 app = FastAPI()
 
 def classify(data: bytes) -> dict:
-    return predictor.to_prediction(predictor.predict_pixels(decode_pixels(data)[None])[0]).__dict__
+    return predictor.to_prediction(predictor.predict_pixels(predictor.decode_pixels(data)[None])[0]).__dict__
 
 @app.get("/healthz")
 def healthz():

@@ -33,7 +33,7 @@ import skin_ray
 from skin_ray import storage
 from skin_ray.data import POSITIVE_CLASS
 from skin_ray.model import ShadesOfGray  # noqa: F401  (registers the custom layer for loading)
-from skin_ray.preprocess import IMAGE_SIZE, PREPROCESSING_ID
+from skin_ray.preprocess import IMAGE_SIZE, preprocessing_id
 from skin_ray.safeguards import InputGate
 
 FORMAT_VERSION = 1
@@ -59,8 +59,9 @@ class BundleMetadata:
     metrics: dict
     training: dict
     data: dict
+    # Height, width and channels of the network's input, what callers decode images to; loading checks both.
     input_size: list[int] = field(default_factory=lambda: [IMAGE_SIZE, IMAGE_SIZE, 3])
-    preprocessing: str = PREPROCESSING_ID
+    preprocessing: str = preprocessing_id(IMAGE_SIZE)
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     package_version: str = skin_ray.__version__
@@ -71,6 +72,11 @@ class BundleMetadata:
     def positive_index(self) -> int:
         return self.class_names.index(self.positive_class)
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the network takes, in pixels (`decode_pixels`' `size`)."""
+        return self.input_size[0]
+
 
 def describe_bundle(
     model: keras.Model, arch: str, split, threshold: float, target_sensitivity: float, bundle_metrics: dict,
@@ -79,6 +85,7 @@ def describe_bundle(
     """The bundle.json of a calibrated model trained on `split` (a `skin_ray.data.Split`); its version names
     the architecture, the day and the weights."""
     weights_digest = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+    input_size = list(model.input_shape[1:])
     return BundleMetadata(
         model_version=f"{arch}-{time.strftime('%Y%m%d')}-{weights_digest[:10]}",
         arch=arch,
@@ -95,6 +102,8 @@ def describe_bundle(
             "validation": split.validation.class_counts(),
             "skipped": len(split.skipped),
         },
+        input_size=input_size,
+        preprocessing=preprocessing_id(input_size[0]),
     )
 
 
@@ -141,19 +150,35 @@ def load_bundle(uri: str | None = None) -> Bundle:
     return _load_local(uri, uri)
 
 
-def _load_local(directory: str, uri: str) -> Bundle:
-    metadata_path = Path(directory, METADATA_FILE)
-    if not metadata_path.is_file():
-        raise BundleError(f"{uri} is not a model bundle: {METADATA_FILE} is missing")
-    raw = json.loads(metadata_path.read_text())
+def read_metadata(uri: str | None = None) -> BundleMetadata:
+    """The bundle.json of the bundle at `uri` (the shipped default when None), checked, without its model:
+    for what only needs the description (the input size to decode to, say)."""
+    uri = uri or DEFAULT_BUNDLE
+    return _read_metadata(uri, uri)
+
+
+def _read_metadata(location: str, uri: str) -> BundleMetadata:
+    """The checked bundle.json at `location`, the bundle at `uri` or a local copy of it."""
+    try:
+        raw = json.loads(storage.read_bytes(storage.join(location, METADATA_FILE)))
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f"{uri} is not a model bundle: {METADATA_FILE} is missing") from None
     if raw.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{uri} has bundle format {raw.get('format_version')}, this version reads {FORMAT_VERSION}")
     metadata = BundleMetadata(**raw)
-    if metadata.preprocessing != PREPROCESSING_ID:
+    if metadata.preprocessing != preprocessing_id(metadata.image_size):
         raise BundleError(
-            f"{uri} was trained with preprocessing {metadata.preprocessing!r}, this version has {PREPROCESSING_ID!r}"
+            f"{uri} was trained with preprocessing {metadata.preprocessing!r}, this version has "
+            f"{preprocessing_id(metadata.image_size)!r} for its input size"
         )
+    return metadata
+
+
+def _load_local(directory: str, uri: str) -> Bundle:
+    metadata = _read_metadata(directory, uri)
     model = keras.saving.load_model(Path(directory, MODEL_FILE), compile=False, safe_mode=True)
+    if list(model.input_shape[1:]) != metadata.input_size:
+        raise BundleError(f"{uri}: its network takes {model.input_shape[1:]} inputs, its bundle.json says {metadata.input_size}")
     digests_path = Path(directory, TRAIN_DIGESTS_FILE)
     train_digests = frozenset(digests_path.read_text().split()) if digests_path.is_file() else frozenset()
     gate = None

@@ -25,6 +25,7 @@ import pyarrow.parquet
 import ray
 
 from skin_ray import storage
+from skin_ray.bundle import read_metadata
 from skin_ray.config import ClassifySettings, OutputFormat
 from skin_ray.data import load_images
 from skin_ray.predictor import RECORD_FIELDS
@@ -110,13 +111,13 @@ def read_results(output: str, fmt: str, columns: list[str] | None = None):
 
 
 def build_pipeline(paths: list[str], settings: ClassifySettings) -> ray.data.Dataset:
-    max_bytes = int(settings.max_file_mb * 2**20)
+    decoding = {"max_bytes": int(settings.max_file_mb * 2**20), "size": read_metadata(settings.bundle).image_size}
     files = ray.data.from_items(
         [{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // settings.batch_size, 1000))
     )
     files.set_name("classify")  # what its progress line is called
     return (
-        files.map_batches(load_images, batch_size=settings.batch_size, fn_kwargs={"max_bytes": max_bytes}, num_cpus=0.5)
+        files.map_batches(load_images, batch_size=settings.batch_size, fn_kwargs=decoding, num_cpus=0.5)
         .map_batches(
             Classifier,
             fn_constructor_args=(settings.bundle, settings.format == "csv", settings.explain),

@@ -166,7 +166,7 @@ def _run_predict(args) -> int:
     chunk = 32  # bounds memory for long argument lists
     failed = 0
     for start in range(0, len(paths), chunk):
-        batch = load_images({"path": np.array(paths[start : start + chunk], dtype=object)})
+        batch = load_images({"path": np.array(paths[start : start + chunk], dtype=object)}, size=predictor.metadata.image_size)
         failed += int((batch["error"] != "").sum())  # refused by the input gate is an answer, not a failure
         for path, record in zip(batch["path"], predictor.records(batch["image"], batch["error"]), strict=True):
             _result({"path": path, **record})
@@ -181,7 +181,7 @@ def _run_explain(args) -> int:
     from skin_ray import storage
     from skin_ray.explain import explanation
     from skin_ray.predictor import Predictor
-    from skin_ray.preprocess import ImageDecodeError, preprocess_image
+    from skin_ray.preprocess import ImageDecodeError, to_model_input
 
     settings = _settings_from(args, ExplainSettings)
     paths = _image_paths(settings.images)
@@ -192,7 +192,7 @@ def _run_explain(args) -> int:
     for index, path in enumerate(paths):
         try:
             data = storage.read_bytes(path)
-            record, heatmap = predictor.explain(preprocess_image(data)[None])
+            record, heatmap = predictor.explain(to_model_input(predictor.decode_pixels(data)[None]))
         except ImageDecodeError as exc:
             failed += 1
             _result({"path": path, **predictor.error_record(str(exc)), "explanation": None})

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from skin_ray.preprocess import IMAGE_SIZE
+
 TARGET_SENSITIVITY = 0.90  # for Cancer, on validation: what a bundle's decision threshold must keep
 
 # Each choice is listed once, here; the modules that act on a choice key their tables by these names.
@@ -52,6 +54,10 @@ class TrainingRecipe(ThresholdSettings):
     arch: Arch = Field(
         "default", description="default (ours, residual), plain (ours, plain stages) or seed (the original notebook CNN)"
     )
+    input_size: int = Field(
+        IMAGE_SIZE, ge=32, description="side of the network's square input in pixels (the ISIC images are 224); "
+        "the bundle records it and every command that uses the bundle decodes images to it",
+    )
     workers: int = Field(2, ge=1, description="Ray Train workers (MultiWorkerMirroredStrategy replicas)")
     epochs: int = Field(40, ge=1, description="passes over the training split")
     batch_size: int = Field(32, ge=1, description="global batch size, split evenly across workers")
@@ -70,7 +76,7 @@ class TrainingRecipe(ThresholdSettings):
     )
     precision: Literal["float32", "mixed_bfloat16"] = Field(
         "float32", description="mixed_bfloat16: the network computes in bfloat16 (weights stay float32), about 1.35x "
-        "faster per step on CPUs with AMX or AVX512-BF16 and on GPUs, much slower on CPUs without them",
+        "faster per step on CPUs with AMX or AVX512-BF16 (measured here); other CPUs emulate bfloat16",
     )
     decode_every_epoch: bool = Field(
         False, description="decode the images again every epoch instead of once per run (which keeps their pixels, "
@@ -98,6 +104,8 @@ class DistillSettings(TrainingRecipe):
     teacher's own split."""
 
     teacher: str = Field(description="the bundle to learn from (directory or s3:// prefix), e.g. an ensemble")
+    input_size: int | None = Field(None, ge=32, description="the student's input size: the teacher's (the default), "
+                                   "since both see the same augmented images")
     output: str = Field(description="where to write the bundle (directory or s3:// prefix)")
     data: str | None = Field(None, description="the teacher's labelled image tree, if it moved since it was trained")
     temperature: float = Field(

@@ -123,28 +123,28 @@ def split_by_content(images: LabelledImages, validation_fraction: float = 0.2) -
     )
 
 
-def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """Read and preprocess each path (a Ray Data map_batches function).
+def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
+    """Read and preprocess each path to `size`x`size` (a Ray Data map_batches function).
 
     A file that cannot become a model input gets a zero image and an `error` of the form "reason: detail"
     (ImageDecodeError's reasons, `too_large` or `unreadable`); the others get an empty error. `sha256` is
     the file's content hash (empty when unreadable), what a bundle's training split is recorded by.
     """
-    decoded = load_pixels(batch, max_bytes)
+    decoded = load_pixels(batch, max_bytes, size)
     pixels = decoded.pop("pixels")
     return {**decoded, "image": to_model_input(pixels)}
 
 
-def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> dict[str, np.ndarray]:
+def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
     """`load_images` up to the model input's last step: `pixels`, uint8, a quarter of the float32 bytes."""
-    pixels = np.zeros((len(batch["path"]), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    pixels = np.zeros((len(batch["path"]), size, size, 3), dtype=np.uint8)
     errors, digests = [], []
     for i, path in enumerate(batch["path"]):
         digests.append("")
         try:
             data = storage.read_bytes(path, max_bytes)
             digests[-1] = hashlib.sha256(data).hexdigest()
-            pixels[i] = decode_pixels(data)
+            pixels[i] = decode_pixels(data, size)
             errors.append("")
         except ImageDecodeError as exc:
             errors.append(str(exc))
@@ -155,15 +155,17 @@ def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> d
     return {**batch, "pixels": pixels, "error": np.array(errors, dtype=object), "sha256": np.array(digests, dtype=object)}
 
 
-def image_dataset(images: LabelledImages) -> ray.data.Dataset:
-    """A Ray Dataset of `path`, `label`, `image` (float32, 170x170x3, the one preprocessing), `error` columns.
+def image_dataset(images: LabelledImages, size: int = IMAGE_SIZE) -> ray.data.Dataset:
+    """A Ray Dataset of `path`, `label`, `image` (float32, `size`x`size`x3, the one preprocessing), `error` columns.
 
     Decoding is lazy and streams: each pass over the dataset reads and decodes the files again.
     """
-    return _paths_and_labels(images).map_batches(load_images, batch_size=32)
+    return _paths_and_labels(images).map_batches(load_images, batch_size=32, fn_kwargs={"size": size})
 
 
-def pixel_dataset(images: LabelledImages, decode_once: bool = True, shuffle: bool = False) -> ray.data.Dataset:
+def pixel_dataset(
+    images: LabelledImages, size: int = IMAGE_SIZE, decode_once: bool = True, shuffle: bool = False
+) -> ray.data.Dataset:
     """A Ray Dataset of `path`, `label`, `pixels` (uint8, the model input but its last step) and `sha256`:
     what training and calibration read. Every image must decode (`split_by_content` leaves out those that
     do not).
@@ -175,7 +177,7 @@ def pixel_dataset(images: LabelledImages, decode_once: bool = True, shuffle: boo
     paths = _paths_and_labels(images)
     if shuffle and not decode_once:
         paths = paths.random_shuffle()  # paths are cheaper to move than pixels
-    pixels = paths.map_batches(load_pixels, batch_size=32).drop_columns(["error"])
+    pixels = paths.map_batches(load_pixels, batch_size=32, fn_kwargs={"size": size}).drop_columns(["error"])
     if not decode_once:
         return pixels
     pixels.set_name("decode-once")  # what its progress line is called

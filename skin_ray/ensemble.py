@@ -21,12 +21,13 @@ from skin_ray.bundle import BundleMetadata, load_bundle, save_bundle
 from skin_ray.config import EnsembleSettings
 from skin_ray.finalize import bundle_split, finalize_bundle
 from skin_ray.model import NUM_CLASSES
-from skin_ray.preprocess import IMAGE_SIZE
 
 
 def make_ensemble(members: list[keras.Model]) -> keras.Model:
     """One model whose softmax input is the mean of the members' softmax inputs (logits)."""
-    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    if len({member.input_shape for member in members}) > 1:
+        raise ValueError(f"the members take inputs of different sizes: {[member.input_shape[1:] for member in members]}")
+    inputs = keras.Input(members[0].input_shape[1:])
     features, kernels, biases = [], [], []
     for index, member in enumerate(members):
         member_classifier = member.layers[-1]

@@ -13,7 +13,7 @@ from skin_ray.calibration import calibrate
 from skin_ray.config import FitSafeguardsSettings, ThresholdSettings
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, Split, discover, pixel_dataset, split_by_content
 from skin_ray.predictor import analysis_function, member_cancer_probabilities
-from skin_ray.preprocess import IMAGE_SIZE, to_model_input
+from skin_ray.preprocess import to_model_input
 from skin_ray.safeguards import InputGate
 
 
@@ -22,7 +22,7 @@ def finalize_bundle(
 ) -> tuple[BundleMetadata, InputGate]:
     """Calibrate `model` in place, choose its threshold by `rule`, fit its safeguards, describe the bundle:
     what `save_bundle` then writes. Each split is decoded once, for all of them."""
-    train, validation = pixel_dataset(split.train), pixel_dataset(split.validation)
+    train, validation = _pixel_datasets(split, model)
     threshold, bundle_metrics = calibrate(model, validation, rule)
     gate, input_gate, uncertainty = fit_safeguards(model, train, validation, threshold)
     metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training, source)
@@ -41,7 +41,7 @@ def fit_safeguards(model, train, validation, threshold: float) -> tuple[InputGat
     """
     from skin_ray.model import RandomZoomOutOntoSkin
 
-    analyse = analysis_function(model, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    analyse = analysis_function(model)
     positive = CLASS_NAMES.index(POSITIVE_CLASS)
     zoom_out = RandomZoomOutOntoSkin(probability=1.0, seed=0)
 
@@ -68,6 +68,12 @@ def fit_safeguards(model, train, validation, threshold: float) -> tuple[InputGat
     return gate, *safeguards.describe(gate, margin, y_true, p_cancer, threshold, disagree)
 
 
+def _pixel_datasets(split: Split, model) -> tuple:
+    """The split's training and validation images decoded (once) to `model`'s input size."""
+    size = model.input_shape[1]
+    return pixel_dataset(split.train, size), pixel_dataset(split.validation, size)
+
+
 def bundle_split(metadata: BundleMetadata, uri: str, data: str | None = None) -> tuple[Split, str]:
     """The split the bundle at `uri` was trained and calibrated on, re-derived from `data` (by default the
     data it was trained on), and that data's location; refused when the data's fingerprint differs."""
@@ -85,7 +91,7 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     bundle = load_bundle(settings.bundle)
     metadata = bundle.metadata
     split, _ = bundle_split(metadata, settings.bundle, settings.data)
-    train, validation = pixel_dataset(split.train), pixel_dataset(split.validation)
+    train, validation = _pixel_datasets(split, bundle.model)
     gate, metadata.input_gate, metadata.uncertainty = fit_safeguards(bundle.model, train, validation, metadata.threshold)
     write_safeguards(metadata, gate, settings.bundle)
     return metadata

@@ -1,9 +1,9 @@
 """The CNNs: `make_model(arch)` builds the original notebook network (`seed`) or one of ours: `default`, a
 small residual network, and `plain`, the same network with plain convolution stages (our first default).
 
-All take the output of `preprocess_image` (170x170 RGB in [0, 1]) and end in a 2-way softmax whose index
-order is the bundle's `class_names`. Augmentation lives in `make_augmenter`, applied by the training loop
-only, so a saved model is just the inference graph.
+All take the output of `preprocess_image` (`size`x`size` RGB in [0, 1], 170 unless asked) and end in a
+2-way softmax whose index order is the bundle's `class_names`. Augmentation lives in `make_augmenter`,
+applied by the training loop only, so a saved model is just the inference graph.
 """
 
 from __future__ import annotations
@@ -42,21 +42,21 @@ class ShadesOfGray(layers.Layer):
         return {**super().get_config(), "power": self.power}
 
 
-def make_model(arch: Arch = "default") -> keras.Model:
+def make_model(arch: Arch = "default", size: int = IMAGE_SIZE) -> keras.Model:
     if arch == "default":
-        return _make_ours(_residual_block, name="default")
+        return _make_ours(_residual_block, "default", size)
     if arch == "plain":
-        return _make_ours(_plain_block, name="plain")
+        return _make_ours(_plain_block, "plain", size)
     if arch == "seed":
-        return _make_seed()
+        return _make_seed(size)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {get_args(Arch)}")
 
 
-def _make_seed() -> keras.Model:
+def _make_seed(size: int) -> keras.Model:
     """The original notebook network, layer for layer."""
     return keras.Sequential(
         [
-            keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
+            keras.Input((size, size, 3)),
             layers.Conv2D(32, 3, activation="relu"),
             layers.MaxPooling2D(2),
             layers.Conv2D(64, 3, activation="relu"),
@@ -98,13 +98,13 @@ def _plain_block(x, filters: int):
     return _conv_bn_relu(_conv_bn_relu(x, filters), filters)
 
 
-def _make_ours(block, name: str) -> keras.Model:
+def _make_ours(block, name: str, size: int) -> keras.Model:
     """A stem, three pooled stages of `block`, global average pooling (~1.2M parameters, ~5 MB).
 
     A stride-2 stem keeps the cost on CPUs; global pooling (not Flatten) makes the head independent of where
     the lesion sits in the frame.
     """
-    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    inputs = keras.Input((size, size, 3))
     x = ShadesOfGray(dtype="float32")(inputs)  # its image-wide means, too, stay out of bfloat16
     x = _conv_bn_relu(x, 32, strides=2)
     x = _conv_bn_relu(x, 32)

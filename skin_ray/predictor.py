@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from skin_ray.bundle import Bundle, load_bundle
 from skin_ray.explain import Explainer
-from skin_ray.preprocess import to_model_input
+from skin_ray.preprocess import decode_pixels, to_model_input
 from skin_ray.safeguards import is_uncertain, members_disagree
 
 OUT_OF_DISTRIBUTION = "out_of_distribution"
@@ -45,8 +45,9 @@ class Analysis:
     member_cancer: np.ndarray | None  # (n, members): each ensemble member's Cancer probability
 
 
-def analysis_function(model: keras.Model, input_shape) -> tf.types.experimental.GenericFunction:
+def analysis_function(model: keras.Model) -> tf.types.experimental.GenericFunction:
     """A traced function: images -> (probabilities, the classifier's input features)."""
+    input_shape = model.input_shape[1:]
     if isinstance(model, keras.Sequential):  # a loaded Sequential has no symbolic output: rebuild the chain
         features = inputs = keras.Input(input_shape)
         for layer in model.layers[:-1]:
@@ -84,7 +85,7 @@ class Predictor:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.metadata = bundle.metadata
-        self._analyse = analysis_function(bundle.model, self.metadata.input_size)
+        self._analyse = analysis_function(bundle.model)
 
     @classmethod
     def from_bundle(cls, uri: str | None = None) -> Predictor:
@@ -102,6 +103,10 @@ class Predictor:
         probabilities, features = (t.numpy() for t in self._analyse(tf.convert_to_tensor(images, dtype=tf.float32)))
         members = member_cancer_probabilities(self.bundle.model, features, self.metadata.positive_index)
         return Analysis(probabilities, features, members)
+
+    def decode_pixels(self, data: bytes) -> np.ndarray:
+        """Image bytes as this bundle's input pixels: `skin_ray.preprocess.decode_pixels` at its input size."""
+        return decode_pixels(data, self.metadata.image_size)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, n_classes), for a batch of preprocessed images."""

@@ -2,7 +2,8 @@
 
 Training, `predict`, the Serve app and the batch job all call `preprocess_image`, so the model can never
 see pixels prepared differently from how it was trained (the original trained on OpenCV's BGR and served
-Pillow's RGB). The recipe's id is stored in every model bundle and checked when a bundle is loaded.
+Pillow's RGB). The recipe's id, which names the input size, is stored in every model bundle and checked
+when a bundle is loaded; a bundle's own size (its `input_size`) is what its callers decode to.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SIZE = 170
-PREPROCESSING_ID = "pil-rgb-exif-centercrop-170-unit-v1"
+IMAGE_SIZE = 170  # the input size of the original notebook and of new networks unless trained with another
 # 4000x3000 phone photos must pass; anything far beyond is refused before its pixels are decoded.
 MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -26,6 +26,11 @@ class ImageDecodeError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+
+
+def preprocessing_id(size: int) -> str:
+    """The recipe's name for `size`-pixel inputs, as bundles record it."""
+    return f"pil-rgb-exif-centercrop-{size}-unit-v1"
 
 
 def preprocess_image(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:

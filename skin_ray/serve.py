@@ -147,6 +147,13 @@ class LoadedModel:
 
         limit_tensorflow_threads()
         predictor = Predictor.from_bundle(bundle)
+        running = getattr(self, "predictor", None)
+        if running is not None and predictor.metadata.input_size != running.metadata.input_size:
+            # Ingress decodes uploads to the size of the bundle it started with (it may not hold the model).
+            raise ValueError(
+                f"{bundle} takes {predictor.metadata.image_size}-pixel images, the running bundle "
+                f"{running.metadata.image_size}: deploy the app anew to change the input size"
+            )
         height, width, channels = predictor.metadata.input_size
         predictor.predict_pixels(np.zeros((1, height, width, channels), np.uint8))  # trace before traffic
         self.predictor = predictor  # swapped in one assignment: requests never see a half-loaded model
@@ -480,7 +487,10 @@ class Ingress:
     (no `model_handle`) it also holds the model."""
 
     def __init__(self, settings: ServeSettings, model_handle=None):
+        from skin_ray.bundle import read_metadata
+
         self.model = LoadedModel(settings.bundle) if model_handle is None else _RemoteModel(model_handle)
+        self.image_size = read_metadata(settings.bundle).image_size  # what uploads are decoded to
         self.max_batch_files = settings.max_batch_files
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="skin-ray-decode")
         self.batcher = Batcher(
@@ -523,7 +533,7 @@ class Ingress:
         loop = asyncio.get_running_loop()
 
         def decode() -> Awaitable[np.ndarray]:
-            return loop.run_in_executor(self.decoder, decode_pixels, data)
+            return loop.run_in_executor(self.decoder, decode_pixels, data, self.image_size)
 
         try:
             if explain:

@@ -120,7 +120,10 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None:
             size = s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
             _check_size(uri, size, max_bytes)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except s3_client().exceptions.NoSuchKey:
+            raise FileNotFoundError(f"no such file: {uri}") from None
     if max_bytes is not None:
         _check_size(uri, os.path.getsize(uri), max_bytes)
     return Path(uri).read_bytes()

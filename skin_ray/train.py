@@ -63,6 +63,10 @@ def distill(settings: DistillSettings) -> TrainOutcome:
     """Train a network on the teacher bundle's soft targets and the labels, on the split the teacher was
     trained and calibrated on (so its validation images stay unseen by both); write it as a bundle."""
     teacher = load_bundle(settings.teacher)
+    size = teacher.metadata.image_size
+    if settings.input_size not in (None, size):
+        raise ValueError(f"the student sees the teacher's inputs: --input-size must be the teacher's, {size}")
+    settings = settings.model_copy(update={"input_size": size})
     split, source = bundle_split(teacher.metadata, settings.teacher, settings.data)
     record = {
         **settings.model_dump(),
@@ -107,8 +111,8 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
             placement_strategy=settings.placement_strategy,
         ),
         datasets={
-            "train": pixel_dataset(split.train, not settings.decode_every_epoch, shuffle=True),
-            "validation": pixel_dataset(split.validation, not settings.decode_every_epoch),
+            "train": pixel_dataset(split.train, settings.input_size, not settings.decode_every_epoch, shuffle=True),
+            "validation": pixel_dataset(split.validation, settings.input_size, not settings.decode_every_epoch),
         },
         # Every worker gets an equal share of "train" (equal row counts keep the collectives in step);
         # "validation" is read whole by rank 0.
@@ -131,7 +135,7 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
         history = json.loads(Path(latest, STATE_FILE).read_text())["history"]
     best = result.get_best_checkpoint(metric="val_auc", mode="max")
     with best.as_directory() as checkpoint_dir:
-        model = _model_from_checkpoint(settings.arch, checkpoint_dir)
+        model = _model_from_checkpoint(settings.arch, settings.input_size, checkpoint_dir)
     metadata, gate = finalize_bundle(model, split, settings.arch, settings, {**record, "epochs_run": len(history)}, source)
     metadata.metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
     save_bundle(model, metadata, settings.output, split.train_digests, gate)
@@ -248,7 +252,7 @@ def _make_training(config: dict, strategy, rank: int) -> _Training:
         # The precision applies to the layers built now, the network's; the augmentation stays in float32.
         # The weights are float32 either way, so the bundle's network (skin_ray.finalize) is the usual one.
         keras.config.set_dtype_policy(config["precision"])
-        model = make_model(config["arch"])
+        model = make_model(config["arch"], config["input_size"])
         keras.config.set_dtype_policy("float32")
         schedule = keras.optimizers.schedules.CosineDecay(
             config["learning_rate"] / 20, decay_steps=epochs * steps, alpha=0.01,
@@ -397,9 +401,9 @@ def _restore(model, optimizer, directory: str) -> list[dict]:
     return history
 
 
-def _model_from_checkpoint(arch: str, directory: str):
+def _model_from_checkpoint(arch: str, size: int, directory: str):
     from skin_ray.model import make_model
 
-    model = make_model(arch)
+    model = make_model(arch, size)
     model.load_weights(Path(directory, WEIGHTS_FILE))
     return model

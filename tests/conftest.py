@@ -86,18 +86,17 @@ def lesion_tree(tmp_path_factory) -> Path:
     return write_lesion_tree(tmp_path_factory.mktemp("lesions"), per_class=120)
 
 
-@pytest.fixture(scope="session")
-def untrained_bundle(tmp_path_factory) -> Path:
-    """A bundle around a freshly initialised default model: fast, for mechanics that need any bundle."""
+def _write_untrained_bundle(path: Path, size: int, model_version: str) -> Path:
+    """A bundle around a freshly initialised default model taking `size`-pixel images."""
     import keras
 
     from skin_ray.bundle import BundleMetadata, save_bundle
     from skin_ray.model import make_model
+    from skin_ray.preprocess import preprocessing_id
 
     keras.utils.set_random_seed(1)
-    path = tmp_path_factory.mktemp("bundle") / "untrained"
     metadata = BundleMetadata(
-        model_version="untrained-test",
+        model_version=model_version,
         arch="default",
         class_names=["Cancer", "Non_Cancer"],
         positive_class="Cancer",
@@ -106,9 +105,25 @@ def untrained_bundle(tmp_path_factory) -> Path:
         metrics={},
         training={},
         data={},
+        input_size=[size, size, 3],
+        preprocessing=preprocessing_id(size),
     )
-    save_bundle(make_model("default"), metadata, str(path))
+    save_bundle(make_model("default", size), metadata, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory) -> Path:
+    """A bundle around a freshly initialised default model: fast, for mechanics that need any bundle."""
+    from skin_ray.preprocess import IMAGE_SIZE
+
+    return _write_untrained_bundle(tmp_path_factory.mktemp("bundle") / "untrained", IMAGE_SIZE, "untrained-test")
+
+
+@pytest.fixture(scope="session")
+def small_input_bundle(tmp_path_factory) -> Path:
+    """The untrained bundle at another input size (96 pixels): every path must decode to the bundle's size."""
+    return _write_untrained_bundle(tmp_path_factory.mktemp("bundle") / "untrained-96", 96, "untrained-96-test")
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from skin_ray import metrics
-from skin_ray.bundle import DEFAULT_BUNDLE, METADATA_FILE, MODEL_FILE, BundleError, load_bundle, save_bundle
+from skin_ray.bundle import DEFAULT_BUNDLE, METADATA_FILE, MODEL_FILE, BundleError, load_bundle, read_metadata, save_bundle
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.model import NUM_CLASSES, make_model
 from skin_ray.predictor import Predictor
-from skin_ray.testing import REAL_DATA, needs_real_data, threshold_miss_rates
+from skin_ray.preprocess import preprocessing_id
+from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, threshold_miss_rates
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,9 @@ def test_round_trip_s3(untrained_bundle, bucket, images):
     copy = load_bundle(uri)
     assert copy.uri == uri
     assert asdict(copy.metadata) == asdict(original.metadata)
+    assert read_metadata(uri) == original.metadata
+    with pytest.raises(BundleError, match="not a model bundle"):
+        read_metadata(f"s3://{bucket}/models/none")
     np.testing.assert_array_equal(Predictor(copy).predict_arrays(images), Predictor(original).predict_arrays(images))
 
 
@@ -56,6 +60,20 @@ def test_refuses_another_preprocessing_or_format(untrained_bundle, tmp_path):
         load_bundle(str(_edited_copy(untrained_bundle, tmp_path / "b", format_version=99)))
     with pytest.raises(BundleError, match="not a model bundle"):
         load_bundle(str(tmp_path))
+
+
+def test_a_bundle_carries_its_input_size(small_input_bundle, tmp_path):
+    bundle = load_bundle(str(small_input_bundle))
+    assert bundle.metadata.image_size == 96 and bundle.metadata.preprocessing == preprocessing_id(96)
+    assert read_metadata(str(small_input_bundle)) == bundle.metadata
+    photo = encode(lesion_image("Cancer", np.random.default_rng(0), size=300), "JPEG")
+    assert Predictor(bundle).decode_pixels(photo).shape == (96, 96, 3)
+    # A description that disagrees with its network, or a recipe id that names another size, is refused.
+    claims_170 = {"input_size": [170, 170, 3], "preprocessing": preprocessing_id(170)}
+    with pytest.raises(BundleError, match=r"takes \(96, 96, 3\) inputs"):
+        load_bundle(str(_edited_copy(small_input_bundle, tmp_path / "a", **claims_170)))
+    with pytest.raises(BundleError, match="preprocessing"):
+        read_metadata(str(_edited_copy(small_input_bundle, tmp_path / "b", preprocessing=preprocessing_id(170))))
 
 
 def test_safe_mode_refuses_code_in_a_bundle(untrained_bundle, tmp_path):

@@ -85,15 +85,15 @@ def test_local_directory_gives_one_row_per_file(ray_session, mixed_tree, untrain
     _check_rows(read_results(str(tmp_path / "out"), "parquet"), files, reasons)
 
 
-def test_results_agree_with_predict(ray_session, mixed_tree, untrained_bundle, tmp_path):
-    classify(_config(mixed_tree, tmp_path / "out", untrained_bundle, format="jsonl"))
+@pytest.mark.parametrize("bundle_fixture", ["untrained_bundle", "small_input_bundle"])  # 170 and 96 pixels
+def test_results_agree_with_predict(request, ray_session, mixed_tree, bundle_fixture, tmp_path):
+    bundle = request.getfixturevalue(bundle_fixture)
+    classify(_config(mixed_tree, tmp_path / "out", bundle, format="jsonl"))
     results = read_results(str(tmp_path / "out"), "jsonl").set_index("path")
     sample = _image_files(mixed_tree)[::5]
-    predicted = subprocess.run(
-        ["skin-ray", "predict", *sample, "--bundle", str(untrained_bundle)], capture_output=True, text=True
-    )
+    predicted = subprocess.run(["skin-ray", "predict", *sample, "--bundle", str(bundle)], capture_output=True, text=True)
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
-    assert len(rows) == len(sample)
+    assert len(rows) == len(sample) and any(row["error"] is None for row in rows), predicted.stderr
     assert predicted.returncode == (1 if any(row["error"] for row in rows) else 0), predicted.stderr
     for row in rows:
         result = results.loc[row["path"]]

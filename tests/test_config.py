@@ -48,6 +48,8 @@ def _another_value(field) -> str:
     """A command-line value other than the field's default."""
     if get_origin(field.annotation) is Literal:
         return next(choice for choice in get_args(field.annotation) if choice != field.default)
+    if field.default is None and int in get_args(field.annotation):  # `int | None`
+        return "96"
     if field.default is None or isinstance(field.default, str):
         return "another"
     return str(field.default + 1 if isinstance(field.default, int) else field.default / 2)

@@ -40,6 +40,11 @@ def _member(path: Path, arch: str, seed: int, data: Path, fingerprint: str) -> s
     return str(path)
 
 
+def test_members_of_different_input_sizes_are_refused():
+    with pytest.raises(ValueError, match="inputs of different sizes"):
+        make_ensemble([make_model("plain"), make_model("plain", 96)])
+
+
 def test_ensemble_output_is_the_softmax_of_the_mean_member_logit():
     keras.utils.set_random_seed(3)
     members = [make_model("seed"), make_model("plain")]

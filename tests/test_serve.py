@@ -18,7 +18,7 @@ from ray import serve
 from skin_ray.config import ServeSettings
 from skin_ray.predictor import RECORD_FIELDS, Predictor
 from skin_ray.preprocess import preprocess_image
-from skin_ray.serve import Ingress, SkinModel, app_builder
+from skin_ray.serve import Ingress, LoadedModel, SkinModel, app_builder
 from skin_ray.testing import encode, free_port, lesion_image, steady_load
 
 APP = "skin-ray-test"
@@ -204,6 +204,14 @@ def test_served_probabilities_equal_the_predictor_on_the_same_files(request, unt
 
     served = [response.json()["cancer_probability"] for response in asyncio.run(concurrently())]
     np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_a_swap_to_a_bundle_of_another_input_size_is_refused(small_input_bundle, untrained_bundle):
+    """The Ingress decodes to the size of the bundle it started with, so a swap may not change it."""
+    model = LoadedModel(str(small_input_bundle))
+    with pytest.raises(ValueError, match="deploy the app anew to change the input size"):
+        model.reconfigure({"bundle": str(untrained_bundle)})
+    assert model.predictor.metadata.model_version == "untrained-96-test"  # still serving what it had
 
 
 def test_docs_work_offline(client):

@@ -16,8 +16,9 @@ import ray
 from skin_ray import metrics, safeguards
 from skin_ray.bundle import load_bundle
 from skin_ray.calibration import calibrate
-from skin_ray.config import DistillSettings, ThresholdSettings, TrainSettings
+from skin_ray.config import DistillSettings, EvaluateSettings, ThresholdSettings, TrainSettings
 from skin_ray.data import discover, image_dataset, pixel_dataset, split_by_content
+from skin_ray.evaluate import evaluate
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import to_model_input
 from skin_ray.runtime import InsufficientResourcesError
@@ -34,8 +35,9 @@ def _config(data: Path, tmp_path: Path, **overrides) -> TrainSettings:
 
 @pytest.fixture(scope="module")
 def trained(ray_session, lesion_tree, tmp_path_factory):
-    """One 2-worker training run on the generated lesions, shared by the tests that read its outcome."""
-    return train(_config(lesion_tree, tmp_path_factory.mktemp("trained")))
+    """One 2-worker training run on the generated lesions, shared by the tests that read its outcome; at their
+    own size, 96 pixels, which every command using the bundle must then decode to (170 is the default)."""
+    return train(_config(lesion_tree, tmp_path_factory.mktemp("trained"), input_size=96))
 
 
 def test_two_workers_stay_identical_and_learn(trained, lesion_tree):
@@ -49,14 +51,17 @@ def test_two_workers_stay_identical_and_learn(trained, lesion_tree):
     bundle = load_bundle(outcome.bundle_uri)
     assert bundle.metadata.class_names == ["Cancer", "Non_Cancer"]
     assert bundle.metadata.training["workers"] == 2
+    assert bundle.metadata.input_size == [96, 96, 3] and bundle.model.input_shape == (None, 96, 96, 3)
     # The shipped metrics are reproducible from the bundle itself on the validation split.
     split = split_by_content(discover(str(lesion_tree)), 0.2)
     predictor = Predictor(bundle)
-    rows = image_dataset(split.validation).take_all()
+    rows = image_dataset(split.validation, bundle.metadata.image_size).take_all()
     y_true = np.array([row["label"] == 0 for row in rows], dtype=int)
     p_cancer = predictor.cancer_probabilities(np.stack([row["image"] for row in rows]))
     recomputed = metrics.summary(y_true, p_cancer, bundle.metadata.threshold)
     assert recomputed["roc_auc"] == pytest.approx(outcome.metrics["validation"]["roc_auc"], abs=1e-6)
+    evaluated = evaluate(EvaluateSettings(data=str(lesion_tree), bundle=outcome.bundle_uri, split="validation"))
+    assert evaluated["n"] == len(rows) and evaluated["roc_auc"] == pytest.approx(recomputed["roc_auc"], abs=1e-6)
     assert recomputed["sensitivity"] >= bundle.metadata.target_sensitivity
     # Learned: far above chance on held-out images of a task only the texture can solve.
     assert recomputed["roc_auc"] > 0.9, recomputed
@@ -153,9 +158,12 @@ def test_distill_learns_from_its_teacher_on_the_teachers_split(trained, lesion_t
         teacher=trained.bundle_uri, output=str(tmp_path / "student"), storage_path=str(tmp_path / "runs"),
         run_name="student", arch="plain", workers=2, epochs=6, batch_size=16, learning_rate=3e-3,
     )
+    with pytest.raises(ValueError, match="--input-size must be the teacher's, 96"):
+        distill(settings.model_copy(update={"input_size": 170}))
     outcome = distill(settings)
     student = load_bundle(outcome.bundle_uri).metadata
     assert student.arch == "plain" and student.data["fingerprint"] == teacher.metadata.data["fingerprint"]
+    assert student.input_size == teacher.metadata.input_size  # it saw the teacher's inputs
     assert student.training["teacher"]["model_version"] == teacher.metadata.model_version
     assert student.training["validation_fraction"] == teacher.metadata.training["validation_fraction"]
     assert all(row["replica_weight_divergence"] == 0.0 for row in outcome.history)
@@ -210,11 +218,11 @@ def test_mixed_precision_trains_a_bfloat16_network_whose_weights_are_the_float32
     pixels = np.random.default_rng(0).integers(0, 256, (4, 170, 170, 3), dtype=np.uint8)
     loss, _ = training.step(tf.constant(pixels), tf.constant([0, 1, 0, 1]))
     assert np.isfinite(float(loss))
-    trained = training.forward(tf.constant(pixels)).numpy()
-    assert trained.dtype == np.float32
+    in_training = training.forward(tf.constant(pixels)).numpy()
+    assert in_training.dtype == np.float32
 
     _save(training.model, training.optimizer, str(tmp_path), history=[])
-    served = _model_from_checkpoint(arch, str(tmp_path))
+    served = _model_from_checkpoint(arch, config["input_size"], str(tmp_path))
     assert {layer.compute_dtype for layer in served.layers} == {"float32"}
     # bfloat16 keeps about 3 significant digits through the network; the float32 one is the same function.
-    np.testing.assert_allclose(served.predict(to_model_input(pixels), verbose=0), trained, atol=0.05)
+    np.testing.assert_allclose(served.predict(to_model_input(pixels), verbose=0), in_training, atol=0.05)
