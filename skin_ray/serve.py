@@ -142,18 +142,20 @@ class LoadedModel:
         self.load(bundle)
 
     def load(self, bundle: str | None) -> None:
+        from skin_ray.bundle import read_metadata
         from skin_ray.predictor import Predictor
         from skin_ray.runtime import limit_tensorflow_threads
 
+        running = getattr(self, "predictor", None)
+        # Ingress decodes uploads to the size of the bundle it started with (it may not hold the model), so a
+        # swap to another size is refused from bundle.json, before a network is loaded.
+        if running is not None and (size := read_metadata(bundle).image_size) != running.metadata.image_size:
+            raise ValueError(
+                f"{bundle} takes {size}-pixel images, the running bundle {running.metadata.image_size}: "
+                "deploy the app anew to change the input size"
+            )
         limit_tensorflow_threads()
         predictor = Predictor.from_bundle(bundle)
-        running = getattr(self, "predictor", None)
-        if running is not None and predictor.metadata.input_size != running.metadata.input_size:
-            # Ingress decodes uploads to the size of the bundle it started with (it may not hold the model).
-            raise ValueError(
-                f"{bundle} takes {predictor.metadata.image_size}-pixel images, the running bundle "
-                f"{running.metadata.image_size}: deploy the app anew to change the input size"
-            )
         height, width, channels = predictor.metadata.input_size
         predictor.predict_pixels(np.zeros((1, height, width, channels), np.uint8))  # trace before traffic
         self.predictor = predictor  # swapped in one assignment: requests never see a half-loaded model

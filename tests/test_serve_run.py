@@ -162,6 +162,35 @@ def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_se
                 process.kill()
 
 
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_a_bundle_of_another_input_size_is_served_at_its_size(no_serve_in_session_ray, small_input_bundle, layout):
+    """`skin-ray serve` of a 96-pixel bundle: the Ingress decodes uploads to the bundle's size, also in the split
+    layout, where it does not hold the model (a 170-pixel batch would fail in the network)."""
+    port = free_port()
+    service = subprocess.Popen(
+        ["skin-ray", "serve", "--port", str(port), "--bundle", str(small_input_bundle), "--layout", layout],
+        env=own_ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, service)
+        assert httpx.get(f"{url}/model").json()["input_size"] == [96, 96, 3]
+        rng = np.random.default_rng(5)
+        photos = [encode(lesion_image(label, rng, size=300), "JPEG") for label in ("Cancer", "Non_Cancer")]
+        single = httpx.post(f"{url}/predict", files={"file": ("a.jpg", photos[0], "image/jpeg")}, timeout=60)
+        assert single.status_code == 200, single.text
+        assert single.json()["model_version"] == "untrained-96-test"
+        batch = httpx.post(f"{url}/predict/batch", files=[("files", (f"{i}.jpg", p, "image/jpeg")) for i, p in enumerate(photos)],
+                           timeout=60)
+        assert batch.status_code == 200, batch.text
+        assert [result["model_version"] for result in batch.json()["results"]] == ["untrained-96-test"] * 2
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=120) == 0, service.stdout.read()
+    finally:
+        if service.poll() is None:
+            service.kill()
+
+
 @pytest.fixture(scope="module")
 def cli_service(ray_session):
     """`skin-ray serve` as a user starts it: the shipped model, with its input gate."""
