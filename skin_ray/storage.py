@@ -114,16 +114,21 @@ def list_dirs(uri: str) -> list[str]:
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
-    """The file's bytes. With `max_bytes`, a larger file raises FileTooLargeError before it is read."""
+    """The file's bytes. With `max_bytes`, a larger file raises FileTooLargeError before it is read; a missing
+    one raises FileNotFoundError, on S3 as on disk."""
     if is_s3(uri):
+        from botocore.exceptions import ClientError
+
         bucket, key = split_s3(uri)
-        if max_bytes is not None:
-            size = s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
-            _check_size(uri, size, max_bytes)
         try:
+            if max_bytes is not None:
+                _check_size(uri, s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"], max_bytes)
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except s3_client().exceptions.NoSuchKey:
-            raise FileNotFoundError(f"no such file: {uri}") from None
+        except ClientError as exc:
+            # A missing key is a missing file, as on disk: HEAD answers a bare 404, GET NoSuchKey.
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey"):
+                raise FileNotFoundError(f"no such file: {uri}") from None
+            raise
     if max_bytes is not None:
         _check_size(uri, os.path.getsize(uri), max_bytes)
     return Path(uri).read_bytes()

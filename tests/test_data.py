@@ -11,7 +11,7 @@ import pytest
 from skin_ray import storage
 from skin_ray.data import discover, image_dataset, load_images, split_by_content
 from skin_ray.preprocess import preprocess_image
-from skin_ray.testing import REAL_DATA, needs_real_data, write_lesion_tree
+from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, write_lesion_tree
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,16 @@ def test_real_data_split(ray_session):
     validation = {Path(p).relative_to(REAL_DATA).as_posix() for p in split.validation.paths}
     assert ("Cancer/768.jpg" in validation) == ("Cancer/769.jpg" in validation)
     assert 0.17 < len(split.validation) / len(images) < 0.23
+
+
+@pytest.mark.parametrize("max_bytes", [None, 2**20], ids=["whole", "size-checked"])
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_file_gone_before_it_is_read_is_a_row_with_an_error(where, max_bytes, tmp_path, request):
+    """A file listed and then deleted (S3 answers 404 to the size check, NoSuchKey to the read) becomes an
+    `unreadable` row beside the files that were read, not a failed job."""
+    missing = f"s3://{request.getfixturevalue('bucket')}/gone.jpg" if where == "s3" else str(tmp_path / "gone.jpg")
+    present = tmp_path / "present.jpg"
+    present.write_bytes(encode(lesion_image("Cancer", np.random.default_rng(0))))
+    batch = load_images({"path": np.array([missing, str(present)], dtype=object)}, max_bytes)
+    assert batch["error"][0].startswith("unreadable:") and "gone.jpg" in batch["error"][0], batch["error"][0]
+    assert batch["error"][1] == "" and batch["image"][1].any()
