@@ -147,7 +147,15 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_cancer: np.ndarray, target: 
     if len(positives) == 0:
         raise ValueError("no Cancer cases to choose a threshold on")
     needed = max(1, math.ceil(target * len(positives)))
-    return float(positives[needed - 1])
+    return below(positives[needed - 1], p_cancer)
+
+
+def below(boundary: float, values: np.ndarray) -> float:
+    """Halfway from `boundary` (one of `values`) to the next lower of `values`: a cut that keeps every value at
+    or above `boundary` on its side, also when the values are recomputed on another CPU. A cut at a value
+    itself would leave that case at float noise from it (seen: 3.6e-7, a Cancer image that fell below)."""
+    lower = np.asarray(values)[np.asarray(values) < boundary]
+    return float((boundary + lower.max()) / 2) if len(lower) else float(boundary)
 
 
 def binomial_tails(n: int, p: float) -> np.ndarray:
@@ -197,7 +205,7 @@ def threshold_keeping_sensitivity(
     tails = binomial_tails(n, target)
     enough = np.flatnonzero(tails[1 : n + 1] <= 1 - confidence)
     k = int(enough[0]) + 1 if len(enough) else n
-    threshold = float(positives[k - 1])
+    threshold = below(positives[k - 1], p_cancer)
     exact_fit = threshold_for_sensitivity(y_true, p_cancer, target)
     negatives = np.asarray(p_cancer)[~y_true]
 
@@ -205,8 +213,8 @@ def threshold_keeping_sensitivity(
         return float((negatives < at).mean()) if len(negatives) else float("nan")
 
     return threshold, {
-        "rule": "lower confidence bound: the k-th highest Cancer score, k the fewest for which the sensitivity on "
-        "new cases is below the target with probability at most 1 - confidence (Beta(k, n+1-k))",
+        "rule": "lower confidence bound: just below the k-th highest Cancer score, k the fewest for which the "
+        "sensitivity on new cases is below the target with probability at most 1 - confidence (Beta(k, n+1-k))",
         "target_sensitivity": target,
         "confidence_reached": float(1 - tails[k]),
         "cancers": n,

@@ -65,7 +65,7 @@ def uncertainty_margin(y_true: np.ndarray, p_cancer: np.ndarray, threshold: floa
     for margin in np.unique(np.concatenate([[0.0], distance])):
         certain = (distance >= margin) & ~members_disagree
         if certain.any() and correct[certain].mean() >= CERTAIN_ACCURACY:
-            return float(margin)
+            return metrics.below(margin, distance)  # a cut between two cases, not at one
     return float(distance.max())
 
 
