@@ -4,23 +4,23 @@
     per actor) -> write parquet / csv / jsonl
 
 Every input file becomes exactly one output row, `path` and the prediction record every path shares
-(`skin_ray.predictor.RECORD_FIELDS`); a file that cannot be read or decoded is a row whose `error` says
-why, an image the input gate refuses one whose `error_reason` is `out_of_distribution`. Results are
-written as the job streams, a file at least every `flush_interval_s` (or `rows_per_file` rows), so an
-interrupted job keeps what it finished and `--resume` classifies only the files not yet in DEST.
+(`skin_ray.record`); a file that cannot be read or decoded is a row whose `error` says why, an image the
+input gate refuses one whose `error_reason` is `out_of_distribution`. Results are written as the job
+streams, a file at least every `flush_interval_s` (or `rows_per_file` rows), all with one schema
+(`result_schema`), so the folder reads as one table, an interrupted job keeps what it finished and
+`--resume` classifies only the files not yet in DEST.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow
-import pyarrow.csv
 import pyarrow.parquet
 import ray
 
@@ -28,51 +28,51 @@ from skin_ray import storage
 from skin_ray.bundle import read_metadata
 from skin_ray.config import ClassifySettings, OutputFormat
 from skin_ray.data import load_images
-from skin_ray.predictor import RECORD_FIELDS
 from skin_ray.preprocess import IMAGE_SUFFIXES
+from skin_ray.record import WRITERS, record_schema
+from skin_ray.runtime import ActorRestartLines
 
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("path", *RECORD_FIELDS)
-NESTED_COLUMNS = ("probabilities", "member_probabilities")  # a map and a list: JSON text in CSV
-
-
-def _write_jsonl(table: pyarrow.Table, stream) -> None:
-    stream.write("".join(json.dumps(row) + "\n" for row in table.to_pylist()).encode())
-
-
-# --format -> (file suffix, its Ray Data reader, a writer of one pyarrow table to a binary stream)
-FORMATS: dict[OutputFormat, tuple] = {
-    "parquet": (".parquet", ray.data.read_parquet, pyarrow.parquet.write_table),
-    "csv": (".csv", ray.data.read_csv, pyarrow.csv.write_csv),
-    "jsonl": (".json", ray.data.read_json, _write_jsonl),
+# --format -> its Ray Data reader (the writers are skin_ray.record.WRITERS)
+READERS: dict[OutputFormat, Callable] = {
+    "parquet": ray.data.read_parquet,
+    "csv": ray.data.read_csv,
+    "jsonl": ray.data.read_json,
 }
+
+
+def result_schema(class_names: Sequence[str]) -> pyarrow.Schema:
+    """A result row: the file's `path`, its prediction record and `explanation` (where its Grad-CAM overlay
+    went with --explain, else null). Every file of every run of a job has exactly these columns."""
+    return record_schema(class_names, before=("path",), after=("explanation",))
+
+
+RESULT_COLUMNS = tuple(result_schema(class_names=()).names)
 
 
 class Classifier:
     """A Ray Data actor: loads the bundle once, then predicts every batch it is given."""
 
-    def __init__(self, bundle: str | None, nested_as_json: bool, explain: str | None):
+    def __init__(self, bundle: str | None, explain: str | None):
         from skin_ray.predictor import Predictor
         from skin_ray.runtime import limit_tensorflow_threads
 
         limit_tensorflow_threads()
         self.predictor = Predictor.from_bundle(bundle)
-        self.nested_as_json, self.explain = nested_as_json, explain
+        self.schema = result_schema(self.predictor.metadata.class_names)
+        self.explain = explain
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pyarrow.Table:
         records = self.predictor.records(batch["image"], batch["error"])
-        columns = {"path": batch["path"]}
-        for name in RECORD_FIELDS:
-            values = [record[name] for record in records]
-            if self.nested_as_json and name in NESTED_COLUMNS:
-                values = [None if value is None else json.dumps(value) for value in values]
-            columns[name] = _objects(values)
-        if self.explain:
-            columns["explanation"] = self._overlays(batch, records)
-        return columns
+        overlays = self._overlays(batch, records) if self.explain else [None] * len(records)
+        rows = [
+            {"path": path, **record, "explanation": overlay}
+            for path, record, overlay in zip(batch["path"], records, overlays, strict=True)
+        ]
+        return pyarrow.Table.from_pylist(rows, schema=self.schema)
 
-    def _overlays(self, batch: dict[str, np.ndarray], records: list[dict]) -> np.ndarray:
+    def _overlays(self, batch: dict[str, np.ndarray], records: list[dict]) -> list[str | None]:
         """Write a Grad-CAM overlay for every image with a label; return where each went (None: no label)."""
         from skin_ray.explain import overlay_png
 
@@ -84,21 +84,14 @@ class Classifier:
             png, _ = overlay_png(storage.read_bytes(batch["path"][i]), heatmap)
             overlays[i] = storage.join(self.explain, f"{batch['sha256'][i][:20]}.gradcam.png")  # named by content
             storage.write_bytes(overlays[i], png)
-        return _objects(overlays)
-
-
-def _objects(values: list) -> np.ndarray:
-    """A column of Python values (dicts, lists, None) as Ray Data takes them: a 1-d object array."""
-    column = np.empty(len(values), dtype=object)
-    column[:] = values
-    return column
+        return overlays
 
 
 def read_results(output: str, fmt: str, columns: list[str] | None = None):
     """The rows already in `output` as a pandas DataFrame (empty when there are none)."""
     import pandas as pd
 
-    suffix, read, _ = FORMATS[fmt]
+    suffix, read = WRITERS[fmt].suffix, READERS[fmt]
     try:
         has_results = any(p.endswith(suffix) for p in storage.list_files(output))
     except FileNotFoundError:
@@ -120,7 +113,7 @@ def build_pipeline(paths: list[str], settings: ClassifySettings) -> ray.data.Dat
         files.map_batches(load_images, batch_size=settings.batch_size, fn_kwargs=decoding, num_cpus=0.5)
         .map_batches(
             Classifier,
-            fn_constructor_args=(settings.bundle, settings.format == "csv", settings.explain),
+            fn_constructor_args=(settings.bundle, settings.explain),
             batch_size=settings.batch_size,
             compute=ray.data.ActorPoolStrategy(size=settings.workers),
             num_cpus=settings.cpus_per_actor,
@@ -134,7 +127,7 @@ class ResultFiles:
     all but its last few seconds. Files are named by run and number, never overwriting another run's."""
 
     def __init__(self, settings: ClassifySettings):
-        self.suffix, _, self.write = FORMATS[settings.format]
+        self.suffix, self.write = WRITERS[settings.format]
         self.filesystem, self.directory = storage.pyarrow_filesystem(settings.output)
         self.rows_per_file, self.flush_interval_s = settings.rows_per_file, settings.flush_interval_s
         self.run, self.written, self.waiting, self.waiting_rows = uuid.uuid4().hex[:12], 0, [], 0
@@ -152,10 +145,13 @@ class ResultFiles:
 
     def flush(self) -> None:
         if self.waiting:
-            path = f"{self.directory}/{self.run}_{self.written:06d}{self.suffix}"
-            with self.filesystem.open_output_stream(path + ".partial") as stream:
-                self.write(pyarrow.concat_tables(self.waiting, promote_options="permissive"), stream)
-            self.filesystem.move(path + ".partial", path)  # readers see whole files only, even after a kill
+            name = f"{self.run}_{self.written:06d}{self.suffix}"
+            # Written under a hidden name, then renamed: readers see whole files only, even after a kill (pandas
+            # and pyarrow skip names starting with a dot; Ray Data and DuckDB globs ask for the suffix).
+            partial = f"{self.directory}/.{name}.partial"
+            with self.filesystem.open_output_stream(partial) as stream:
+                self.write(pyarrow.concat_tables(self.waiting), stream)  # one schema: Classifier's
+            self.filesystem.move(partial, f"{self.directory}/{name}")
             self.written += 1
         self.waiting, self.waiting_rows, self.last_flush = [], 0, time.monotonic()
 
@@ -164,8 +160,10 @@ class ResultFiles:
 
 
 def check_output(settings: ClassifySettings) -> None:
-    """Refuse an output that already holds results unless resuming; a listing only, no Ray needed."""
-    suffix = FORMATS[settings.format][0]
+    """Refuse an output that already holds results unless resuming, and a resumed Parquet folder whose files
+    have other columns than this job would write (it would no longer read as one table). Reads a listing, a
+    file footer and bundle.json: no Ray needed."""
+    suffix = WRITERS[settings.format].suffix
     try:
         results = [p for p in storage.list_files(settings.output) if p.endswith(suffix)]
     except FileNotFoundError:
@@ -175,6 +173,17 @@ def check_output(settings: ClassifySettings) -> None:
             f"{settings.output} already holds results ({len(results)} {suffix} files); pass --resume to classify "
             "only the files not in them, or choose another --output"
         )
+    if results and settings.format == "parquet":
+        filesystem, path = storage.pyarrow_filesystem(results[0])
+        written = pyarrow.parquet.read_schema(path, filesystem=filesystem)
+        schema = result_schema(read_metadata(settings.bundle).class_names)
+        if not written.equals(schema):
+            columns = lambda schema: {f"{field.name}: {field.type}" for field in schema}  # noqa: E731
+            raise ValueError(
+                f"{results[0]} was written with other columns than this job writes (differing: "
+                f"{', '.join(sorted(columns(written) ^ columns(schema)))}), by another skin-ray version or a bundle of "
+                "other classes; resume into another --output"
+            )
 
 
 def classify(settings: ClassifySettings) -> dict:
@@ -188,7 +197,8 @@ def classify(settings: ClassifySettings) -> dict:
         "%d image files in %s, %d already classified, %d to do", len(files), settings.source, len(files) - len(todo), len(todo)
     )
     if todo:
-        with ResultFiles(settings) as results:
+        restarts = ActorRestartLines("Classifier", "its batches are retried, no row is lost")
+        with ResultFiles(settings) as results, restarts:
             for batch in build_pipeline(todo, settings).iter_batches(batch_size=None, batch_format="pyarrow"):
                 results.add(batch)
     elapsed = time.perf_counter() - started

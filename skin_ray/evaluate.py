@@ -7,11 +7,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow
 
 from skin_ray import metrics
 from skin_ray.config import EvaluateSettings
 from skin_ray.data import discover, image_dataset, in_validation
 from skin_ray.predictor import Predictor
+from skin_ray.record import WRITERS, record_schema
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,9 @@ def evaluate(settings: EvaluateSettings) -> dict:
         logger.info("%s does not record its training images; overlap with them was not checked", meta.model_version)
     if settings.report:
         write_report(y_true, p_cancer, summary, Path(settings.report))
-        with open(Path(settings.report, "predictions.jsonl"), "w") as out:
-            out.writelines(json.dumps(record) + "\n" for record in records)
+        schema = record_schema(meta.class_names, before=("path", "true_label"))
+        with open(Path(settings.report, "predictions.jsonl"), "wb") as out:
+            WRITERS["jsonl"].write(pyarrow.Table.from_pylist(records, schema=schema), out)
     return summary
 
 

@@ -20,13 +20,8 @@ import tensorflow as tf
 from skin_ray.bundle import Bundle, load_bundle
 from skin_ray.explain import Explainer
 from skin_ray.preprocess import decode_pixels, to_model_input
+from skin_ray.record import OUT_OF_DISTRIBUTION, RECORD_FIELDS, error_record
 from skin_ray.safeguards import is_uncertain, members_disagree
-
-OUT_OF_DISTRIBUTION = "out_of_distribution"
-RECORD_FIELDS = (
-    "label", "cancer_probability", "probabilities", "threshold", "in_distribution", "ood_score", "uncertain",
-    "member_probabilities", "error", "error_reason", "model_version",
-)
 
 
 @dataclass(frozen=True)
@@ -143,7 +138,7 @@ class Predictor:
         return record, self.explainer.heatmaps(images, np.array([record["label"] == self.metadata.positive_class]))[0]
 
     def records(self, images: np.ndarray, errors: Sequence[str] | None = None) -> list[dict]:
-        """One prediction record per image, with the fields of RECORD_FIELDS, in every path.
+        """One prediction record per image, with the fields of `skin_ray.record.RECORD_FIELDS`, in every path.
 
         `errors[i]` ("reason: detail", empty when fine) marks an image that could not be read; its record
         carries the error and no prediction. An image the input gate refuses gets `in_distribution: false`
@@ -156,10 +151,7 @@ class Predictor:
 
     def error_record(self, error: str) -> dict:
         """The record of an image that could not be read: `error` ("reason: detail") and no prediction."""
-        return {
-            **dict.fromkeys(RECORD_FIELDS), "threshold": self.metadata.threshold, "model_version": self.model_version,
-            "error": error, "error_reason": error.split(":", 1)[0],
-        }
+        return error_record(error, self.metadata.threshold, self.model_version)
 
     def to_records(self, analysis: Analysis, errors: Sequence[str]) -> list[dict]:
         """`records` for an analysis already made of the images whose `errors` entry is empty."""

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 
@@ -199,6 +200,59 @@ class _ProgressLine(logging.Filter):
         if self.total and self.total > self.done:
             line += f", about {format_duration((self.total - self.done) / rate)} left"
         return line
+
+
+class ActorRestartLines:
+    """Prints one line whenever Ray restarts an actor of this job whose class name contains `name`, saying why
+    it died and `consequence` (Ray Data restarts a dead actor of its pool and retries the actor's tasks without
+    a word). Polls Ray's state API every `interval_s` while in the `with` block; where the state API does not
+    answer (a Ray without its dashboard), prints nothing."""
+
+    def __init__(self, name: str, consequence: str, interval_s: float = 2.0):
+        self.name, self.consequence, self.interval_s = name, consequence, interval_s
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._watcher.join(timeout=10)
+
+    def _watch(self) -> None:
+        restarts: dict[str, int] = {}
+        while True:
+            stopping = self._stop.wait(self.interval_s)
+            if not self._print_restarts(restarts) or stopping:  # a last look on the way out: a late restart counts
+                return
+
+    def _print_restarts(self, restarts: dict[str, int]) -> bool:
+        """Print a line per restart since `restarts` (actor id -> restarts seen) was updated; False when the
+        state API does not answer."""
+        from ray.util.state import list_actors
+
+        try:
+            actors = list_actors(
+                filters=[("job_id", "=", ray.get_runtime_context().get_job_id()), ("state", "!=", "DEAD")],
+                detail=True, limit=10_000, raise_on_missing_output=False,
+            )
+        except Exception as exc:  # the state API is an observer's nicety, never a reason to fail the job
+            logger.debug("cannot watch actor restarts: %r", exc)
+            return False
+        for actor in actors:
+            if self.name in actor.class_name and actor.num_restarts > restarts.get(actor.actor_id, 0):
+                print(f"{self.name} actor {actor.actor_id[:8]} died ({_death_cause(actor.death_cause)}); Ray restarted it "
+                      f"({actor.num_restarts} restarts so far): {self.consequence}", file=sys.stderr, flush=True)
+            restarts[actor.actor_id] = actor.num_restarts
+        return True
+
+
+def _death_cause(cause: dict | None) -> str:
+    """The first line of the error message in an actor's `death_cause` (from Ray's state API)."""
+    message = next((context.get("errorMessage") for context in (cause or {}).values() if isinstance(context, dict)), None)
+    return (message or "no reason recorded").strip().splitlines()[0]
 
 
 def format_duration(seconds: float) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import ray
@@ -31,6 +32,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import skin_ray
 from skin_ray.config import ServeSettings
@@ -162,7 +164,7 @@ class LoadedModel:
         logger.info("serving model %s", predictor.model_version)
 
     async def predict(self, pixels: np.ndarray) -> list[dict]:
-        """The prediction record of each image (skin_ray.predictor.RECORD_FIELDS)."""
+        """The prediction record of each image (skin_ray.record.RECORD_FIELDS)."""
         predictor = self.predictor
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: predictor.records(to_model_input(pixels)))
 
@@ -233,7 +235,7 @@ class SkinModel:
 
 
 class PredictionResponse(BaseModel):
-    """The prediction record, the same in every path (skin_ray.predictor.RECORD_FIELDS)."""
+    """The prediction record, the same in every path (skin_ray.record.RECORD_FIELDS)."""
 
     label: str | None = Field(
         description="Cancer or Non_Cancer, decided by the bundle's threshold (not the larger probability); null "
@@ -284,22 +286,58 @@ class BatchResponse(BaseModel):
     results: list[FilePrediction | FileError] = Field(description="one per uploaded file, in order")
 
 
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model_version: str
+
+
+class StatsResponse(BaseModel):
+    batch_sizes: dict[str, int] = Field(description="how many batches of each size (images) this replica formed")
+
+
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong, in a sentence")
 
 
-def _errors(**described: str) -> dict:
-    return {int(status.removeprefix("e")): {"model": ErrorResponse, "description": text} for status, text in described.items()}
-
-
-NO_FILE = "no file in the multipart field"
-OVERLOADED = "overloaded: more images waiting than max_pending_images; retry shortly"
-ONE_IMAGE_ERRORS = {
-    "e400": "not a decodable image (the reason: empty, truncated, corrupt, not_an_image, too_many_pixels)",
-    "e413": "request body larger than max_upload_mb",
-    "e415": "declared content type is not an image",
-    "e422": NO_FILE,
+# What each route can answer besides 200, with why. The RequestGuard answers any route 503 while the replica
+# drains, and 408 or 413 for a body too slow or too large; FastAPI a 400 for a malformed multipart body.
+SHUTTING_DOWN = "the service is shutting down; retry shortly (Retry-After)"
+UPLOAD_ERRORS = {
+    400: "malformed multipart body",
+    408: "the body did not arrive within upload_timeout_s, or was cut for a faster upload",
+    413: "request body larger than max_upload_mb",
+    422: "no file part (with a filename) in the multipart field",
+    503: SHUTTING_DOWN,
 }
+ONE_IMAGE_ERRORS = {
+    **UPLOAD_ERRORS,
+    400: "not a decodable image (the reason: empty, truncated, corrupt, not_an_image, too_many_pixels), or a "
+    "malformed multipart body",
+    415: "declared content type is not an image",
+    503: "overloaded (more images waiting than max_pending_images), the model restarting, or the service shutting "
+    "down; retry shortly (Retry-After)",
+}
+# `format: binary` besides 3.1's contentMediaType: what tools written for OpenAPI 3.0 recognise a file part by.
+IMAGE_FILE_SCHEMA = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream", "minLength": 1}
+ImageFile = Annotated[
+    UploadFile, File(description="an image file (JPEG, PNG, WebP, BMP, GIF or TIFF)", json_schema_extra=IMAGE_FILE_SCHEMA)
+]
+
+
+def _errors(described: dict[int, str]) -> dict:
+    """FastAPI's `responses` for `described` statuses, every one answering ErrorResponse."""
+    return {status: {"model": ErrorResponse, "description": text} for status, text in sorted(described.items())}
+
+
+def _uploads(field: str) -> dict:
+    """`openapi_extra` saying what each part of multipart `field` is: a file part (it has a filename; a part
+    without one is a text field, not a file) holding an image (an undeclared type is taken too)."""
+    disposition = {
+        "description": "a file part: names a filename", "required": True, "schema": {"type": "string"},
+        "example": f'form-data; name="{field}"; filename="lesion.jpg"',
+    }
+    encoding = {"contentType": "image/*, application/octet-stream", "headers": {"Content-Disposition": disposition}}
+    return {"requestBody": {"content": {"multipart/form-data": {"encoding": {field: encoding}}}}}
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -308,9 +346,16 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(503, f"internal failure ({type(exc).__name__}); retry shortly")
 
 
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own refusals (a malformed multipart body, an unknown route) in the service's shape."""
+    detail = f"malformed request body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)
+    return _error(exc.status_code, detail)
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     fields = ", ".join(sorted({repr(".".join(map(str, error["loc"][1:]))) for error in exc.errors()}))
-    return JSONResponse(status_code=422, content={"detail": f"no file: send the image(s) as multipart field {fields}"})
+    detail = f"no file: send the image(s) as file parts (with a filename) of multipart field {fields}"
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 class RequestGuard:
@@ -566,52 +611,68 @@ class Ingress:
         )
         app.add_exception_handler(Exception, _unexpected_error)
         app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_exception_handler(StarletteHTTPException, _http_error)
         app.add_middleware(self.guard.middleware)
         app.post(
             "/predict",
             summary="Classify one image (multipart field `file`)",
             response_model=PredictionResponse,
-            responses=_errors(**ONE_IMAGE_ERRORS, e503=OVERLOADED),
+            responses=_errors(ONE_IMAGE_ERRORS),
+            openapi_extra=_uploads("file"),
         )(self.predict)
         app.post(
             "/explain",
             summary="Classify one image and show which parts of it moved the prediction (Grad-CAM; multipart field `file`)",
             response_model=ExplainResponse,
-            responses=_errors(**ONE_IMAGE_ERRORS),
+            responses=_errors(ONE_IMAGE_ERRORS),
+            openapi_extra=_uploads("file"),
         )(self.explain)
+        files = Annotated[
+            list[UploadFile],
+            File(description=f"1 to {self.max_batch_files} image files (JPEG, PNG, WebP, BMP, GIF or TIFF), each a file part",
+                 json_schema_extra={"minItems": 1, "maxItems": self.max_batch_files, "items": IMAGE_FILE_SCHEMA}),
+        ]
+
+        async def predict_batch(files: files) -> JSONResponse:  # a closure: the schema names this replica's limit
+            return await self.predict_batch(files)
+
         app.post(
             "/predict/batch",
             summary="Classify several images (multipart field `files`, repeated)",
             response_model=BatchResponse,
-            responses=_errors(e413="body larger than max_upload_mb, or more files than max_batch_files", e422=NO_FILE),
-        )(self.predict_batch)
+            # No `encoding` here: Schemathesis then sends one file part where the array allows several, and without
+            # the filename that makes a part a file. A bad file is an entry of the answer, not a refusal, anyway.
+            responses=_errors({**UPLOAD_ERRORS, 413: "body larger than max_upload_mb, or more files than max_batch_files"}),
+        )(predict_batch)
         app.get(
             "/healthz",
             summary="200 once the model is loaded and answered a warm-up prediction",
-            responses=_errors(e503="the model is not ready"),
+            response_model=HealthResponse,
+            responses=_errors({503: "the model is not ready, or the service is shutting down"}),
         )(self.healthz)
-        app.get("/model", summary="The served bundle's metadata")(self.model_metadata)
-        app.get("/stats", summary="Batch sizes this Ingress replica has formed")(self.stats)
+        app.get("/model", summary="The served bundle's metadata", responses=_errors({503: SHUTTING_DOWN}))(self.model_metadata)
+        app.get(
+            "/stats", summary="Batch sizes this Ingress replica has formed", response_model=StatsResponse,
+            responses=_errors({503: SHUTTING_DOWN}),
+        )(self.stats)
         app.get(
             "/metrics",
             response_class=PlainTextResponse,
             summary="Prometheus metrics of this replica's node: ours (ray_skin_ray_*), Serve's (ray_serve_*) and Ray's",
-            responses=_errors(e503="Ray's metrics exporter on this node did not answer"),
+            responses=_errors({503: "Ray's metrics exporter on this node did not answer, or the service is shutting down"}),
         )(self.metrics_text)
         app.get("/", response_class=HTMLResponse, include_in_schema=False)(self.page)
         return app
 
-    async def predict(self, file: UploadFile = File(...)) -> JSONResponse:
+    async def predict(self, file: ImageFile) -> JSONResponse:
         return _response(await self._classify(file))
 
-    async def explain(self, file: UploadFile = File(...)) -> JSONResponse:
+    async def explain(self, file: ImageFile) -> JSONResponse:
         return _response(await self._classify(file, explain=True))
 
-    async def predict_batch(self, files: list[UploadFile] = File(...)) -> JSONResponse:
+    async def predict_batch(self, files: list[UploadFile]) -> JSONResponse:
         if len(files) > self.max_batch_files:
-            return JSONResponse(
-                status_code=413, content={"detail": f"{len(files)} files; at most {self.max_batch_files} per request"}
-            )
+            return _error(413, f"{len(files)} files; at most {self.max_batch_files} per request")
         results = await asyncio.gather(*(self._classify(upload) for upload in files))
         entries = [
             {"filename": upload.filename, "error": result["error"]}

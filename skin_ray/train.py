@@ -100,7 +100,7 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
         "steps_per_epoch": steps_per_epoch,
     }
     _wait_for_resources(settings)
-    epoch_lines = EpochLines(settings.epochs)
+    progress = ProgressLines(settings.epochs, settings.max_failures)
     storage_fs, storage_path = storage.pyarrow_filesystem(os.path.expanduser(settings.storage_path))
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -125,10 +125,10 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
             ),
-            callbacks=[epoch_lines.callback],
+            callbacks=[progress.callback],
         ),
     )
-    with epoch_lines:
+    with progress:
         result = trainer.fit()
     _remove_unrecorded_checkpoints(result)
     with result.checkpoint.as_directory() as latest:
@@ -162,17 +162,20 @@ def _remove_unrecorded_checkpoints(result: ray.train.Result) -> None:
             result.filesystem.delete_dir(entry.path)
 
 
-class EpochLines:
-    """One line per epoch with the time left, printed by the driver: rank 0's report travels from Ray Train's
-    controller (where callbacks run) through a queue to a thread here, rather than being forwarded, prefixed
-    and coloured, from a worker's output."""
+class ProgressLines:
+    """What the driver prints while training: a line per epoch with the time left, and a line whenever the
+    workers fail, naming the failed workers and the checkpoint the restarted group resumes from.
 
-    def __init__(self, epochs: int):
+    Ray Train's controller, where callbacks run, sends each through a queue to a thread here, rather than
+    the lines being forwarded, prefixed and coloured, from a worker's output (and a failure would not be
+    printed at all: Ray Train logs it in its own files only)."""
+
+    def __init__(self, epochs: int, max_failures: int):
         from ray.util.queue import Queue
 
         self.epochs = epochs
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self.callback = _ReportToQueue(self.queue)
+        self.callback = _ReportToQueue(self.queue, max_failures)
         self._printer = threading.Thread(target=self._print, daemon=True)
 
     def __enter__(self):
@@ -185,23 +188,47 @@ class EpochLines:
         self.queue.shutdown()
 
     def _print(self) -> None:
-        while (row := self.queue.get()) is not None:
-            left = (self.epochs - row["epoch"]) * row["epoch_seconds"]
-            print(
-                f"epoch {row['epoch']}/{self.epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.3f}  "
-                f"val_accuracy {row['val_accuracy']:.3f}  val_auc {row['val_auc']:.4f}  best {row['best_val_auc']:.4f}  "
-                f"{row['epoch_seconds']:.0f}s" + (f"  about {format_duration(left)} left" if left else ""),
-                flush=True,
-            )
+        while (line := self.queue.get()) is not None:
+            print(line if isinstance(line, str) else self._epoch_line(line), flush=True)
+
+    def _epoch_line(self, row: dict) -> str:
+        left = (self.epochs - row["epoch"]) * row["epoch_seconds"]
+        return (
+            f"epoch {row['epoch']}/{self.epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.3f}  "
+            f"val_accuracy {row['val_accuracy']:.3f}  val_auc {row['val_auc']:.4f}  best {row['best_val_auc']:.4f}  "
+            f"{row['epoch_seconds']:.0f}s" + (f"  about {format_duration(left)} left" if left else "")
+        )
 
 
 class _ReportToQueue(ray.train.UserCallback):
-    def __init__(self, queue):
-        self.queue = queue
+    """Runs in Ray Train's controller: rank 0's epoch figures, and a line per failure of the worker group."""
+
+    def __init__(self, queue, max_failures: int):
+        self.queue, self.max_failures = queue, max_failures
+        self.failures = 0
+        self.checkpointed_epoch = 0  # of the last checkpoint the controller recorded: where a restart resumes
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if "val_auc" in metrics[0]:  # rank 0 validates; the others report training figures only
             self.queue.put(metrics[0])
+        if checkpoint is not None:
+            self.checkpointed_epoch = metrics[0]["epoch"]
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        failed = "; ".join(
+            f"rank {rank}: {type(error).__name__}: {_first_line(error)}" for rank, error in sorted(worker_exceptions.items())
+        )
+        if self.failures > self.max_failures:
+            outcome = f"no restart left (--max-failures {self.max_failures}): training stops"
+        else:
+            start = f"the checkpoint of epoch {self.checkpointed_epoch}" if self.checkpointed_epoch else "the start"
+            outcome = f"restarting the workers from {start} (restart {self.failures} of at most {self.max_failures})"
+        self.queue.put(f"training workers failed ({failed}); {outcome}")
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
 
 
 def _wait_for_resources(settings: TrainSettings) -> None:

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -83,6 +82,41 @@ def test_local_directory_gives_one_row_per_file(ray_session, mixed_tree, untrain
     assert summary["classified"] == 30
     reasons = {str((mixed_tree / relative).absolute()): reason for relative, reason in BAD.items()}
     _check_rows(read_results(str(tmp_path / "out"), "parquet"), files, reasons)
+    _check_reads_as_one_table(tmp_path / "out", 34)
+
+
+def _check_reads_as_one_table(folder: Path, rows: int) -> None:
+    """Every reader of a Parquet folder reads the result files as one table: they share one schema, also when
+    one file holds errors and another none (whose error columns inference would type `null`)."""
+    import duckdb
+    import pyarrow.dataset
+    import pyarrow.parquet
+    import ray
+
+    files = sorted(folder.glob("*.parquet"))
+    errors = [pyarrow.parquet.read_table(f, columns=["error"])["error"] for f in files]
+    with_errors = [column.null_count < len(column) for column in errors]
+    assert any(with_errors) and not all(with_errors), "no file without errors beside one with: nothing was tested"
+    schemas = [pyarrow.parquet.read_schema(f) for f in files]
+    assert all(schema.equals(schemas[0]) for schema in schemas)
+    assert len(pd.read_parquet(folder)) == rows
+    assert pyarrow.dataset.dataset(folder).count_rows() == rows
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{folder}/*.parquet')").fetchall() == [(rows,)]
+    assert ray.data.read_parquet(str(folder)).count() == rows
+
+
+def test_a_resume_into_results_of_other_columns_is_refused(untrained_bundle, tmp_path):
+    """A folder written by another version (here: `error` typed `null`, no `explanation`) would not read as one
+    table with this job's files: --resume refuses it, before Ray starts."""
+    import pyarrow
+    import pyarrow.parquet
+
+    from skin_ray.classify import check_output
+
+    tmp_path.joinpath("out").mkdir()
+    pyarrow.parquet.write_table(pyarrow.table({"path": ["a.jpg"], "error": pyarrow.nulls(1)}), tmp_path / "out" / "old.parquet")
+    with pytest.raises(ValueError, match="other columns than this job writes.*error: null"):
+        check_output(_config(tmp_path, tmp_path / "out", untrained_bundle, resume=True))
 
 
 @pytest.mark.parametrize("bundle_fixture", ["untrained_bundle", "small_input_bundle"])  # 170 and 96 pixels
@@ -155,6 +189,7 @@ def test_resume_classifies_only_what_is_missing(ray_session, mixed_tree, untrain
     assert paths.is_unique
     again = classify(_config(source, output, untrained_bundle, resume=True))
     assert again["this_run"] == 0 and again["rows"] == 39
+    _check_reads_as_one_table(output, 39)  # the resumed run's file holds no error, the first run's do
 
 
 def _classifier_actors(ray_session) -> list:
@@ -176,22 +211,33 @@ def many_images(tmp_path_factory) -> Path:
     return source
 
 
-def test_a_killed_classifier_actor_loses_no_rows(ray_session, many_images, untrained_bundle, tmp_path):
-    config = _config(many_images, tmp_path / "out", untrained_bundle, batch_size=4)
-    outcome: list = []
-    job = threading.Thread(target=lambda: outcome.append(classify(config)), daemon=True)
-    job.start()
-    deadline = time.monotonic() + 180
-    while not (victims := _classifier_actors(ray_session)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert victims, "no classifier actor appeared"
-    os.kill(victims[0].pid, signal.SIGKILL)
-    assert not outcome, "the job ended before the kill: nothing was tested"
-    job.join(timeout=600)
-    assert outcome, "the job did not finish after an actor was killed"
-    assert outcome[0]["rows"] == outcome[0]["files"] == 480
-    results = read_results(str(tmp_path / "out"), "parquet")
+def test_a_killed_classifier_actor_loses_no_rows_and_the_job_says_so(ray_session, many_images, untrained_bundle, tmp_path):
+    """SIGKILL of a classifier actor mid-job: Ray Data restarts it and retries its batches, so every file still
+    gets its row, and `skin-ray classify` says on stderr which actor died and why."""
+    output = tmp_path / "out"
+    command = ["skin-ray", "classify", str(many_images), "--output", str(output), "--bundle", str(untrained_bundle),
+               "--batch-size", "4", "--workers", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (victims := _classifier_actors(ray_session)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert victims, "no classifier actor appeared"
+        os.kill(victims[0].pid, signal.SIGKILL)
+        assert job.poll() is None, "the job ended before the kill: nothing was tested"
+        stdout, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["rows"] == summary["files"] == 480
+    results = read_results(str(output), "parquet")
     assert results["path"].is_unique and results["error"].isna().all()
+    restarts = [line for line in stderr.splitlines() if line.startswith("Classifier actor")]
+    assert len(restarts) == 1, stderr[-3000:]
+    assert victims[0].actor_id[:8] in restarts[0] and "Ray restarted it" in restarts[0] and "no row is lost" in restarts[0]
 
 
 def test_a_killed_job_keeps_what_it_finished_and_resume_completes_it(ray_session, many_images, untrained_bundle, tmp_path):

@@ -84,6 +84,7 @@ def test_shipped_serve_configs_are_valid_settings(manifest):
 
 
 def test_each_choice_table_covers_its_literal():
-    from skin_ray.classify import FORMATS
+    from skin_ray.classify import READERS
+    from skin_ray.record import WRITERS
 
-    assert list(FORMATS) == list(get_args(config.OutputFormat))
+    assert list(READERS) == list(WRITERS) == list(get_args(config.OutputFormat))

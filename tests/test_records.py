@@ -18,7 +18,7 @@ from ray import serve
 from skin_ray.classify import classify, read_results
 from skin_ray.config import ClassifySettings, EvaluateSettings, ServeSettings
 from skin_ray.evaluate import evaluate
-from skin_ray.predictor import OUT_OF_DISTRIBUTION, RECORD_FIELDS
+from skin_ray.record import OUT_OF_DISTRIBUTION, RECORD_FIELDS
 from skin_ray.serve import app_builder
 from skin_ray.testing import documents, encode, free_port, lesion_image
 
@@ -79,6 +79,7 @@ def test_every_path_gives_the_same_record(service, guarded_bundle, tree, tmp_pat
     rows = read_results(str(tmp_path / "rows"), "jsonl")
     assert len(rows) == len(files)  # rows == files, the refused one included
     paths["classify"] = {row.pop("path"): row for row in json.loads(rows.to_json(orient="records"))}
+    assert {row.pop("explanation") for row in paths["classify"].values()} == {None}  # a row's column, not the record's
     evaluate(EvaluateSettings(data=str(tree), bundle=str(guarded_bundle), report=str(tmp_path / "report")))
     with open(tmp_path / "report" / "predictions.jsonl") as lines:
         paths["evaluate"] = {row.pop("path"): row for row in map(json.loads, lines) if row.pop("true_label")}

@@ -12,12 +12,18 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from PIL import Image
 from ray import serve
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import positive_data_acceptance, response_schema_conformance, status_code_conformance
 
 from skin_ray.config import ServeSettings
-from skin_ray.predictor import RECORD_FIELDS, Predictor
+from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
+from skin_ray.record import RECORD_FIELDS
 from skin_ray.serve import Ingress, LoadedModel, SkinModel, app_builder
 from skin_ray.testing import encode, free_port, lesion_image, steady_load
 
@@ -479,3 +485,35 @@ def test_slow_uploads_are_cut_and_normal_clients_keep_their_answers(service, unt
         for connection in slow:
             connection.close()
         serve.delete("slow")
+
+
+def _image_files(fmt: str):
+    """A Hypothesis strategy of real image files in `fmt`, of any size and colour mode the service takes."""
+
+    def draw(size, mode, seed):
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        return encode(Image.fromarray(pixels).convert(mode), fmt)
+
+    modes = ["RGB", "L"] if fmt == "JPEG" else ["RGB", "L", "RGBA", "P"]
+    return st.builds(draw, st.tuples(st.integers(1, 300), st.integers(1, 300)), st.sampled_from(modes), st.integers(0, 2**32 - 1))
+
+
+@pytest.fixture
+def api_schema(service):
+    """The service's own OpenAPI document; schema-valid image parts are real images (the document names
+    image/* for them), so a request the document allows must be answered as it says."""
+    schemathesis.openapi.media_type("image/png", _image_files("PNG"))
+    schemathesis.openapi.media_type("image/jpeg", _image_files("JPEG"))
+    return schemathesis.openapi.from_url(f"{service}/openapi.json")
+
+
+@pytest.mark.ray  # its schema comes from the service fixture, resolved at run time
+@schemathesis.pytest.from_fixture("api_schema").parametrize()
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+def test_the_service_answers_as_its_openapi_document_says(case):
+    """Schemathesis generates requests from /openapi.json (valid and invalid ones): no server error, no status
+    the document does not list, every answer of the documented shape, and every request it allows accepted."""
+    case.call_and_validate(
+        checks=[not_a_server_error, status_code_conformance, response_schema_conformance, positive_data_acceptance],
+        timeout=60,
+    )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
-import threading
+import subprocess
 import time
 from pathlib import Path
 
@@ -100,34 +101,52 @@ def _alive_train_workers() -> list:
     return [actor for actor in alive if actor.class_name.endswith("RayTrainWorker")]
 
 
-def test_resumes_from_checkpoint_after_a_worker_is_killed(ray_session, lesion_tree, tmp_path):
-    config = _config(lesion_tree, tmp_path, epochs=4, max_failures=2)
-    outcome: list = []
-    run = threading.Thread(target=lambda: outcome.append(train(config)), daemon=True)
-    run.start()
-    # The controller records a checkpoint in this snapshot once every worker has reported it.
-    snapshot = tmp_path / "runs" / "run" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 300
-    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert snapshot.exists(), "no checkpoint was registered"
-    # Kill the moment the next epoch's checkpoint is written, before the controller's poll records it.
-    recorded = set(re.findall(r"checkpoint_[0-9-_.]+", snapshot.read_text()))
-    while not _checkpoint_dirs(snapshot.parent) - recorded and time.monotonic() < deadline:
-        time.sleep(0.02)
-    victim = _alive_train_workers()[-1]
-    os.kill(victim.pid, signal.SIGKILL)
-    run.join(timeout=480)
-    assert outcome, "training did not finish after the worker was killed"
+def test_resumes_from_checkpoint_after_a_worker_is_killed_and_says_so(ray_session, lesion_tree, tmp_path):
+    """`skin-ray train` loses a worker the moment an epoch's checkpoint is written: the group restarts from the
+    last checkpoint Ray Train recorded, training ends as if nothing happened, and stderr says what failed and
+    from which epoch training resumed."""
+    runs = tmp_path / "runs"
+    command = [
+        "skin-ray", "train", str(lesion_tree), "--output", str(tmp_path / "bundle"), "--storage-path", str(runs),
+        "--run-name", "run", "--workers", "2", "--epochs", "4", "--batch-size", "16", "--learning-rate", "3e-3",
+        "--max-failures", "2",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The controller records a checkpoint in this snapshot once every worker has reported it.
+        snapshot = runs / "run" / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 300
+        while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert snapshot.exists(), "no checkpoint was registered"
+        # Kill the moment the next epoch's checkpoint is written, before the controller's poll records it.
+        recorded = set(re.findall(r"checkpoint_[0-9-_.]+", snapshot.read_text()))
+        while not _checkpoint_dirs(snapshot.parent) - recorded and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(_alive_train_workers()[-1].pid, signal.SIGKILL)
+        stdout, stderr = job.communicate(timeout=480)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout)["bundle"] == str(tmp_path / "bundle")
 
-    history = outcome[0].history
+    checkpoints = [snapshot.parent / name for name in _checkpoint_dirs(snapshot.parent)]
+    history = max((json.loads((checkpoint / "state.json").read_text())["history"] for checkpoint in checkpoints), key=len)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     # Epochs after the kill ran in the restarted worker group, which resumed from a checkpoint.
-    assert history[-1]["resumed_from_epoch"] >= 1
-    assert history[0]["resumed_from_epoch"] == 0
+    resumed = history[-1]["resumed_from_epoch"]
+    assert resumed >= 1 and history[0]["resumed_from_epoch"] == 0
     assert all(row["replica_weight_divergence"] == 0.0 for row in history)
     # The checkpoint written just before the kill was never recorded; it is gone rather than orphaned.
     assert _checkpoint_dirs(snapshot.parent) <= set(re.findall(r"checkpoint_[0-9-_.]+", snapshot.read_text()))
+    failures = [line for line in stderr.splitlines() if line.startswith("training workers failed")]
+    assert len(failures) == 1, stderr[-3000:]
+    assert re.search(r"\(rank \d: \w+Error: .+\)", failures[0]), failures[0]
+    assert failures[0].endswith(f"restarting the workers from the checkpoint of epoch {resumed} (restart 1 of at most 2)")
+    epochs = [line for line in stderr.splitlines() if line.startswith("epoch ")]
+    assert epochs[-1].startswith("epoch 4/4") and stderr.index(failures[0]) < stderr.index(epochs[-1])
 
 
 def _checkpoint_dirs(run: Path) -> set[str]:
