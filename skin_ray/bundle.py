@@ -41,6 +41,7 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "bundle.json"
 TRAIN_DIGESTS_FILE = "train_images.sha256"
 GATE_FILE = "input_gate.npz"
+BUNDLE_FILES = (MODEL_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, GATE_FILE)  # all a bundle may hold: what loading fetches
 DEFAULT_BUNDLE = str(Path(__file__).parent / "bundles" / "default")
 
 
@@ -145,7 +146,7 @@ def load_bundle(uri: str | None = None) -> Bundle:
     uri = uri or DEFAULT_BUNDLE
     if storage.is_s3(uri):
         with tempfile.TemporaryDirectory() as local:
-            storage.download_dir(uri, local)
+            storage.download_files(uri, BUNDLE_FILES, local)  # never what else the prefix holds
             return _load_local(local, uri)
     return _load_local(uri, uri)
 

@@ -152,15 +152,23 @@ def write_bytes(uri: str, data: bytes) -> None:
     Path(uri).write_bytes(data)
 
 
-def download_dir(uri: str, local_dir: str) -> None:
-    """Copy every file below `uri` into `local_dir`, keeping relative paths."""
+def download_files(uri: str, names: tuple[str, ...], local_dir: str) -> list[str]:
+    """Copy those of the files `names` (paths relative to the S3 prefix `uri`) that exist into `local_dir`, at the
+    same relative paths; return the names copied. Nothing else under the prefix is fetched, whatever keys a
+    listing holds, and a name that would land outside `local_dir` is refused before anything is written."""
+    root = Path(local_dir).resolve()
+    for name in names:
+        if not (root / name).resolve().is_relative_to(root) or Path(name).is_absolute():
+            raise ValueError(f"refusing to copy {name!r}: it would land outside {local_dir}")
     bucket, prefix = split_s3(uri)
     prefix = prefix.rstrip("/") + "/"
-    for file_uri in list_files(uri):
-        relative = split_s3(file_uri)[1][len(prefix) :]
-        target = Path(local_dir, relative)
+    present = {split_s3(file_uri)[1][len(prefix) :] for file_uri in list_files(uri)}  # keys as stored, `..` and all
+    copied = [name for name in names if name in present]
+    for name in copied:
+        target = root / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        s3_client().download_file(bucket, split_s3(file_uri)[1], str(target))
+        s3_client().download_file(bucket, prefix + name, str(target))
+    return copied
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

@@ -46,6 +46,37 @@ def test_round_trip_s3(untrained_bundle, bucket, images):
     np.testing.assert_array_equal(Predictor(copy).predict_arrays(images), Predictor(original).predict_arrays(images))
 
 
+def test_a_bundle_from_s3_writes_nothing_outside_its_folder(untrained_bundle, bucket, tmp_path, monkeypatch):
+    """Keys that whoever can write under a bundle prefix might add (`..` segments, an empty segment before an
+    absolute path, a Python file) are never fetched: loading copies the files a bundle has, by name, into its
+    own temporary folder; a name that would land outside the folder is refused before anything is written."""
+    import tempfile
+
+    import boto3
+
+    from skin_ray import storage
+
+    uri = f"s3://{bucket}/models/v1"
+    original = load_bundle(str(untrained_bundle))
+    save_bundle(original.model, original.metadata, uri)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))  # where load_bundle's temporary folder is made
+    s3 = boto3.client("s3", endpoint_url=storage.endpoint_url())
+    absolute = str(tmp_path / "absolute.py").lstrip("/")
+    hostile = ["models/v1/../../escaped.py", f"models/v1//{absolute}", "models/v1/extra/sitecustomize.py"]
+    for key in hostile:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"raise SystemExit('ran code from a bundle prefix')")
+    assert {f"s3://{bucket}/{key}" for key in hostile} <= set(storage.list_files(uri))  # a listing shows them all
+    bundle = load_bundle(uri)
+    assert bundle.metadata.model_version == "untrained-test"
+    written = {path.relative_to(tmp_path) for path in tmp_path.rglob("*") if path.is_file()}
+    assert not any(path.suffix == ".py" for path in written), written
+    with pytest.raises(ValueError, match="would land outside"):
+        storage.download_files(uri, ("../../escaped.py",), str(tmp_path / "target"))
+    assert not (tmp_path / "target").exists() and not (tmp_path.parent / "escaped.py").exists()
+
+
 def _edited_copy(source: Path, target: Path, **changes) -> Path:
     shutil.copytree(source, target)
     metadata = json.loads((target / METADATA_FILE).read_text())
