@@ -228,6 +228,7 @@ def _run_serve(args) -> int:
     from skin_ray.runtime import StartupError, init_ray
 
     settings = _settings_from(args, ServeSettings)
+    _check_exposure(args.host, settings)
     _check_port_free(args.host, args.port)
     # Handlers first: the service answers (through HAProxy) before serve.run returns, and a stop asked for
     # while it starts must still drain rather than kill the process.
@@ -270,6 +271,27 @@ async def _stop(handle, drain_timeout_s: float, delete_app: bool) -> int:
     if delete_app:
         serve.delete("skin-ray")  # blocks this loop, which has nothing else to do
     return unfinished
+
+
+def _check_exposure(host: str, settings: ServeSettings) -> None:
+    """Refuse, before Ray starts, a key file that cannot be used, and serving beyond loopback without keys
+    unless the operator asked for it (--allow-unauthenticated)."""
+    import ipaddress
+
+    from skin_ray.api_keys import read_key_file
+
+    if settings.api_keys:
+        read_key_file(settings.api_keys)
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if not loopback and not settings.allow_unauthenticated:
+        raise ValueError(
+            f"refusing to serve on {host} without API keys: anyone who can reach it could use it. Pass --api-keys FILE "
+            "(one NAME:SECRET a line, or set SKIN_RAY_API_KEYS_FILE), or --allow-unauthenticated to serve anyone"
+        )
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -208,6 +208,13 @@ class ServeSettings(Settings):
         256, ge=1, description="images decoding or waiting for the model per Ingress replica; beyond it, 503"
     )
     max_upload_mb: float = Field(10.0, gt=0, description="largest request body accepted")
+    max_image_megapixels: float = Field(
+        30.0, gt=0, description="largest image accepted, in millions of pixels (ISIC dermoscopy reaches 27); refused "
+        "before decoding (400 too_many_pixels)",
+    )
+    max_concurrent_explanations: int = Field(
+        2, ge=1, description="/explain requests in progress per Ingress replica (each a gradient pass); beyond, 503"
+    )
     max_batch_files: int = Field(16, ge=1, description="most files in one /predict/batch request")
     upload_timeout_s: float = Field(
         60.0, gt=0, description="longest a request body may take to arrive; a slower one is cut with 408"
@@ -220,6 +227,21 @@ class ServeSettings(Settings):
         30.0, ge=0, description="on a stop or a redeploy, how long a replica goes on finishing the requests it "
         "received (new ones get 503) before it is stopped",
     )
+    api_keys: str | None = Field(
+        None, validate_default=True, description="file of API keys, one NAME:SECRET a line (default: "
+        "SKIN_RAY_API_KEYS_FILE); every route but the page, /healthz and the API docs then needs a key",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve without API keys on an address other than loopback (anyone who can connect may use it)"
+    )
+    rate_limit_per_key: float | None = Field(
+        None, gt=0, description="requests a second each API key may make, per Ingress replica (429 beyond it)"
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_from_environment(cls, path: str | None) -> str | None:
+        return path or os.environ.get("SKIN_RAY_API_KEYS_FILE") or None
 
 
 _SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside a checkout of this repository

@@ -13,6 +13,7 @@ with Ray's own CLI: `serve run deployments/serve_config.yaml`.
 import asyncio
 import contextlib
 import logging
+import math
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import skin_ray
+from skin_ray.api_keys import ApiKeys, RateLimit
 from skin_ray.config import ServeSettings
 from skin_ray.explain import explanation
 from skin_ray.preprocess import ImageDecodeError, decode_pixels, to_model_input
@@ -86,9 +88,13 @@ class Batcher:
             boundaries=[size + 0.5 for size in range(EXACT_BATCH_SIZES + 1)],
         )
 
+    def is_full(self) -> bool:
+        """Whether a new image would be refused (`max_pending` images are decoding or waiting)."""
+        return self._decoding + len(self._ready) >= self.max_pending
+
     async def classify(self, decode: Callable[[], Awaitable[np.ndarray]]) -> dict:
         """Decode one image with `decode` and return its answer from the batch it joins."""
-        if self._decoding + len(self._ready) >= self.max_pending:
+        if self.is_full():
             raise Overloaded(f"{self.max_pending} images are already waiting; retry shortly")
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._form_batches())
@@ -136,11 +142,13 @@ class LoadedModel:
     """A bundle in this process: uint8 pixel batches in, one answer per image out.
 
     Forward passes run on one dedicated thread, so the event loop keeps taking requests (and the decode
-    threads keep decoding) while the model computes.
+    threads keep decoding) while the model computes. Explanations (a forward and a gradient pass each) run on
+    a thread of their own, so a batch of predictions never queues behind them; they share the cores instead.
     """
 
     def __init__(self, bundle: str | None):
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="skin-ray-model")
+        self._explaining = ThreadPoolExecutor(1, thread_name_prefix="skin-ray-explain")
         self.load(bundle)
 
     def load(self, bundle: str | None) -> None:
@@ -171,16 +179,47 @@ class LoadedModel:
     async def explain(self, pixels: np.ndarray) -> tuple[dict, np.ndarray | None]:
         """One image's prediction record and its Grad-CAM map (None when the input gate refused it)."""
         predictor = self.predictor
-        return await asyncio.get_running_loop().run_in_executor(self._thread, predictor.explain, to_model_input(pixels[None]))
+        return await asyncio.get_running_loop().run_in_executor(self._explaining, predictor.explain, to_model_input(pixels[None]))
 
     async def metadata(self) -> dict:
-        return asdict(self.predictor.metadata)
+        """What a caller needs of the bundle's description (PUBLIC_METADATA): not where it was trained from."""
+        described = asdict(self.predictor.metadata)
+        return {name: described[name] for name in PUBLIC_METADATA}
 
     def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {bundle: s3://...}` in the YAML swaps the bundle without downtime."""
-        bundle = user_config.get("bundle", user_config.get("model"))  # `model`: the key's name before 0.2
+        """`user_config: {bundle: s3://...}` in the YAML swaps the bundle without downtime; raises ValueError
+        for settings it refuses (the running bundle stays)."""
+        bundle = _live_settings(user_config).bundle
         if bundle and bundle != self.predictor.bundle.uri:
             self.load(bundle)
+
+
+# What GET /model shows of bundle.json: the bundle's version, classes, threshold, figures and input; not its
+# `training` and `data` sections, which name storage paths, member bundles and the training data's location.
+PUBLIC_METADATA = (
+    "model_version", "arch", "class_names", "positive_class", "threshold", "target_sensitivity", "metrics",
+    "input_size", "preprocessing", "format_version", "created", "package_version", "input_gate", "uncertainty",
+)
+
+
+def _live_settings(user_config: dict) -> ServeSettings:
+    """A deployment's `user_config` checked as the settings it names (the same validation as the CLI's flags);
+    ValueError naming what was refused."""
+    from pydantic import ValidationError
+
+    try:
+        return ServeSettings.model_validate(user_config)
+    except ValidationError as exc:
+        raise ValueError(f"user_config refused: {exc}") from None
+
+
+def _reconfigure_or_keep(reconfigure: Callable[[dict], None], user_config: dict) -> None:
+    """Apply a redeploy's `user_config`, or keep the configuration running and say why in the log (a deployment
+    whose reconfigure raises would be restarted, not kept)."""
+    try:
+        reconfigure(user_config)
+    except ValueError as exc:
+        logger.error("the running configuration stays: %s", exc)
 
 
 class _RemoteModel:
@@ -231,7 +270,7 @@ class SkinModel:
         return await self.model.metadata()
 
     def reconfigure(self, user_config: dict) -> None:
-        self.model.reconfigure(user_config)
+        _reconfigure_or_keep(self.model.reconfigure, user_config)
 
 
 class PredictionResponse(BaseModel):
@@ -362,6 +401,11 @@ class RequestGuard:
     """What every HTTP request passes before the app: refusal while the replica drains, a count of requests
     in flight (what a drain waits for), and bounds on what an upload may hold.
 
+    In order: a body framed two ways or with a coding other than chunked is refused (400: the framing request
+    smuggling relies on); without a valid API key (when the service has keys) a route other than OPEN_ROUTES
+    gets 401, and a key past its rate limit 429; work the replica has no room for gets 503 before its body is
+    read (`busy(method, path)` says why).
+
     An upload is refused with 413 past `max_bytes` (by Content-Length before anything is read, else by
     counting as chunks arrive, so it is never buffered), and cut with 408 when its body has not arrived
     within `timeout_s`. Beyond `max_uploads` bodies in progress, each new upload cuts the slowest (bytes so
@@ -374,8 +418,12 @@ class RequestGuard:
     # An upload at network speed is over long before this; a younger one cannot be judged by its rate yet.
     GRACE_S = 0.25
 
-    def __init__(self, max_bytes: int, timeout_s: float, max_uploads: int):
+    def __init__(
+        self, max_bytes: int, timeout_s: float, max_uploads: int, keys: ApiKeys | None = None,
+        rate_limit: RateLimit | None = None, busy: Callable[[str, str], str | None] = lambda method, path: None,
+    ):
         self.max_bytes, self.timeout_s, self.max_uploads = max_bytes, timeout_s, max_uploads
+        self.keys, self.rate_limit, self.busy = keys, rate_limit, busy
         self.draining = False
         self.in_flight = 0
         self._uploads: set[_Upload] = set()
@@ -409,12 +457,29 @@ class RequestGuard:
         return self.in_flight
 
     async def _admit(self, app, scope, receive, send):
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        headers = scope["headers"]
+        lengths = {value.strip() for name, value in headers if name == b"content-length"}
+        codings = [c.strip().lower() for name, value in headers if name == b"transfer-encoding" for c in value.split(b",")]
+        if problem := _framing_problem(lengths, codings):
+            return await _refuse(send, 400, problem, closing=True)
+        path = _route_path(scope)
+        if self.keys is not None and path not in OPEN_ROUTES and not path.startswith(OPEN_PREFIXES):
+            caller = self.keys.name_of(_presented_secret(headers))
+            if caller is None:
+                return await _refuse(send, 401, "an API key is needed: send Authorization: Bearer KEY or X-API-Key: KEY",
+                                     headers={"WWW-Authenticate": "Bearer"})
+            if self.rate_limit is not None and (wait_s := self.rate_limit.wait_s(caller)):
+                return await _refuse(send, 429, f"key {caller!r} is over its rate limit; retry shortly",
+                                     headers={"Retry-After": str(math.ceil(wait_s))})
+            scope.setdefault("state", {})["caller"] = caller  # its name, for the log; never the secret
+            logger.info("%s %s by API key %r", scope["method"], path, caller)
+        if reason := self.busy(scope["method"], path):
+            return await _refuse(send, 503, reason, closing=True)  # before its body is read
+        declared = int(next(iter(lengths))) if lengths else None
+        if declared is not None and declared > self.max_bytes:
             return await _refuse(send, 413, f"request body is larger than {self.max_bytes:,} bytes")
-        if declared in (None, b"0") and b"chunked" not in headers.get(b"transfer-encoding", b""):
-            return await app(scope, receive, send)  # no body to bound
+        if not codings and not declared:
+            return await app(scope, receive, send)  # HTTP/1.1: a request declaring neither has no body
         if len(self._uploads) >= self.max_uploads:
             self._cut_slowest()
         upload = _Upload(asyncio.get_running_loop().time())
@@ -486,17 +551,79 @@ class _Upload:
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait: overload and restarts clear within seconds
 
 
-def _error(status: int, detail: str, closing: bool = False) -> JSONResponse:
+def _error(status: int, detail: str, closing: bool = False, headers: dict[str, str] | None = None) -> JSONResponse:
     """`{"detail": ...}` with `status`; a 503 says when to retry, `closing` ends the connection after it."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
+    headers = {**({"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}), **(headers or {})}
     if closing:
         headers["Connection"] = "close"
     return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
 
 
-async def _refuse(send, status: int, detail: str, closing: bool = False) -> None:
+async def _refuse(send, status: int, detail: str, closing: bool = False, headers: dict[str, str] | None = None) -> None:
     """Answer an ASGI request with `_error` straight from a middleware."""
-    await _error(status, detail, closing)({"type": "http"}, None, send)
+    await _error(status, detail, closing, headers)({"type": "http"}, None, send)
+
+
+# What answers without an API key: the page, the health check and the API's documentation, which hold no data.
+OPEN_ROUTES = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PREFIXES = ("/static-offline-docs/",)  # the documentation pages' scripts and styles
+
+
+def _document_keys(app: FastAPIOffline, rate_limited: bool) -> None:
+    """Say in `app`'s OpenAPI document how a caller presents a key, and that a route without one answers 401
+    (and 429 past the key's rate limit), so /docs offers to send a key and generated clients know."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "an API key as a bearer token"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            refusals = {"401": {"description": "no valid API key", **error}}
+            if rate_limited:
+                refusals["429"] = {"description": "the key is over its rate limit (Retry-After)", **error}
+            for path, operations in schema["paths"].items():
+                if path not in OPEN_ROUTES:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}, {"apiKey": []}]
+                        operation["responses"].update(refusals)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _framing_problem(lengths: set[bytes], codings: list[bytes]) -> str | None:
+    """Why a request's body framing is refused (RFC 9112 section 6), or None: a proxy and this server could
+    read the body's end differently, which is what request smuggling relies on."""
+    if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
+        return "malformed request: Content-Length must be one number"
+    if lengths and codings:
+        return "malformed request: both Content-Length and Transfer-Encoding"
+    if codings and codings != [b"chunked"]:
+        return "malformed request: the only transfer coding accepted is chunked"
+    return None
+
+
+def _route_path(scope) -> str:
+    """The request's path below the app's route prefix (Serve mounts an app under `route_prefix`)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def _presented_secret(headers) -> str:
+    """The API key a request presents (`Authorization: Bearer KEY` or `X-API-Key: KEY`), or ""."""
+    for name, value in headers:
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip()
+        if name == b"authorization":
+            scheme, _, secret = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer":
+                return secret.strip()
+    return ""
 
 
 def _declared_type_error(upload: UploadFile) -> str | None:
@@ -539,6 +666,8 @@ class Ingress:
         self.model = LoadedModel(settings.bundle) if model_handle is None else _RemoteModel(model_handle)
         self.image_size = read_metadata(settings.bundle).image_size  # what uploads are decoded to
         self.max_batch_files = settings.max_batch_files
+        self.max_pixels = int(settings.max_image_megapixels * 1e6)
+        self.max_explanations, self.explanations = settings.max_concurrent_explanations, 0
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="skin-ray-decode")
         self.batcher = Batcher(
             self.model.predict, settings.max_batch_size, settings.batch_wait_timeout_s, settings.max_pending_images
@@ -551,10 +680,22 @@ class Ingress:
             "skin_ray_decode_errors", description="undecodable uploads by reason", tag_keys=("reason",)
         )
         self.guard = RequestGuard(
-            int(settings.max_upload_mb * 2**20), settings.upload_timeout_s, settings.max_concurrent_uploads
+            int(settings.max_upload_mb * 2**20), settings.upload_timeout_s, settings.max_concurrent_uploads,
+            keys=ApiKeys(settings.api_keys) if settings.api_keys else None,
+            rate_limit=RateLimit(settings.rate_limit_per_key) if settings.rate_limit_per_key else None,
+            busy=self._busy,
         )
         self.page_html = PAGE.read_text()
         self.metrics_url = _node_metrics_url()
+
+    def _busy(self, method: str, path: str) -> str | None:
+        """Why the replica has no room for this request's images now (the guard then answers 503 before reading
+        its body), or None."""
+        if method == "POST" and path in ("/predict", "/predict/batch") and self.batcher.is_full():
+            return "the model is overloaded; retry shortly"
+        if method == "POST" and path == "/explain" and self.explanations >= self.max_explanations:
+            return f"{self.max_explanations} explanations are already being made; retry shortly"
+        return None
 
     async def drain(self, timeout_s: float) -> int:
         """Answer new requests 503 from now on and wait up to `timeout_s` for those in flight; returns how many
@@ -563,13 +704,17 @@ class Ingress:
 
     def reconfigure(self, user_config: dict) -> None:
         """`user_config` on Ingress changes batching (`max_batch_size`, `batch_wait_timeout_s`) and, in the fused
-        layout, swaps the bundle (`bundle: s3://...`), all without downtime."""
-        if "max_batch_size" in user_config:
-            self.batcher.max_batch_size = int(user_config["max_batch_size"])
-        if "batch_wait_timeout_s" in user_config:
-            self.batcher.max_wait_s = float(user_config["batch_wait_timeout_s"])
+        layout, swaps the bundle (`bundle: s3://...`), all without downtime; refused settings change nothing."""
+        _reconfigure_or_keep(self._reconfigure, user_config)
+
+    def _reconfigure(self, user_config: dict) -> None:
+        live = _live_settings(user_config)
         if isinstance(self.model, LoadedModel):
-            self.model.reconfigure(user_config)
+            self.model.reconfigure(user_config)  # first: a refused bundle leaves batching as it was too
+        if "max_batch_size" in live.model_fields_set:
+            self.batcher.max_batch_size = live.max_batch_size
+        if "batch_wait_timeout_s" in live.model_fields_set:
+            self.batcher.max_wait_s = live.batch_wait_timeout_s
 
     async def _classify(self, upload: UploadFile, explain: bool = False) -> dict:
         """One upload -> its prediction record (with an `explanation` when asked: one image, not batched), or
@@ -580,14 +725,18 @@ class Ingress:
         loop = asyncio.get_running_loop()
 
         def decode() -> Awaitable[np.ndarray]:
-            return loop.run_in_executor(self.decoder, decode_pixels, data, self.image_size)
+            return loop.run_in_executor(self.decoder, decode_pixels, data, self.image_size, self.max_pixels)
 
         try:
             if explain:
-                result, heatmap = await self.model.explain(await decode())
-                result["explanation"] = None if heatmap is None else await loop.run_in_executor(
-                    self.decoder, explanation, data, heatmap, result["label"]
-                )
+                self.explanations += 1  # the guard refuses /explain beyond max_explanations
+                try:
+                    result, heatmap = await self.model.explain(await decode())
+                    result["explanation"] = None if heatmap is None else await loop.run_in_executor(
+                        self.decoder, explanation, data, heatmap, result["label"]
+                    )
+                finally:
+                    self.explanations -= 1
             else:
                 result = await self.batcher.classify(decode)
         except ImageDecodeError as exc:
@@ -624,7 +773,11 @@ class Ingress:
             "/explain",
             summary="Classify one image and show which parts of it moved the prediction (Grad-CAM; multipart field `file`)",
             response_model=ExplainResponse,
-            responses=_errors(ONE_IMAGE_ERRORS),
+            responses=_errors({
+                **ONE_IMAGE_ERRORS,
+                503: "max_concurrent_explanations are in progress, the model restarting, or the service shutting down; "
+                "retry shortly (Retry-After)",
+            }),
             openapi_extra=_uploads("file"),
         )(self.explain)
         files = Annotated[
@@ -642,7 +795,11 @@ class Ingress:
             response_model=BatchResponse,
             # No `encoding` here: Schemathesis then sends one file part where the array allows several, and without
             # the filename that makes a part a file. A bad file is an entry of the answer, not a refusal, anyway.
-            responses=_errors({**UPLOAD_ERRORS, 413: "body larger than max_upload_mb, or more files than max_batch_files"}),
+            responses=_errors({
+                **UPLOAD_ERRORS, 413: "body larger than max_upload_mb, or more files than max_batch_files",
+                503: "overloaded (more images waiting than max_pending_images), or the service is shutting down; retry "
+                "shortly (Retry-After)",
+            }),
         )(predict_batch)
         app.get(
             "/healthz",
@@ -662,6 +819,8 @@ class Ingress:
             responses=_errors({503: "Ray's metrics exporter on this node did not answer, or the service is shutting down"}),
         )(self.metrics_text)
         app.get("/", response_class=HTMLResponse, include_in_schema=False)(self.page)
+        if self.guard.keys is not None:
+            _document_keys(app, rate_limited=self.guard.rate_limit is not None)
         return app
 
     async def predict(self, file: ImageFile) -> JSONResponse:

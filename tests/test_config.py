@@ -48,7 +48,7 @@ def _another_value(field) -> str:
     """A command-line value other than the field's default."""
     if get_origin(field.annotation) is Literal:
         return next(choice for choice in get_args(field.annotation) if choice != field.default)
-    if field.default is None and int in get_args(field.annotation):  # `int | None`
+    if field.default is None and {int, float} & set(get_args(field.annotation)):  # `int | None`, `float | None`
         return "96"
     if field.default is None or isinstance(field.default, str):
         return "another"

@@ -62,6 +62,7 @@ def test_endpoints(client, jpeg):
     assert client.get("/healthz").json()["model_version"] == "untrained-test"
     metadata = client.get("/model").json()
     assert metadata["class_names"] == ["Cancer", "Non_Cancer"] and metadata["positive_class"] == "Cancer"
+    assert metadata["input_size"] == [170, 170, 3] and not {"training", "data"} & set(metadata)  # no storage paths
     assert "/predict/batch" in client.get("/openapi.json").json()["paths"]
     page = client.get("/")
     assert page.status_code == 200 and "not a medical diagnosis" in page.text
@@ -517,3 +518,106 @@ def test_the_service_answers_as_its_openapi_document_says(case):
         checks=[not_a_server_error, status_code_conformance, response_schema_conformance, positive_data_acceptance],
         timeout=60,
     )
+
+
+def _replica_http_port(app: str) -> int:
+    """The port of the Ingress replica's own HTTP server, which HAProxy forwards to (30000 and up)."""
+    import psutil
+    from ray.serve._private.constants import RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
+
+    listening = psutil.Process(_replica_pid(app, "Ingress")).net_connections(kind="tcp")
+    ports = [c.laddr.port for c in listening if c.status == psutil.CONN_LISTEN
+             and RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= c.laddr.port <= RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT]
+    assert len(ports) == 1, sorted(c.laddr.port for c in listening if c.status == psutil.CONN_LISTEN)
+    return ports[0]
+
+
+def _raw_chunked_upload(host: str, port: int, path: str, megabytes: int) -> bytes:
+    """POST `megabytes` of body with `Transfer-Encoding: Chunked` (capitalised) and no Content-Length over a raw
+    socket; the status line of whatever answers first."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=30) as connection:
+        connection.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            "Transfer-Encoding: Chunked\r\n\r\n".encode()
+        )
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        connection.sendall(b"%x\r\n%s\r\n" % (len(part), part))  # a well-formed file part, growing without end
+        chunk = b"x" * 2**16
+        try:
+            for _ in range(megabytes * 16):
+                connection.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            connection.sendall(b"0\r\n\r\n")
+        except OSError:  # the server answered and closed while the body was still coming: what a limit does
+            pass
+        return connection.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_a_capitalised_chunked_upload_over_the_limit_is_refused_at_every_port(service):
+    """The body limit (2 MB here) holds for `Transfer-Encoding: Chunked`, through HAProxy and at the replica's
+    own port, which read a 40 MB body before answering when the check was case-sensitive."""
+    host, port = service.removeprefix("http://").split(":")
+    for target in (int(port), _replica_http_port(APP)):
+        assert _raw_chunked_upload(host, target, "/predict", megabytes=8) == b"HTTP/1.1 413 Request Entity Too Large", target
+
+
+def test_api_keys_over_http(service, untrained_bundle, tmp_path, jpeg):
+    """An app with keys: 401 without or with a wrong key (WWW-Authenticate), 200 with a key in either header,
+    429 with Retry-After past the key's rate limit; the page and /healthz stay open, /openapi.json says how."""
+    keys = tmp_path / "api-keys"
+    keys.write_text("clinic-a:s3cret-for-the-clinic-0001\n")
+    settings = ServeSettings(bundle=str(untrained_bundle), api_keys=str(keys), rate_limit_per_key=3)
+    serve.run(app_builder(settings), name="keyed", route_prefix="/keyed")
+    try:
+        with httpx.Client(base_url=f"{service}/keyed", timeout=60) as http:
+            assert http.get("/healthz").status_code == 200 and http.get("/").status_code == 200
+            refused = http.post("/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")})
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            wrong = http.get("/model", headers={"Authorization": "Bearer not-the-secret-at-all"})
+            assert wrong.status_code == 401
+            bearer = {"Authorization": "Bearer s3cret-for-the-clinic-0001"}
+            answered = http.post("/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}, headers=bearer)
+            assert answered.status_code == 200, answered.text
+            assert http.get("/model", headers={"X-API-Key": "s3cret-for-the-clinic-0001"}).status_code == 200
+            statuses = [http.get("/stats", headers=bearer).status_code for _ in range(6)]
+            assert statuses[-1] == 429 and set(statuses) == {200, 429}
+            limited = http.get("/stats", headers=bearer)
+            assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+            spec = http.get("/openapi.json").json()
+            assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+            assert "401" in spec["paths"]["/predict"]["post"]["responses"] and "security" not in spec["paths"]["/healthz"]["get"]
+    finally:
+        serve.delete("keyed")
+
+
+def test_explanations_have_their_own_bound_and_never_answer_500(service, client, jpeg):
+    """24 concurrent /explain requests against a replica that makes 2 at a time: the rest get a JSON 503 with
+    Retry-After before their bodies are read, /predict keeps answering meanwhile, nothing answers 500."""
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=service, timeout=120) as http:
+            explanations = [http.post("/explain", files={"file": ("x.jpg", jpeg, "image/jpeg")}) for _ in range(24)]
+            predictions = [http.post("/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}) for _ in range(4)]
+            return await asyncio.gather(asyncio.gather(*explanations), asyncio.gather(*predictions))
+
+    explained, predicted = asyncio.run(burst())
+    statuses = [response.status_code for response in explained]
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    for response in explained:
+        if response.status_code == 503:
+            assert "explanations are already being made" in response.json()["detail"] and response.headers["retry-after"]
+    assert [response.status_code for response in predicted] == [200] * 4
+
+
+def test_a_refused_user_config_keeps_the_running_configuration(service, untrained_bundle, jpeg):
+    """`user_config` goes through the settings' validation: `max_batch_size: 0` (which stopped the batch loop, so
+    requests waited for ever) is refused in the replica's log and the replica keeps batching as it did."""
+    settings = ServeSettings(bundle=str(untrained_bundle))
+    app = Ingress.options(name="Refused", user_config={"max_batch_size": 0}).bind(settings)
+    serve.run(app, name="refused", route_prefix="/refused")
+    try:
+        response = httpx.post(f"{service}/refused/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}, timeout=60)
+        assert response.status_code == 200, response.text
+    finally:
+        serve.delete("refused")
