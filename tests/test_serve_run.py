@@ -162,33 +162,61 @@ def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_se
                 process.kill()
 
 
-@pytest.mark.parametrize("layout", ["fused", "split"])
-def test_a_bundle_of_another_input_size_is_served_at_its_size(no_serve_in_session_ray, small_input_bundle, layout):
-    """`skin-ray serve` of a 96-pixel bundle: the Ingress decodes uploads to the bundle's size, also in the split
-    layout, where it does not hold the model (a 170-pixel batch would fail in the network)."""
-    port = free_port()
-    service = subprocess.Popen(
-        ["skin-ray", "serve", "--port", str(port), "--bundle", str(small_input_bundle), "--layout", layout],
-        env=own_ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
+def test_two_services_on_one_machine_each_serve_a_bundle_at_its_size(no_serve_in_session_ray, small_input_bundle):
+    """Two `skin-ray serve` of a 96-pixel bundle started together on one machine, one per layout: both serve (Ray's
+    HAProxy no longer takes its fixed stats and exporter ports, 8404 and 9101, which made the second fail), and
+    the Ingress decodes uploads to the bundle's size, also in the split layout, where it does not hold the model
+    (a 170-pixel batch would fail in the network)."""
+    import psutil
+
+    services = {}
     try:
-        wait_healthy(url, service)
-        assert httpx.get(f"{url}/model").json()["input_size"] == [96, 96, 3]
+        for layout in ("fused", "split"):
+            port = free_port()
+            services[layout] = (f"http://127.0.0.1:{port}", subprocess.Popen(
+                ["skin-ray", "serve", "--port", str(port), "--bundle", str(small_input_bundle), "--layout", layout],
+                env=own_ray_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            ))
         rng = np.random.default_rng(5)
         photos = [encode(lesion_image(label, rng, size=300), "JPEG") for label in ("Cancer", "Non_Cancer")]
-        single = httpx.post(f"{url}/predict", files={"file": ("a.jpg", photos[0], "image/jpeg")}, timeout=60)
-        assert single.status_code == 200, single.text
-        assert single.json()["model_version"] == "untrained-96-test"
-        batch = httpx.post(f"{url}/predict/batch", files=[("files", (f"{i}.jpg", p, "image/jpeg")) for i, p in enumerate(photos)],
-                           timeout=60)
-        assert batch.status_code == 200, batch.text
-        assert [result["model_version"] for result in batch.json()["results"]] == ["untrained-96-test"] * 2
-        service.send_signal(signal.SIGTERM)
-        assert service.wait(timeout=120) == 0, service.stdout.read()
+        for url, process in services.values():
+            wait_healthy(url, process)
+        listening = {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        assert not {8404, 9101} & listening
+        for url, _ in services.values():
+            assert httpx.get(f"{url}/model").json()["input_size"] == [96, 96, 3]
+            single = httpx.post(f"{url}/predict", files={"file": ("a.jpg", photos[0], "image/jpeg")}, timeout=60)
+            assert single.status_code == 200, single.text
+            assert single.json()["model_version"] == "untrained-96-test"
+            files = [("files", (f"{i}.jpg", p, "image/jpeg")) for i, p in enumerate(photos)]
+            batch = httpx.post(f"{url}/predict/batch", files=files, timeout=60)
+            assert batch.status_code == 200, batch.text
+            assert [result["model_version"] for result in batch.json()["results"]] == ["untrained-96-test"] * 2
+        for _, process in services.values():
+            process.send_signal(signal.SIGTERM)
+        for _, process in services.values():
+            assert process.wait(timeout=120) == 0, process.stdout.read()
     finally:
-        if service.poll() is None:
-            service.kill()
+        for _, process in services.values():
+            if process.poll() is None:
+                process.kill()
+
+
+def test_serve_beyond_loopback_needs_api_keys_or_says_so(tmp_path):
+    """Without keys `skin-ray serve` binds loopback; on another address it refuses to start, in one line and
+    before Ray starts, unless --allow-unauthenticated; a key file it cannot use is refused the same way."""
+    started = time.monotonic()
+    refused = subprocess.run(["skin-ray", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+                             capture_output=True, text=True, timeout=120, env=own_ray_environment())
+    assert refused.returncode == 2 and "refusing to serve on 0.0.0.0 without API keys" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    keys = tmp_path / "keys"
+    keys.write_text("clinic:short\n")
+    broken = subprocess.run(["skin-ray", "serve", "--host", "0.0.0.0", "--api-keys", str(keys)],
+                            capture_output=True, text=True, timeout=120, env=own_ray_environment())
+    assert broken.returncode == 2 and "line 1: the secret of 'clinic' is shorter than 16" in broken.stderr
+    assert "short" not in broken.stderr.replace("shorter", "")  # the secret itself is never printed
+    assert time.monotonic() - started < 60
 
 
 @pytest.fixture(scope="module")
