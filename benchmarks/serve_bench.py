@@ -2,6 +2,7 @@
 
     python benchmarks/serve_bench.py [--bundle BUNDLE] [--seconds 15] [--concurrency 1 16 64]
     python benchmarks/serve_bench.py --peers [--peers-only mosec,litserve,pytriton,bentoml,fastapi-pob]
+    python benchmarks/serve_bench.py --keys        (the shipped service without and with API keys)
 
 Default: the in-process ceilings (single thread: decode then batch-32 predict; pipelined: decoding on two
 threads overlapped with batch-32 inference; and one image alone), a plain FastAPI app under uvicorn that
@@ -87,8 +88,11 @@ def by_concurrency(levels: list[dict]) -> dict:
     return {level["concurrency"]: {key: level[key] for key in ("rps", "p50_ms", "p99_ms", "errors")} for level in levels}
 
 
-def load_batches(url: str, images: list[bytes], files_per_request: int, clients: int, seconds: float) -> dict:
-    """Closed loop of `clients`, each keeping one `POST /predict/batch` of `files_per_request` images in flight."""
+def load_batches(
+    url: str, images: list[bytes], files_per_request: int, clients: int, seconds: float, headers: dict | None = None
+) -> dict:
+    """Closed loop of `clients`, each keeping one `POST /predict/batch` of `files_per_request` images in flight,
+    sending `headers` (an API key, say) with each."""
     import aiohttp
 
     async def run() -> dict:
@@ -102,7 +106,7 @@ def load_batches(url: str, images: list[bytes], files_per_request: int, clients:
                 for i in range(files_per_request):
                     form.add_field("files", images[(offset + i) % len(images)], filename=f"{i}.jpg", content_type="image/jpeg")
                 started = time.perf_counter()
-                async with session.post(url, data=form) as response:
+                async with session.post(url, data=form, headers=headers) as response:
                     results = (await response.json()).get("results", [])
                 latencies.append(time.perf_counter() - started)
                 ok = sum("label" in result for result in results)
@@ -268,6 +272,31 @@ def run_peers(args, workdir: Path) -> dict:
     return {"servers": rows, "best_peer": best}
 
 
+def run_keys(args, images: list[bytes], workdir: Path, rounds: int = 2) -> dict:
+    """`skin-ray serve` as shipped without and with API keys (one key, sent as a bearer token), in alternating
+    rounds, each at 64 clients keeping one `/predict/batch` of one image in flight (this client can send the
+    header; the peers' cannot)."""
+    keys = workdir / "api-keys"
+    secret = "benchmark-secret-0123456789"
+    keys.write_text(f"bench:{secret}\n")
+    command, env = servers(args.bundle, workdir)[SHIPPED]
+    arms = {"keys off": ([], None), "keys on": (["--api-keys", str(keys)], {"Authorization": f"Bearer {secret}"})}
+    measured: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, (flags, headers) in arms.items():
+            port = free_port()
+            with Server([*command(port), *flags], f"http://127.0.0.1:{port}/healthz", env):
+                url = f"http://127.0.0.1:{port}/predict/batch"
+                load_batches(url, images, 1, 64, 5, headers)  # warm-up
+                result = load_batches(url, images, 1, 64, args.seconds, headers)
+                assert not result["errors"], result
+                measured[name].append(result["images_per_s"])
+    ratio = float(np.mean(measured["keys on"]) / np.mean(measured["keys off"]))
+    print(f"64 clients, img/s per round: keys off {measured['keys off']}, keys on {measured['keys on']}; "
+          f"keys on / keys off {ratio:.3f}")
+    return {"keys": measured, "keys_on_over_off": round(ratio, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle (default: the shipped model)")
@@ -275,13 +304,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--peers", action="store_true", help="measure the peers of ../shared/peers instead of our layouts")
     parser.add_argument("--peers-only", default="mosec,litserve,pytriton,bentoml,fastapi-pob", help="peers to run")
+    parser.add_argument("--keys", action="store_true", help="the shipped service without and with API keys instead")
     args = parser.parse_args()
     if not LOADGEN.is_file() or not IMAGES.is_dir():
         sys.exit(f"needs the peers' client {LOADGEN} and the images in {IMAGES}")
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-bench-{os.getpid()}"
     workdir.mkdir(parents=True)
     images = [path.read_bytes() for path in sorted(IMAGES.glob("*.jpg"))[:256]]
-    report = run_peers(args, workdir) if args.peers else run_layouts(args, images, workdir)
+    if args.keys:
+        report = run_keys(args, images, workdir)
+    else:
+        report = run_peers(args, workdir) if args.peers else run_layouts(args, images, workdir)
     print(json.dumps({"benchmark": "serve", "seconds": args.seconds, "cpus": os.cpu_count(), **report}))
 
 

@@ -15,8 +15,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SIZE = 170  # the input size of the original notebook and of new networks unless trained with another
-# 4000x3000 phone photos must pass; anything far beyond is refused before its pixels are decoded.
-MAX_PIXELS = 40_000_000
+# The largest dermoscopy (ISIC's own photos reach about 6000x4500, 27 MP) and phone photos must pass; beyond,
+# an image is refused before its pixels are decoded. At this limit no file costs a decode more than 0.6 s of CPU
+# and 260 MB (benchmarks/decode_budget.py); the service's max_image_megapixels sets it.
+MAX_PIXELS = 30_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -43,7 +45,7 @@ def to_model_input(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / 255.0
 
 
-def decode_pixels(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
+def decode_pixels(data: bytes, size: int = IMAGE_SIZE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode `data` to a (size, size, 3) uint8 RGB array: the recipe up to the last step, a quarter of the bytes
     of the model input (what the Serve app passes between processes).
 
@@ -52,33 +54,53 @@ def decode_pixels(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
     cameras are not square; squashing them would distort the lesion), resize.
     Raises ImageDecodeError for anything that is not a decodable image of acceptable size.
     """
-    square = ImageOps.fit(_decode_rgb(data, draft_short_side=size), (size, size), method=Image.Resampling.BILINEAR)
+    square = ImageOps.fit(_decode_rgb(data, size, max_pixels), (size, size), method=Image.Resampling.BILINEAR)
     return np.asarray(square, dtype=np.uint8)
 
 
 def decode_photo(data: bytes, max_side: int) -> tuple[Image.Image, float]:
     """The whole photo, upright and RGB, shrunk to at most `max_side` pixels a side (for showing, e.g. under
     an explanation), and the factor it was shrunk by. Raises ImageDecodeError like `decode_pixels`."""
-    photo = _decode_rgb(data, draft_short_side=None)
+    image = _open(data)
+    original = image.size
+    photo = _upright_rgb(image, lambda size: max(size) // max_side)
     scale = min(1.0, max_side / max(photo.size))
     if scale < 1.0:
         photo = photo.resize((round(photo.size[0] * scale), round(photo.size[1] * scale)), Image.Resampling.BILINEAR)
-    return photo, scale
+    return photo, max(photo.size) / max(original)
 
 
-def _decode_rgb(data: bytes, draft_short_side: int | None) -> Image.Image:
-    image = _open(data)
+def _decode_rgb(data: bytes, draft_short_side: int, max_pixels: int) -> Image.Image:
+    """The image in `data`, upright and RGB, decoded and reduced no further than a short side of
+    `draft_short_side` allows."""
+    image = _open(data, max_pixels)
+    # draft picks the largest JPEG DCT scale (1/2, 1/4, 1/8) that still covers `draft_short_side` on both
+    # sides; the centre crop's short side is what must stay >= size, hence the square request.
+    short = min(image.size)
+    if image.format == "JPEG" and short > draft_short_side:
+        scale = short / draft_short_side
+        image.draft("RGB", (int(image.size[0] / scale), int(image.size[1] / scale)))
+    return _upright_rgb(image, lambda size: min(size) // draft_short_side)
+
+
+def _upright_rgb(image: Image.Image, factor_for) -> Image.Image:
+    """`image` decoded, reduced by the whole factor `factor_for(size)` when that is 2 or more (box averages in
+    one pass), turned upright by its EXIF orientation and converted to RGB. Formats without JPEG's reduced
+    decoding (PNG, TIFF, WebP, GIF) are decoded whole, so every step after the reduction (mode conversion,
+    transparency, the final resize) works on the small image: a 30 MP 16-bit PNG took 2.2 s and 372 MB before,
+    its conversion running in float64 on every pixel (benchmarks/decode_budget.py)."""
     try:
-        # draft picks the largest JPEG DCT scale (1/2, 1/4, 1/8) that still covers `draft_short_side` on both
-        # sides; the centre crop's short side is what must stay >= size, hence the square request.
-        short = min(image.size)
-        if draft_short_side and image.format == "JPEG" and short > draft_short_side:
-            scale = short / draft_short_side
-            image.draft("RGB", (int(image.size[0] / scale), int(image.size[1] / scale)))
         image.load()
+        factor = factor_for(image.size)
+        if factor >= 2:
+            if image.mode in ("1", "P", "PA") or image.mode.startswith("I;16"):
+                # Modes reduce() does not take, converted to the nearest it does (still one pixel per pixel).
+                image = image.convert(
+                    "I" if image.mode.startswith("I;16") else "L" if image.mode == "1"
+                    else "RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB"
+                )
+            image = image.reduce(factor)
         return _to_rgb(ImageOps.exif_transpose(image))
-    except ImageDecodeError:
-        raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("too_many_pixels", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -86,7 +108,7 @@ def _decode_rgb(data: bytes, draft_short_side: int | None) -> Image.Image:
         raise ImageDecodeError(reason, f"cannot decode image: {exc}") from None
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty", "the file is empty")
     try:
@@ -102,9 +124,9 @@ def _open(data: bytes) -> Image.Image:
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageDecodeError("corrupt", f"invalid image size {width}x{height}")
-    if width * height > MAX_PIXELS:
+    if width * height > max_pixels:
         raise ImageDecodeError(
-            "too_many_pixels", f"{width}x{height} is more than the {MAX_PIXELS:,} pixels allowed"
+            "too_many_pixels", f"{width}x{height} is more than the {max_pixels:,} pixels allowed"
         )
     return image
 

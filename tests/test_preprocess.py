@@ -130,3 +130,35 @@ def test_broken_input_raises_one_error_type_with_a_reason(photo, name, make, rea
 
 def test_pixel_limit_allows_phone_photos():
     assert 4000 * 3000 < MAX_PIXELS
+
+
+def test_the_pixel_limit_fits_real_dermoscopy_and_is_a_setting():
+    """ISIC's largest photos are about 6000x4500; the limit refuses what is beyond it before decoding."""
+    from skin_ray.preprocess import decode_pixels
+
+    assert 6000 * 4500 < MAX_PIXELS
+    photo = Image.new("RGB", (3000, 2000), (180, 120, 100))
+    assert decode_pixels(encode(photo, "PNG"), 96).shape == (96, 96, 3)
+    with pytest.raises(ImageDecodeError, match="3000x2000 is more than the 5,000,000 pixels allowed") as refused:
+        decode_pixels(encode(photo, "PNG"), 96, max_pixels=5_000_000)
+    assert refused.value.reason == "too_many_pixels"
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGBA", "P", "1", "LA"])
+def test_a_large_image_of_any_mode_is_reduced_before_it_is_converted(mode):
+    """Formats decoded whole are reduced first (box averages), then converted: the result is the image's own
+    colour, as a direct conversion of the whole image gives it, within a grey level or two."""
+    from skin_ray.preprocess import decode_pixels
+
+    pixels = np.random.default_rng(0).integers(0, 256, (900, 1200, 3), dtype=np.uint8)
+    pixels[:] = pixels.mean(axis=(0, 1), keepdims=True).astype(np.uint8)  # one colour: reduction cannot change it
+    image = Image.fromarray(pixels)
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+    else:
+        image = image.convert(mode)
+    small = decode_pixels(encode(image, "PNG"), 96)
+    whole = np.asarray(Image.open(io.BytesIO(encode(image, "PNG"))).convert("RGBA" if mode == "LA" else "RGB"))[..., :3]
+    if mode == "I;16":
+        whole = np.repeat((np.asarray(Image.open(io.BytesIO(encode(image, "PNG")))) / 257).round()[..., None], 3, axis=2)
+    np.testing.assert_allclose(small.reshape(-1, 3).mean(axis=0), whole.reshape(-1, 3).mean(axis=0), atol=2)
