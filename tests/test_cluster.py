@@ -79,14 +79,48 @@ def _containers(document: dict) -> list[dict]:
     return [c for group in groups for c in group["template"]["spec"]["containers"]]
 
 
+RESTRICTED = {
+    "runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
 @pytest.mark.parametrize("manifest", list(MANIFESTS))
-def test_credentials_come_from_a_secret(manifest):
+def test_a_cluster_hands_out_no_keys(manifest):
+    """Ray's token auth on; S3 by the pods' service account, no key in any pod; every container unprivileged on
+    a read-only root, with /tmp and /dev/shm writable in memory."""
     document = yaml.safe_load((CLUSTER / manifest).read_text())
+    spec = document["spec"].get("rayClusterSpec") or document["spec"].get("rayClusterConfig") or document["spec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == ("skin-ray-serve" if manifest == "rayservice.yaml" else "skin-ray-jobs")
+        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+        assert {"name": "shm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
     for container in _containers(document):
-        assert {"secretRef": {"name": "skin-ray-s3"}} in container["envFrom"]
-        assert not [e for e in container.get("env", []) if e["name"].startswith("AWS_") and "value" in e]
+        assert "envFrom" not in container and not [e for e in container.get("env", []) if e["name"].startswith("AWS_")]
+        assert RESTRICTED.items() <= container["securityContext"].items(), container["name"]
+        assert {"/tmp", "/dev/shm"} <= {mount["mountPath"] for mount in container["volumeMounts"]}
     lines = [line for line in (CLUSTER / manifest).read_text().splitlines() if not line.lstrip().startswith("#")]
     assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]", "\n".join(lines), re.I)
+
+
+def test_the_service_needs_api_keys_and_ray_ports_are_closed_to_other_pods():
+    service = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
+    pods = [group["template"]["spec"] for group in [service["spec"]["rayClusterConfig"]["headGroupSpec"],
+                                                     *service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]]
+    for pod, container in zip(pods, _containers(service), strict=True):
+        assert {"name": "SKIN_RAY_API_KEYS_FILE", "value": "/etc/skin-ray/api-keys"} in container["env"]
+        assert {"name": "api-keys", "secret": {"secretName": "skin-ray-api-keys"}} in pod["volumes"]
+    (policy,) = yaml.safe_load_all((CLUSTER / "networkpolicy.yaml").read_text())
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/created-by": "kuberay-operator"}
+    ray_ports, service_port = policy["spec"]["ingress"]
+    assert "ports" not in ray_ports and service_port["ports"] == [{"protocol": "TCP", "port": 8000}]
+    accounts = {d["metadata"]["name"] for d in yaml.safe_load_all((CLUSTER / "serviceaccounts.yaml").read_text())
+                if d["kind"] == "ServiceAccount"}
+    assert accounts == {"skin-ray-serve", "skin-ray-jobs"}
+    launcher = (CLUSTER / "aws.yaml").read_text()
+    assert "--dashboard-host=0.0.0.0" not in launcher and "--dashboard-host=127.0.0.1" in launcher
 
 
 def test_every_image_is_built_on_the_pinned_ray():
