@@ -3,6 +3,7 @@
     python benchmarks/serve_bench.py [--bundle BUNDLE] [--seconds 15] [--concurrency 1 16 64]
     python benchmarks/serve_bench.py --peers [--peers-only mosec,litserve,pytriton,bentoml,fastapi-pob]
     python benchmarks/serve_bench.py --keys        (the shipped service without and with API keys)
+    python benchmarks/serve_bench.py --explain-load (/predict's latency alone and beside 32 /explain clients)
 
 Default: the in-process ceilings (single thread: decode then batch-32 predict; pipelined: decoding on two
 threads overlapped with batch-32 inference; and one image alone), a plain FastAPI app under uvicorn that
@@ -297,6 +298,61 @@ def run_keys(args, images: list[bytes], workdir: Path, rounds: int = 2) -> dict:
     return {"keys": measured, "keys_on_over_off": round(ratio, 3)}
 
 
+def run_explain_load(args, images: list[bytes], workdir: Path, explainers: int = 32, predictors: int = 4) -> dict:
+    """`/predict`'s latency with `predictors` clients alone, then with `explainers` clients keeping `/explain` busy
+    beside them (the service answers explanations beyond its bound with 503; a client waits its Retry-After, as
+    HTTP clients do), in one service."""
+    import aiohttp
+
+    async def closed_loop(session, url: str, clients: int, seconds: float, latencies: list | None) -> int:
+        answered = 0
+        deadline = time.perf_counter() + seconds
+
+        async def client(offset: int):
+            nonlocal answered
+            while time.perf_counter() < deadline:
+                form = aiohttp.FormData()
+                form.add_field("file", images[offset % len(images)], filename="x.jpg", content_type="image/jpeg")
+                started = time.perf_counter()
+                try:
+                    async with session.post(url, data=form) as response:
+                        await response.read()
+                        status = response.status
+                except aiohttp.ClientPayloadError:  # a refusal before the upload ended, its connection closed
+                    status = 503
+                answered += status == 200
+                if latencies is not None and status == 200:
+                    latencies.append(time.perf_counter() - started)
+                if status == 503:
+                    await asyncio.sleep(1)  # the service's Retry-After
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        return answered
+
+    async def measure(base: str) -> dict:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            await closed_loop(session, f"{base}/predict", predictors, 5, None)  # warm-up
+            alone: list[float] = []
+            await closed_loop(session, f"{base}/predict", predictors, args.seconds, alone)
+            beside: list[float] = []
+            _, explained = await asyncio.gather(
+                closed_loop(session, f"{base}/predict", predictors, args.seconds, beside),
+                closed_loop(session, f"{base}/explain", explainers, args.seconds, None),
+            )
+        p50 = lambda values: round(1000 * float(np.median(values)), 1)  # noqa: E731
+        return {"predict_p50_ms_alone": p50(alone), "predict_p50_ms_beside_explain": p50(beside),
+                "explanations_answered": explained, "ratio": round(p50(beside) / p50(alone), 2)}
+
+    port = free_port()
+    command, env = servers(args.bundle, workdir)[SHIPPED]
+    with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
+        result = asyncio.run(measure(f"http://127.0.0.1:{port}"))
+    print(f"/predict p50 with {predictors} clients: {result['predict_p50_ms_alone']} ms alone, "
+          f"{result['predict_p50_ms_beside_explain']} ms beside {explainers} /explain clients ({result['ratio']}x; "
+          f"{result['explanations_answered']} explanations made)")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle (default: the shipped model)")
@@ -305,6 +361,7 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="measure the peers of ../shared/peers instead of our layouts")
     parser.add_argument("--peers-only", default="mosec,litserve,pytriton,bentoml,fastapi-pob", help="peers to run")
     parser.add_argument("--keys", action="store_true", help="the shipped service without and with API keys instead")
+    parser.add_argument("--explain-load", action="store_true", help="/predict's latency alone and beside /explain clients")
     args = parser.parse_args()
     if not LOADGEN.is_file() or not IMAGES.is_dir():
         sys.exit(f"needs the peers' client {LOADGEN} and the images in {IMAGES}")
@@ -313,6 +370,8 @@ def main() -> None:
     images = [path.read_bytes() for path in sorted(IMAGES.glob("*.jpg"))[:256]]
     if args.keys:
         report = run_keys(args, images, workdir)
+    elif args.explain_load:
+        report = run_explain_load(args, images, workdir)
     else:
         report = run_peers(args, workdir) if args.peers else run_layouts(args, images, workdir)
     print(json.dumps({"benchmark": "serve", "seconds": args.seconds, "cpus": os.cpu_count(), **report}))
