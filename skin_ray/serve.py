@@ -404,7 +404,7 @@ class RequestGuard:
     In order: a body framed two ways or with a coding other than chunked is refused (400: the framing request
     smuggling relies on); without a valid API key (when the service has keys) a route other than OPEN_ROUTES
     gets 401, and a key past its rate limit 429; work the replica has no room for gets 503 before its body is
-    read (`busy(method, path)` says why).
+    read (`busy(method, path)` says why), and a route of `route_limits` past its number of requests in progress.
 
     An upload is refused with 413 past `max_bytes` (by Content-Length before anything is read, else by
     counting as chunks arrive, so it is never buffered), and cut with 408 when its body has not arrived
@@ -421,9 +421,11 @@ class RequestGuard:
     def __init__(
         self, max_bytes: int, timeout_s: float, max_uploads: int, keys: ApiKeys | None = None,
         rate_limit: RateLimit | None = None, busy: Callable[[str, str], str | None] = lambda method, path: None,
+        route_limits: dict[tuple[str, str], tuple[int, str]] | None = None,
     ):
         self.max_bytes, self.timeout_s, self.max_uploads = max_bytes, timeout_s, max_uploads
         self.keys, self.rate_limit, self.busy = keys, rate_limit, busy
+        self.route_limits, self._active = route_limits or {}, Counter()  # (method, path) -> (most at once, why)
         self.draining = False
         self.in_flight = 0
         self._uploads: set[_Upload] = set()
@@ -475,6 +477,20 @@ class RequestGuard:
             logger.info("%s %s by API key %r", scope["method"], path, caller)
         if reason := self.busy(scope["method"], path):
             return await _refuse(send, 503, reason, closing=True)  # before its body is read
+        limited = self.route_limits.get((scope["method"], path))
+        if limited is None:
+            return await self._bounded(app, scope, receive, send, lengths, codings)
+        limit, reason = limited
+        if self._active[path] >= limit:  # counted here, at admission, not once the app has read the body
+            return await _refuse(send, 503, reason, closing=True)
+        self._active[path] += 1
+        try:
+            return await self._bounded(app, scope, receive, send, lengths, codings)
+        finally:
+            self._active[path] -= 1
+
+    async def _bounded(self, app, scope, receive, send, lengths: set[bytes], codings: list[bytes]):
+        """Pass the request on with its body bounded by `max_bytes` and `timeout_s`."""
         declared = int(next(iter(lengths))) if lengths else None
         if declared is not None and declared > self.max_bytes:
             return await _refuse(send, 413, f"request body is larger than {self.max_bytes:,} bytes")
@@ -667,7 +683,6 @@ class Ingress:
         self.image_size = read_metadata(settings.bundle).image_size  # what uploads are decoded to
         self.max_batch_files = settings.max_batch_files
         self.max_pixels = int(settings.max_image_megapixels * 1e6)
-        self.max_explanations, self.explanations = settings.max_concurrent_explanations, 0
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="skin-ray-decode")
         self.batcher = Batcher(
             self.model.predict, settings.max_batch_size, settings.batch_wait_timeout_s, settings.max_pending_images
@@ -684,6 +699,10 @@ class Ingress:
             keys=ApiKeys(settings.api_keys) if settings.api_keys else None,
             rate_limit=RateLimit(settings.rate_limit_per_key) if settings.rate_limit_per_key else None,
             busy=self._busy,
+            route_limits={("POST", "/explain"): (
+                settings.max_concurrent_explanations,
+                f"{settings.max_concurrent_explanations} explanations are already being made; retry shortly",
+            )},
         )
         self.page_html = PAGE.read_text()
         self.metrics_url = _node_metrics_url()
@@ -693,8 +712,6 @@ class Ingress:
         its body), or None."""
         if method == "POST" and path in ("/predict", "/predict/batch") and self.batcher.is_full():
             return "the model is overloaded; retry shortly"
-        if method == "POST" and path == "/explain" and self.explanations >= self.max_explanations:
-            return f"{self.max_explanations} explanations are already being made; retry shortly"
         return None
 
     async def drain(self, timeout_s: float) -> int:
@@ -728,15 +745,11 @@ class Ingress:
             return loop.run_in_executor(self.decoder, decode_pixels, data, self.image_size, self.max_pixels)
 
         try:
-            if explain:
-                self.explanations += 1  # the guard refuses /explain beyond max_explanations
-                try:
-                    result, heatmap = await self.model.explain(await decode())
-                    result["explanation"] = None if heatmap is None else await loop.run_in_executor(
-                        self.decoder, explanation, data, heatmap, result["label"]
-                    )
-                finally:
-                    self.explanations -= 1
+            if explain:  # the guard admits at most max_concurrent_explanations at once
+                result, heatmap = await self.model.explain(await decode())
+                result["explanation"] = None if heatmap is None else await loop.run_in_executor(
+                    self.decoder, explanation, data, heatmap, result["label"]
+                )
             else:
                 result = await self.batcher.classify(decode)
         except ImageDecodeError as exc:

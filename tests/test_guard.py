@@ -177,3 +177,29 @@ def test_a_key_file_that_cannot_be_used_is_refused_naming_its_line_not_its_secre
     with pytest.raises(KeyFileError, match=reason) as refused:
         read_key_file(str(path))
     assert SECRET not in str(refused.value) and "too-short" not in str(refused.value)
+
+
+def test_a_limited_route_counts_its_requests_at_admission():
+    """Requests to a route of `route_limits` are counted when admitted, before the app reads their bodies, so a
+    burst cannot all pass before the first one is counted; one that finishes frees its place."""
+    guard = _guard(route_limits={("POST", "/explain"): (1, "1 explanations are already being made")})
+    first = Exchange(guard, path="/explain", headers=[(b"content-length", b"3")], chunks=[b"abc"])
+    released = asyncio.Event()
+    app = first.app
+
+    async def slow_app(scope, receive, send):
+        await released.wait()
+        await app(scope, receive, send)
+
+    first.app = slow_app
+
+    async def burst():
+        running = asyncio.ensure_future(first.run())
+        await asyncio.sleep(0)
+        second = await Exchange(guard, path="/explain", headers=[(b"content-length", b"3")], chunks=[b"abc"]).run()
+        released.set()
+        return await running, second
+
+    (first_status, _, _), (second_status, _, second_answer) = asyncio.run(burst())
+    assert (first_status, second_status) == (200, 503) and "already being made" in second_answer["detail"]
+    assert asyncio.run(Exchange(guard, path="/explain", headers=[(b"content-length", b"3")], chunks=[b"abc"]).run())[0] == 200
