@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +37,18 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _start(command: list[str], ray_session) -> subprocess.Popen:
+    """`command` joined to the session's Ray, its output in a file (`_output`): `serve run` relays the logs of
+    every worker of that Ray, which filled a pipe nobody read until the command blocked and could not stop."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    output = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    process.output = output
+    return process
+
+
+def _output(process: subprocess.Popen) -> str:
+    process.output.seek(0)
+    return process.output.read()
 
 
 def _stop(process: subprocess.Popen) -> int:
@@ -318,4 +329,4 @@ def test_ctrl_c_stops_the_service_cleanly(cli_service):
     url, process = cli_service
     assert httpx.get(f"{url}/healthz").status_code == 200
     assert _stop(process) == 0
-    assert "stopping" in process.stdout.read()
+    assert "stopping" in _output(process)
