@@ -4,6 +4,8 @@
     python benchmarks/serve_bench.py --peers [--peers-only mosec,litserve,pytriton,bentoml,fastapi-pob]
     python benchmarks/serve_bench.py --keys        (the shipped service without and with API keys)
     python benchmarks/serve_bench.py --explain-load (/predict's latency alone and beside 32 /explain clients)
+    python benchmarks/serve_bench.py --versions [--baseline-checkout DIR] --concurrency 16 64
+                                                 (one bundle, two at 90/10, one with a 100% shadow)
 
 Default: the in-process ceilings (single thread: decode then batch-32 predict; pipelined: decoding on two
 threads overlapped with batch-32 inference; and one image alone), a plain FastAPI app under uvicorn that
@@ -353,6 +355,35 @@ def run_explain_load(args, images: list[bytes], workdir: Path, explainers: int =
     return result
 
 
+def run_versions(args, workdir: Path, rounds: int = 2) -> dict:
+    """`skin-ray serve` with one bundle, with two (the same bundle twice) split 90/10, and with one plus a 100%
+    shadow, in alternating rounds at each concurrency; with --baseline-checkout, the one-bundle service of that
+    checkout too (e.g. a worktree of the previous commit)."""
+    bundle = args.bundle or str(ROOT / "skin_ray" / "bundles" / "default")
+    arms = {
+        "one bundle": (["--bundle", bundle], {}),
+        "two bundles 90/10": (["--bundle", f"stable={bundle}", "--bundle", f"canary={bundle}",
+                               "--traffic", "stable=90,canary=10"], {}),
+        "one bundle + 100% shadow": (["--bundle", f"stable={bundle}", "--bundle", f"shadow={bundle}", "--shadow", "shadow"], {}),
+    }
+    if args.baseline_checkout:
+        arms["one bundle, baseline checkout"] = (["--bundle", bundle], {"PYTHONPATH": args.baseline_checkout})
+    measured: dict[str, list[dict]] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, (flags, env) in arms.items():
+            port = free_port()
+            command = ["skin-ray", "serve", "--port", str(port), *flags]
+            with Server(command, f"http://127.0.0.1:{port}/healthz", env):
+                measured[name].append(load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds))
+    rows = {
+        name: {c: {key: float(np.mean([run[c][key] for run in runs])) for key in ("rps", "p50_ms", "p99_ms", "errors")}
+               for c in args.concurrency}
+        for name, runs in measured.items()
+    }
+    print(table(rows, args.concurrency, rows["one bundle"][args.concurrency[-1]]["rps"], "one bundle"))
+    return {"servers": rows, "rounds": measured}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle (default: the shipped model)")
@@ -362,6 +393,8 @@ def main() -> None:
     parser.add_argument("--peers-only", default="mosec,litserve,pytriton,bentoml,fastapi-pob", help="peers to run")
     parser.add_argument("--keys", action="store_true", help="the shipped service without and with API keys instead")
     parser.add_argument("--explain-load", action="store_true", help="/predict's latency alone and beside /explain clients")
+    parser.add_argument("--versions", action="store_true", help="one bundle against two at 90/10 and a 100%% shadow")
+    parser.add_argument("--baseline-checkout", help="with --versions: also the one-bundle service of this checkout")
     args = parser.parse_args()
     if not LOADGEN.is_file() or not IMAGES.is_dir():
         sys.exit(f"needs the peers' client {LOADGEN} and the images in {IMAGES}")
@@ -372,6 +405,8 @@ def main() -> None:
         report = run_keys(args, images, workdir)
     elif args.explain_load:
         report = run_explain_load(args, images, workdir)
+    elif args.versions:
+        report = run_versions(args, workdir)
     else:
         report = run_peers(args, workdir) if args.peers else run_layouts(args, images, workdir)
     print(json.dumps({"benchmark": "serve", "seconds": args.seconds, "cpus": os.cpu_count(), **report}))

@@ -43,7 +43,7 @@ def _add_settings(parser, settings: type[BaseModel], positional: tuple[str, ...]
         if get_origin(annotation) in (Union, UnionType):  # `str | None`: the flag takes a str
             annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
         many = get_origin(annotation) is list
-        kind = get_args(annotation)[0] if many else annotation
+        kind = get_args(annotation)[0] if many else str if get_origin(annotation) is dict else annotation  # a dict: its text
         choices = get_args(kind) if get_origin(kind) is Literal else None
         options = {
             "type": None if kind is bool else type(choices[0]) if choices else kind,
@@ -54,24 +54,28 @@ def _add_settings(parser, settings: type[BaseModel], positional: tuple[str, ...]
         if name in positional:
             parser.add_argument(name, **options)
             continue
+        if many:  # the flag may be repeated; given none, the field's default applies (see _settings_from)
+            options.update(action="extend", default=None)
         flag = f"--{name.replace('_', '-')}"
         if field.is_required():
             parser.add_argument(flag, dest=name, required=True, **options)
         elif kind is bool:
             parser.add_argument(flag, dest=name, action="store_true", default=field.default, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, default=field.default, **options)
+            parser.add_argument(flag, dest=name, **{"default": field.default, **options})
         for alias in getattr(field.validation_alias, "choices", ()):  # a former name still works, unlisted
             if alias != name:
                 parser.add_argument(f"--{alias}", dest=name, **{**options, "help": argparse.SUPPRESS})
 
 
 def _settings_from(args, settings: type[BaseModel]):
-    """The command's settings from its parsed flags; a value the model refuses is a one-line ValueError."""
+    """The command's settings from its parsed flags (a flag not given: the field's default); a value the model
+    refuses is a one-line ValueError."""
     from pydantic import ValidationError
 
     try:
-        return settings(**{name: getattr(args, name) for name in settings.model_fields})
+        given = {name: value for name in settings.model_fields if (value := getattr(args, name)) is not None}
+        return settings(**given)
     except ValidationError as exc:
         reasons = [
             (f"--{'-'.join(map(str, error['loc'])).replace('_', '-')}: " if error["loc"] else "")

@@ -8,7 +8,9 @@ module is cheap: no TensorFlow, no Ray.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +25,9 @@ Arch = Literal["default", "plain", "seed"]
 OutputFormat = Literal["parquet", "csv", "jsonl"]
 Layout = Literal["fused", "split"]
 EvaluationSplit = Literal["all", "validation"]
+
+PRIMARY_VERSION = "default"  # the name of a served bundle given without one
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _bundle_field(description: str = "bundle directory or s3:// prefix (default: the shipped model)"):
@@ -193,7 +198,19 @@ class ServeSettings(Settings):
     """The app builder's arguments: the same fields in `deployments/serve_config.yaml`, `skin-ray serve`
     flags and Python."""
 
-    bundle: str | None = _bundle_field("bundle directory or s3:// prefix; None = the shipped model")
+    bundle: list[str] = Field(
+        [], description="a bundle to serve as [NAME=]URI (directory or s3:// prefix); repeat for several versions, the "
+        "first is the primary; a bare URI is named `default`; none: the shipped model",
+        validation_alias=AliasChoices("bundle", "model"),
+    )
+    traffic: dict[str, float] = Field(
+        {}, description="NAME=PERCENT,... summing to 100: the share of requests each version answers, sticky per caller "
+        "(API key name, else X-Client-ID); default: all to the primary",
+    )
+    shadow: dict[str, float] = Field(
+        {}, description="NAME[=PERCENT],...: versions sent a copy of that share (default 100) of the /predict requests "
+        "after their answer; compared with the answer and counted, never returned",
+    )
     layout: Layout = Field(
         "fused",
         description="fused: one deployment decodes, batches and predicts (fastest on one node); split: Ingress "
@@ -227,6 +244,16 @@ class ServeSettings(Settings):
         30.0, ge=0, description="on a stop or a redeploy, how long a replica goes on finishing the requests it "
         "received (new ones get 503) before it is stopped",
     )
+    min_replicas: int = Field(1, ge=1, description="Ingress replicas (and SkinModel replicas per version, split) at least")
+    max_replicas: int = Field(
+        1, ge=1, description="replicas at most; above --min-replicas, Serve adds and removes replicas to follow the load"
+    )
+    target_ongoing_requests: float = Field(
+        32, gt=0, description="requests in progress per Ingress replica the autoscaler aims for (a replica batches "
+        "many at once)",
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="how long the load must stay above target before a replica is added")
+    downscale_delay_s: float = Field(60.0, ge=0, description="how long it must stay below before one is removed")
     api_keys: str | None = Field(
         None, validate_default=True, description="file of API keys, one NAME:SECRET a line (default: "
         "SKIN_RAY_API_KEYS_FILE); every route but the page, /healthz and the API docs then needs a key",
@@ -242,6 +269,63 @@ class ServeSettings(Settings):
     @classmethod
     def _keys_from_environment(cls, path: str | None) -> str | None:
         return path or os.environ.get("SKIN_RAY_API_KEYS_FILE") or None
+
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _one_or_several(cls, bundle: str | list[str] | None) -> list[str]:
+        return [] if bundle is None else [bundle] if isinstance(bundle, str) else bundle
+
+    @field_validator("traffic", "shadow", mode="before")
+    @classmethod
+    def _shares_from_text(cls, shares: str | dict | None, info) -> dict:
+        """`a=90,b=10` (a flag's text) as {a: 90, b: 10}; a shadow named without a share takes every request."""
+        if not isinstance(shares, str):
+            return shares or {}
+        parsed = {}
+        for entry in filter(None, (part.strip() for part in shares.split(","))):
+            name, sep, percent = entry.partition("=")
+            if not sep and info.field_name == "traffic":
+                raise ValueError(f"{entry!r}: write NAME=PERCENT")
+            parsed[name.strip()] = percent.strip() if sep else 100
+        return parsed
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> ServeSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"--max-replicas {self.max_replicas} is below --min-replicas {self.min_replicas}")
+        return self
+
+    @model_validator(mode="after")
+    def _versions_add_up(self) -> ServeSettings:
+        versions = self.versions()  # raises for a malformed or repeated name
+        for field, shares in (("traffic", self.traffic), ("shadow", self.shadow)):
+            if unknown := sorted(set(shares) - set(versions)):
+                raise ValueError(f"{field} names {', '.join(unknown)}, not among the bundles ({', '.join(versions)})")
+            if not all(0 <= share <= 100 for share in shares.values()):
+                raise ValueError(f"{field}: each share is a percentage, 0 to 100")
+        if self.traffic and not math.isclose(sum(self.traffic.values()), 100):
+            raise ValueError(f"traffic shares add up to {sum(self.traffic.values()):g}, not 100")
+        if answering := sorted(name for name in self.shadow if self.weights().get(name)):
+            raise ValueError(f"{', '.join(answering)}: a version that takes traffic cannot also be a shadow")
+        return self
+
+    def versions(self) -> dict[str, str | None]:
+        """Each version's name and bundle (None: the shipped model), the primary first."""
+        if not self.bundle:
+            return {PRIMARY_VERSION: None}
+        versions: dict[str, str | None] = {}
+        for entry in self.bundle:
+            name, sep, uri = entry.partition("=")
+            if not sep or not VERSION_NAME.fullmatch(name):  # a bare URI (which may hold '=' itself)
+                name, uri = PRIMARY_VERSION, entry
+            if name in versions:
+                raise ValueError(f"two bundles are named {name!r}: name them NAME=URI")
+            versions[name] = uri
+        return versions
+
+    def weights(self) -> dict[str, float]:
+        """The share of requests each version answers: --traffic, or all to the primary."""
+        return {name: share for name, share in self.traffic.items() if share} or {next(iter(self.versions())): 100.0}
 
 
 _SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside a checkout of this repository

@@ -9,6 +9,7 @@ Serve replicas ran on, and the answers the service gave.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import threading
@@ -21,7 +22,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from skin_ray.testing import free_port
+from skin_ray.testing import free_port, steady_load
 
 
 def nodes_of(class_fragment: str, address: str) -> set[str]:
@@ -53,7 +54,7 @@ def watch(job, class_fragment: str, address: str) -> set[str]:
 def main(data: str, bundle: str, scratch: str) -> None:
     from skin_ray.classify import classify
     from skin_ray.config import ClassifySettings, ServeSettings, TrainSettings
-    from skin_ray.serve import Ingress, SkinModel
+    from skin_ray.serve import app_builder
     from skin_ray.train import train
 
     cluster = Cluster(
@@ -85,16 +86,43 @@ def main(data: str, bundle: str, scratch: str) -> None:
 
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(bundle=bundle, layout="split")  # the cluster layout: decoding and the model apart
-    model = SkinModel.options(num_replicas=2).bind(settings.bundle)
-    serve.run(Ingress.options(num_replicas=2).bind(settings, model), name="skin-ray")
+    # The cluster layout (decoding and the model apart), each deployment following the load between 1 and 2 replicas.
+    settings = ServeSettings(
+        bundle=bundle, layout="split", min_replicas=1, max_replicas=2, target_ongoing_requests=2,
+        upscale_delay_s=1, downscale_delay_s=3,
+    )
+    serve.run(app_builder(settings), name="skin-ray")
     image = next(Path(data).rglob("*.jpg")).read_bytes()
-    report["serve_status_codes"] = [
-        httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("x.jpg", image, "image/jpeg")}, timeout=60).status_code
-        for _ in range(8)
-    ]
+    answers: list = []
+    loaded = threading.Event()
+    load = threading.Thread(target=lambda: asyncio.run(
+        steady_load(f"http://127.0.0.1:{port}", image, 12, loaded.is_set, answers)
+    ))
+    load.start()
+    replicas = {"Ingress": [], "SkinModel": []}  # (seconds since the load began, running replicas)
+    started = time.monotonic()
+
+    def count_replicas() -> dict[str, int]:
+        deployments = serve.status().applications["skin-ray"].deployments
+        running = {name: deployments[name].replica_states.get("RUNNING", 0) for name in replicas}
+        for name, count in running.items():
+            replicas[name].append((round(time.monotonic() - started, 1), count))
+        return running
+
+    while min(count_replicas().values()) < 2 and time.monotonic() < started + 120:  # grow under the load
+        time.sleep(1)
     report["model_replica_nodes"] = sorted(nodes_of("SkinModel", address))
     report["ingress_replica_nodes"] = sorted(nodes_of("Ingress", address))
+    time.sleep(3)  # both replicas answering
+    loaded.set()
+    load.join()
+    while max(count_replicas().values()) > 1 and time.monotonic() < started + 300:  # shrink back after it
+        httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("x.jpg", image, "image/jpeg")}, timeout=60)
+        answers.append((time.monotonic(), 200, None))
+        time.sleep(1)
+    report["replicas"] = replicas
+    report["serve_status_codes"] = sorted({str(status) for _, status, _ in answers})
+    report["serve_requests"] = len(answers)
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()

@@ -145,7 +145,9 @@ def test_the_image_alone_serves_on_every_interface_of_its_exposed_port():
 
 @pytest.mark.ray
 def test_three_jobs_use_both_nodes_of_a_real_two_node_cluster(lesion_tree, untrained_bundle, tmp_path):
-    """Training workers on different nodes, classifier actors on both nodes, Serve replicas on both nodes."""
+    """Training workers on different nodes, classifier actors on both nodes, Serve replicas that follow the load:
+    under 12 steady clients each deployment grows from one replica to two, on both nodes, and shrinks back to one
+    after it, with every request answered 200 all along."""
     result = subprocess.run(
         [
             sys.executable,
@@ -165,5 +167,8 @@ def test_three_jobs_use_both_nodes_of_a_real_two_node_cluster(lesion_tree, untra
     assert len(report["train_nodes"]) == 2, report
     assert len(report["classify_nodes"]) == 2, report
     assert report["classify_rows"] == report["classify_files"] == 240
-    assert len(report["model_replica_nodes"]) == 2 and len(report["ingress_replica_nodes"]) == 2, report
-    assert report["serve_status_codes"] == [200] * 8
+    scaling = {name: report[name] for name in ("replicas", "model_replica_nodes", "ingress_replica_nodes")}
+    assert len(report["model_replica_nodes"]) == 2 and len(report["ingress_replica_nodes"]) == 2, scaling
+    for counts in report["replicas"].values():  # (seconds, running replicas) as the load came and went
+        assert max(count for _, count in counts) == 2 and counts[-1][1] == 1, scaling
+    assert report["serve_status_codes"] == ["200"] and report["serve_requests"] > 50, report

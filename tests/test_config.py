@@ -24,6 +24,9 @@ REQUIRED = {
     "serve": [],
     "classify": ["SOURCE", "--output", "OUT"],
 }
+# Values other than the default where one value alone would not do: two versions (the flag repeated), one
+# taking all the traffic, the other a shadow.
+OTHER_VALUES = {"bundle": ["a=/x", "--bundle", "b=/y"], "traffic": ["a=100"], "shadow": ["b=50"]}
 
 
 def test_every_command_has_settings_and_sample_arguments():
@@ -39,7 +42,8 @@ def test_flags_reach_every_setting(command):
     flags = []
     for name, field in optional.items():
         flag = f"--{name.replace('_', '-')}"
-        flags += [flag] if field.default is False else [flag, _another_value(field)]
+        value = OTHER_VALUES[name] if name in OTHER_VALUES else [_another_value(field)]
+        flags += [flag] if field.default is False else [flag, *value]
     changed = _settings_from(build_parser().parse_args([command, *REQUIRED[command], *flags]), settings_type)
     assert [name for name in optional if getattr(changed, name) == getattr(defaults, name)] == []
 
@@ -70,7 +74,7 @@ def test_unknown_fields_are_refused_rather_than_ignored():
 
 def test_bundle_parameters_accept_their_former_name():
     """`model` named a bundle before 0.2: Serve configs and commands written then keep working."""
-    assert config.ServeSettings.model_validate({"model": "s3://b/old"}).bundle == "s3://b/old"
+    assert config.ServeSettings.model_validate({"model": "s3://b/old"}).bundle == ["s3://b/old"]
     args = build_parser().parse_args(["predict", "x.jpg", "--model", "BUNDLE"])
     assert _settings_from(args, config.PredictSettings).bundle == "BUNDLE"
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from skin_ray.api_keys import ApiKeys, KeyFileError, RateLimit, read_key_file
-from skin_ray.serve import RequestGuard
+from skin_ray.serve.guard import RequestGuard, RouteCapacity
 
 SECRET, OTHER = "s3cret-for-the-clinic-0001", "another-secret-of-the-lab-02"
 
@@ -90,12 +90,12 @@ def test_a_declared_length_over_the_limit_is_refused_unread():
 
 
 def test_a_replica_without_room_answers_503_before_reading_the_body():
-    busy = lambda method, path: "the model is overloaded; retry shortly" if path == "/predict" else None  # noqa: E731
-    exchange = Exchange(_guard(busy=busy), headers=[(b"content-length", b"500")], chunks=[b"x" * 500])
+    capacity = {("POST", "/predict"): RouteCapacity("the model is overloaded; retry shortly", full=lambda: True)}
+    exchange = Exchange(_guard(capacity=capacity), headers=[(b"content-length", b"500")], chunks=[b"x" * 500])
     status, headers, answer = asyncio.run(exchange.run())
     assert status == 503 and headers["retry-after"] and "overloaded" in answer["detail"]
     assert not exchange.app_called
-    other = Exchange(_guard(busy=busy), path="/model", method="GET")
+    other = Exchange(_guard(capacity=capacity), path="/model", method="GET")
     assert asyncio.run(other.run())[0] == 200
 
 
@@ -180,9 +180,9 @@ def test_a_key_file_that_cannot_be_used_is_refused_naming_its_line_not_its_secre
 
 
 def test_a_limited_route_counts_its_requests_at_admission():
-    """Requests to a route of `route_limits` are counted when admitted, before the app reads their bodies, so a
+    """Requests to a route with a most at once are counted when admitted, before the app reads their bodies, so a
     burst cannot all pass before the first one is counted; one that finishes frees its place."""
-    guard = _guard(route_limits={("POST", "/explain"): (1, "1 explanations are already being made")})
+    guard = _guard(capacity={("POST", "/explain"): RouteCapacity("1 explanations are already being made", most=1)})
     first = Exchange(guard, path="/explain", headers=[(b"content-length", b"3")], chunks=[b"abc"])
     released = asyncio.Event()
     app = first.app

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,8 +26,10 @@ from skin_ray.config import ServeSettings
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
 from skin_ray.record import RECORD_FIELDS
-from skin_ray.serve import Ingress, LoadedModel, SkinModel, app_builder
-from skin_ray.testing import encode, free_port, lesion_image, steady_load
+from skin_ray.serve import app_builder
+from skin_ray.serve.backends import LoadedModel, swap_in_place
+from skin_ray.serve.deployments import Ingress, SkinModel
+from skin_ray.testing import encode, free_port, lesion_image, steady_load, wait_healthy
 
 APP = "skin-ray-test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,11 +218,10 @@ def test_served_probabilities_equal_the_predictor_on_the_same_files(request, unt
 
 
 def test_a_swap_to_a_bundle_of_another_input_size_is_refused(small_input_bundle, untrained_bundle):
-    """The Ingress decodes to the size of the bundle it started with, so a swap may not change it."""
-    model = LoadedModel(str(small_input_bundle))
+    """A split layout's Ingress decodes to the size of the SkinModel bundle it started with, so a swap there may
+    not change it."""
     with pytest.raises(ValueError, match="deploy the app anew to change the input size"):
-        model.reconfigure({"bundle": str(untrained_bundle)})
-    assert model.predictor.metadata.model_version == "untrained-96-test"  # still serving what it had
+        swap_in_place(LoadedModel(str(small_input_bundle)), str(untrained_bundle))
 
 
 def test_docs_work_offline(client):
@@ -319,8 +322,8 @@ def test_reconfigure_swaps_the_model_without_downtime(service, client, untrained
         if layout == "fused":
             app = Ingress.options(name="SwapIngress", user_config={"bundle": str(bundle)}).bind(settings)
         else:
-            model = SkinModel.options(name="SwapModel", user_config={"bundle": str(bundle)}).bind(settings.bundle)
-            app = Ingress.options(name="SwapIngress").bind(settings, model)
+            model = SkinModel.options(name="SwapModel", user_config={"bundle": str(bundle)}).bind(str(untrained_bundle))
+            app = Ingress.options(name="SwapIngress").bind(settings, {"default": model})
         serve.run(app, name="swap", route_prefix="/swap")
 
     deploy(untrained_bundle)
@@ -622,3 +625,143 @@ def test_a_refused_user_config_keeps_the_running_configuration(service, untraine
         assert response.status_code == 200, response.text
     finally:
         serve.delete("refused")
+
+
+@pytest.fixture(scope="module")
+def canary_bundle(untrained_bundle, tmp_path_factory) -> Path:
+    """The untrained bundle under another model_version: the version a record names is then visible."""
+    import json
+
+    path = tmp_path_factory.mktemp("canary") / "bundle"
+    shutil.copytree(untrained_bundle, path)
+    metadata = json.loads((path / "bundle.json").read_text())
+    (path / "bundle.json").write_text(json.dumps({**metadata, "model_version": "canary-test"}))
+    return path
+
+
+VERSIONS_ARGS = {"traffic": "stable=80,canary=20", "shadow": "candidate", "max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+
+
+def _versions(untrained_bundle, canary_bundle, small_input_bundle) -> list[str]:
+    """stable and canary, and a shadow at another input size."""
+    return [f"stable={untrained_bundle}", f"canary={canary_bundle}", f"candidate={small_input_bundle}"]
+
+
+def test_versions_split_traffic_by_weight_pin_and_shadow(
+    service, client, untrained_bundle, canary_bundle, small_input_bundle, jpeg
+):
+    """500 requests at 16 at once: canary answers within binomial noise of 20%, every answer names its version in
+    the header and its bundle's model_version in the record; X-Model-Version pins; an unknown version is 404; the
+    shadow classifies every /predict after its answer and never answers one."""
+    settings = ServeSettings(bundle=_versions(untrained_bundle, canary_bundle, small_input_bundle), **VERSIONS_ARGS)
+    serve.run(app_builder(settings), name="versions", route_prefix="/versions")
+    model_versions = {"stable": "untrained-test", "canary": "canary-test"}
+
+    async def requests(count: int, headers: dict) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=f"{service}/versions", timeout=120) as http:
+            slots = asyncio.Semaphore(16)
+
+            async def one():
+                async with slots:
+                    return await http.post("/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}, headers=headers)
+
+            return await asyncio.gather(*(one() for _ in range(count)))
+
+    try:
+        answers = asyncio.run(requests(500, {}))
+        assert {response.status_code for response in answers} == {200}
+        answered_by = [response.headers["x-model-version"] for response in answers]
+        assert [response.json()["model_version"] for response in answers] == [model_versions[n] for n in answered_by]
+        assert abs(answered_by.count("canary") - 100) < 4 * math.sqrt(500 * 0.2 * 0.8), answered_by.count("canary")
+        assert set(answered_by) == {"stable", "canary"}  # never the shadow
+        pinned = asyncio.run(requests(20, {"X-Model-Version": "canary"}))
+        assert {(r.status_code, r.headers["x-model-version"], r.json()["model_version"]) for r in pinned} == {
+            (200, "canary", "canary-test")
+        }
+        unknown = client.post(
+            "/versions/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}, headers={"X-Model-Version": "v9"}
+        )
+        assert unknown.status_code == 404 and "canary" in unknown.json()["detail"]
+        shares = client.get("/versions/model").json()["versions"]
+        assert {name: (share["traffic_percent"], share["shadow_percent"]) for name, share in shares.items()} == {
+            "stable": (80, 0), "canary": (20, 0), "candidate": (0, 100)
+        }
+        deadline = time.monotonic() + 30  # the shadow's copies are classified after their answers
+        while (shadowed := _images_batched(client, "/versions", "candidate")) < 520 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert shadowed == 520  # every /predict answered, once
+        expected = {  # per-version series, as Ray exports them (every few seconds)
+            ("ray_skin_ray_predictions_total", 'version="canary"'), ("ray_skin_ray_request_latency_ms_count", 'version="stable"'),
+            ("ray_skin_ray_shadow_comparisons_total", 'version="candidate"'),
+            ("ray_skin_ray_shadow_probability_difference_count", 'version="candidate"'),
+        }
+        deadline = time.monotonic() + 60
+        while (missing := {(name, label) for name, label in expected if not _exported(client, "versions", name, label)}) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(2)
+        assert not missing
+    finally:
+        serve.delete("versions")
+
+
+def _exported(client, application: str, name: str, label: str) -> bool:
+    return any(line.startswith(name + "{") and label in line and f'application="{application}"' in line
+               for line in client.get("/metrics").text.splitlines())
+
+
+def _images_batched(client, prefix: str, version: str) -> int:
+    by_size = client.get(f"{prefix}/stats").json()["batch_sizes_by_version"][version]
+    return sum(int(size) * count for size, count in by_size.items())
+
+
+def test_a_traffic_change_by_serve_deploy_drops_nothing_under_load(
+    ray_context, service, untrained_bundle, canary_bundle, small_input_bundle, jpeg, tmp_path
+):
+    """`serve deploy` of the YAML with `user_config: {traffic: ...}` on Ingress moves every new request to canary
+    while 8 clients keep asking: each answer a 200, the replica kept (its models stay loaded), and after the change
+    only canary answers."""
+    import yaml
+
+    def deploy(user_config: dict) -> None:
+        application = {
+            "name": "declared", "route_prefix": "/declared", "import_path": "skin_ray.serve:app_builder",
+            "args": {"bundle": _versions(untrained_bundle, canary_bundle, small_input_bundle), **VERSIONS_ARGS},
+            "deployments": [{"name": "Ingress", "user_config": user_config}],
+        }
+        config = tmp_path / "serve_config.yaml"
+        config.write_text(yaml.safe_dump({"applications": [application]}))
+        address = f"http://{ray_context.dashboard_url}"
+        subprocess.run(["serve", "deploy", str(config), "--address", address], check=True, capture_output=True, timeout=120)
+
+    def canary_share() -> float:
+        return httpx.get(f"{service}/declared/model", timeout=60).json()["versions"]["canary"]["traffic_percent"]
+
+    deploy({})
+    wait_healthy(f"{service}/declared")
+    moved = []
+
+    async def load_while_moving():
+        def move():
+            deploy({"traffic": {"canary": 100}})
+            while canary_share() != 100:  # Serve reconfigures the replica shortly after
+                time.sleep(0.1)
+            moved.append(time.monotonic())
+
+        loading = asyncio.ensure_future(
+            steady_load(f"{service}/declared", jpeg, 8, lambda: moved and time.monotonic() > moved[0] + 3, [])
+        )
+        await asyncio.sleep(2)
+        pid = _replica_pid("declared", "Ingress")
+        await asyncio.to_thread(move)
+        return await loading, pid
+
+    try:
+        answers, pid = asyncio.run(load_while_moving())
+        assert {status for _, status, _ in answers} == {200}, [status for _, status, _ in answers if status != 200]
+        assert _replica_pid("declared", "Ingress") == pid
+        after = [response.headers["x-model-version"] for sent, _, response in answers if sent > moved[0]]
+        assert after and set(after) == {"canary"}
+        assert "stable" in {response.headers["x-model-version"] for _, _, response in answers}
+    finally:
+        serve.delete("declared")

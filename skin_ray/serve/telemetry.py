@@ -1,0 +1,75 @@
+"""The service's own Prometheus series (exported by Ray as ray_skin_ray_*), each defined once per process: a
+node's metrics agent keeps the first definition of a name it sees, so every replica defines it alike."""
+
+import urllib.request
+from functools import cache
+
+import ray
+from ray.serve import metrics
+
+EXACT_BATCH_SIZES = 64  # the batch-size histogram's sum is exact up to this many images per batch
+LATENCY_MS = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
+PROBABILITY_DIFFERENCES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+@cache
+def batch_sizes() -> metrics.Histogram:
+    # A bucket per size, edges between the integers: Ray exports a histogram's sum as count x bucket midpoint,
+    # which is then exact (with edges at 1, 2, 4, ... six batches of one summed to 3).
+    return metrics.Histogram(
+        "skin_ray_batch_size", description="images per forward pass, by version",
+        boundaries=[size + 0.5 for size in range(EXACT_BATCH_SIZES + 1)], tag_keys=("version",),
+    )
+
+
+@cache
+def predictions() -> metrics.Counter:
+    return metrics.Counter(
+        "skin_ray_predictions",
+        description="answers by version, label (withheld: refused by the input gate) and uncertainty",
+        tag_keys=("version", "label", "uncertain"),
+    )
+
+
+@cache
+def decode_errors() -> metrics.Counter:
+    return metrics.Counter("skin_ray_decode_errors", description="undecodable uploads by reason", tag_keys=("reason",))
+
+
+@cache
+def request_latency() -> metrics.Histogram:
+    return metrics.Histogram(
+        "skin_ray_request_latency_ms", description="time from a request's admission to its answer, by route and version",
+        boundaries=list(LATENCY_MS), tag_keys=("route", "version"),
+    )
+
+
+@cache
+def shadow_comparisons() -> metrics.Counter:
+    return metrics.Counter(
+        "skin_ray_shadow_comparisons",
+        description="shadow answers compared with the answer sent: outcome agree / disagree (label), failed (the "
+        "shadow raised) or skipped (no room: a shadow never delays or refuses real requests)",
+        tag_keys=("version", "outcome"),
+    )
+
+
+@cache
+def shadow_probability_difference() -> metrics.Histogram:
+    return metrics.Histogram(
+        "skin_ray_shadow_probability_difference",
+        description="absolute difference of the shadow's and the answer's Cancer probability",
+        boundaries=list(PROBABILITY_DIFFERENCES), tag_keys=("version",),
+    )
+
+
+def node_metrics_url() -> str:
+    """Where Ray's metrics agent on this node exports Prometheus text (a port Ray picks at start)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(node for node in ray.nodes() if node["NodeID"] == node_id)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def read_node_metrics(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
