@@ -3,6 +3,7 @@
     python benchmarks/serve_bench.py [--bundle BUNDLE] [--seconds 15] [--concurrency 1 16 64]
     python benchmarks/serve_bench.py --peers [--peers-only mosec,litserve,pytriton,bentoml,fastapi-pob]
     python benchmarks/serve_bench.py --keys        (the shipped service without and with API keys)
+    python benchmarks/serve_bench.py --audit       (the shipped service without and with the audit trail)
     python benchmarks/serve_bench.py --explain-load (/predict's latency alone and beside 32 /explain clients)
     python benchmarks/serve_bench.py --versions [--baseline-checkout DIR] --concurrency 16 64
                                                  (one bundle, two at 90/10, one with a 100% shadow)
@@ -28,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -128,11 +130,12 @@ def load_batches(
 class Server:
     """A server command in its own process group: started, awaited until it answers, stopped with SIGINT."""
 
-    def __init__(self, command: list[str], health_url: str, env: dict | None = None):
+    def __init__(self, command: list[str], health_url: str, env: dict | None = None, cwd: Path = ROOT):
         self.health_url = health_url
+        self.said = tempfile.TemporaryFile("w+")  # what it printed: the reason, if it does not come up
         self.process = subprocess.Popen(
-            command, env={**os.environ, **(env or {})}, cwd=ROOT, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            command, env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+            stdout=self.said, stderr=subprocess.STDOUT, text=True,
             # A benchmark started in the background inherits an ignored SIGINT; the server must see Ctrl-C.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
@@ -143,7 +146,9 @@ class Server:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.process.args} exited with {self.process.returncode}")
+                self.said.seek(0)
+                said = self.said.read()[-3000:]
+                raise RuntimeError(f"{self.process.args} exited with {self.process.returncode}:\n{said}")
             try:
                 if httpx.get(self.health_url, timeout=5).status_code == 200:
                     return self
@@ -275,15 +280,12 @@ def run_peers(args, workdir: Path) -> dict:
     return {"servers": rows, "best_peer": best}
 
 
-def run_keys(args, images: list[bytes], workdir: Path, rounds: int = 2) -> dict:
-    """`skin-ray serve` as shipped without and with API keys (one key, sent as a bearer token), in alternating
-    rounds, each at 64 clients keeping one `/predict/batch` of one image in flight (this client can send the
-    header; the peers' cannot)."""
-    keys = workdir / "api-keys"
-    secret = "benchmark-secret-0123456789"
-    keys.write_text(f"bench:{secret}\n")
+def compare_arms(args, images: list[bytes], workdir: Path, arms: dict[str, tuple[list[str], dict | None]],
+                 rounds: int = 2) -> dict[str, list[float]]:
+    """`skin-ray serve` as shipped with each arm's extra flags, in alternating rounds, each at 64 clients keeping
+    one `/predict/batch` of one image in flight with the arm's headers (this client can send headers; the
+    peers' cannot); img/s per arm and round."""
     command, env = servers(args.bundle, workdir)[SHIPPED]
-    arms = {"keys off": ([], None), "keys on": (["--api-keys", str(keys)], {"Authorization": f"Bearer {secret}"})}
     measured: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(rounds):
         for name, (flags, headers) in arms.items():
@@ -294,10 +296,31 @@ def run_keys(args, images: list[bytes], workdir: Path, rounds: int = 2) -> dict:
                 result = load_batches(url, images, 1, 64, args.seconds, headers)
                 assert not result["errors"], result
                 measured[name].append(result["images_per_s"])
+    return measured
+
+
+def run_keys(args, images: list[bytes], workdir: Path) -> dict:
+    """The shipped service without and with API keys (one key, sent as a bearer token)."""
+    keys = workdir / "api-keys"
+    secret = "benchmark-secret-0123456789"
+    keys.write_text(f"bench:{secret}\n")
+    arms = {"keys off": ([], None), "keys on": (["--api-keys", str(keys)], {"Authorization": f"Bearer {secret}"})}
+    measured = compare_arms(args, images, workdir, arms)
     ratio = float(np.mean(measured["keys on"]) / np.mean(measured["keys off"]))
     print(f"64 clients, img/s per round: keys off {measured['keys off']}, keys on {measured['keys on']}; "
           f"keys on / keys off {ratio:.3f}")
     return {"keys": measured, "keys_on_over_off": round(ratio, 3)}
+
+
+def run_audit(args, images: list[bytes], workdir: Path) -> dict:
+    """The shipped service without and with the audit trail (to a local folder)."""
+    arms = {"audit off": ([], None), "audit on": (["--audit", str(workdir / "audit")], None)}
+    measured = compare_arms(args, images, workdir, arms)
+    ratio = float(np.mean(measured["audit on"]) / np.mean(measured["audit off"]))
+    lines = sum(len(path.read_text().splitlines()) for path in (workdir / "audit").glob("audit-*.jsonl"))
+    print(f"64 clients, img/s per round: audit off {measured['audit off']}, audit on {measured['audit on']}; "
+          f"audit on / audit off {ratio:.3f} ({lines} audit lines written)")
+    return {"audit": measured, "audit_on_over_off": round(ratio, 3), "audit_lines": lines}
 
 
 def run_explain_load(args, images: list[bytes], workdir: Path, explainers: int = 32, predictors: int = 4) -> dict:
@@ -366,17 +389,20 @@ def run_versions(args, workdir: Path, rounds: int = 2) -> dict:
                                "--traffic", "stable=90,canary=10"], {}),
         "one bundle + 100% shadow": (["--bundle", f"stable={bundle}", "--bundle", f"shadow={bundle}", "--shadow", "shadow"], {}),
     }
-    if args.baseline_checkout:
+    if args.baseline_checkout:  # run from there: a local Ray puts its driver's folder first on its workers' path
         arms["one bundle, baseline checkout"] = (["--bundle", bundle], {"PYTHONPATH": args.baseline_checkout})
     measured: dict[str, list[dict]] = {name: [] for name in arms}
     for _ in range(rounds):
         for name, (flags, env) in arms.items():
             port = free_port()
             command = ["skin-ray", "serve", "--port", str(port), *flags]
-            with Server(command, f"http://127.0.0.1:{port}/healthz", env):
+            cwd = Path(env.get("PYTHONPATH", ROOT))
+            with Server(command, f"http://127.0.0.1:{port}/healthz", env, cwd):
                 measured[name].append(load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds))
+                print(json.dumps({"arm": name, "levels": measured[name][-1]}), flush=True)  # kept if a later arm fails
     rows = {
-        name: {c: {key: float(np.mean([run[c][key] for run in runs])) for key in ("rps", "p50_ms", "p99_ms", "errors")}
+        name: {c: {**{key: float(np.mean([run[c][key] for run in runs])) for key in ("rps", "p50_ms", "p99_ms")},
+                   "errors": [run[c]["errors"] for run in runs if run[c]["errors"]]}
                for c in args.concurrency}
         for name, runs in measured.items()
     }
@@ -393,6 +419,7 @@ def main() -> None:
     parser.add_argument("--peers-only", default="mosec,litserve,pytriton,bentoml,fastapi-pob", help="peers to run")
     parser.add_argument("--keys", action="store_true", help="the shipped service without and with API keys instead")
     parser.add_argument("--explain-load", action="store_true", help="/predict's latency alone and beside /explain clients")
+    parser.add_argument("--audit", action="store_true", help="the shipped service without and with the audit trail")
     parser.add_argument("--versions", action="store_true", help="one bundle against two at 90/10 and a 100%% shadow")
     parser.add_argument("--baseline-checkout", help="with --versions: also the one-bundle service of this checkout")
     args = parser.parse_args()
@@ -403,6 +430,8 @@ def main() -> None:
     images = [path.read_bytes() for path in sorted(IMAGES.glob("*.jpg"))[:256]]
     if args.keys:
         report = run_keys(args, images, workdir)
+    elif args.audit:
+        report = run_audit(args, images, workdir)
     elif args.explain_load:
         report = run_explain_load(args, images, workdir)
     elif args.versions:
