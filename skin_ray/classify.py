@@ -43,9 +43,10 @@ READERS: dict[OutputFormat, Callable] = {
 
 
 def result_schema(class_names: Sequence[str]) -> pyarrow.Schema:
-    """A result row: the file's `path`, its prediction record and `explanation` (where its Grad-CAM overlay
+    """A result row: the file's `path` and `input_sha256` (of its bytes; null when it could not be read, as the
+    service's audit trail names inputs), its prediction record and `explanation` (where its Grad-CAM overlay
     went with --explain, else null). Every file of every run of a job has exactly these columns."""
-    return record_schema(class_names, before=("path",), after=("explanation",))
+    return record_schema(class_names, before=("path", "input_sha256"), after=("explanation",))
 
 
 RESULT_COLUMNS = tuple(result_schema(class_names=()).names)
@@ -67,8 +68,8 @@ class Classifier:
         records = self.predictor.records(batch["image"], batch["error"])
         overlays = self._overlays(batch, records) if self.explain else [None] * len(records)
         rows = [
-            {"path": path, **record, "explanation": overlay}
-            for path, record, overlay in zip(batch["path"], records, overlays, strict=True)
+            {"path": path, "input_sha256": digest or None, **record, "explanation": overlay}
+            for path, digest, record, overlay in zip(batch["path"], batch["sha256"], records, overlays, strict=True)
         ]
         return pyarrow.Table.from_pylist(rows, schema=self.schema)
 

@@ -254,6 +254,16 @@ class ServeSettings(Settings):
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="how long the load must stay above target before a replica is added")
     downscale_delay_s: float = Field(60.0, ge=0, description="how long it must stay below before one is removed")
+    audit: str | None = Field(
+        None, description="directory or s3:// prefix for the audit trail: a JSON line per image answered or refused "
+        "(who, which version, the input's sha256, the answer, the status)",
+    )
+    audit_flush_s: float = Field(1.0, gt=0, description="audit lines are written at least this often: what a crash can lose")
+    audit_rotate_mb: float = Field(64.0, gt=0, description="a local audit file is closed and a new one begun at this size")
+    audit_rotate_s: float = Field(3600.0, gt=0, description="... or at this age (on S3 each write is an object of its own)")
+    audit_required: bool = Field(
+        False, description="answer 503 rather than answer unaudited while the audit trail cannot be written"
+    )
     api_keys: str | None = Field(
         None, validate_default=True, description="file of API keys, one NAME:SECRET a line (default: "
         "SKIN_RAY_API_KEYS_FILE); every route but the page, /healthz and the API docs then needs a key",

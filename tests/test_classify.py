@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -72,6 +73,8 @@ def _check_rows(results, expected_paths: list[str], reasons: dict[str, str]) -> 
             assert row["label"] in ("Cancer", "Non_Cancer")
             assert 0.0 <= float(row["cancer_probability"]) <= 1.0
         assert row["model_version"] == "untrained-test"
+        digest = None if reason == "too_large" else hashlib.sha256(storage.read_bytes(row["path"])).hexdigest()  # refused unread
+        assert (row["input_sha256"] if isinstance(row["input_sha256"], str) else None) == digest, row["path"]
 
 
 def test_local_directory_gives_one_row_per_file(ray_session, mixed_tree, untrained_bundle, tmp_path):

@@ -203,3 +203,14 @@ def test_a_limited_route_counts_its_requests_at_admission():
     (first_status, _, _), (second_status, _, second_answer) = asyncio.run(burst())
     assert (first_status, second_status) == (200, 503) and "already being made" in second_answer["detail"]
     assert asyncio.run(Exchange(guard, path="/explain", headers=[(b"content-length", b"3")], chunks=[b"abc"]).run())[0] == 200
+
+
+@pytest.mark.parametrize("given", [b"req-42.a:b_c", b"", b"x" * 200])
+def test_every_refusal_is_told_with_the_request_s_id(given):
+    """The id Serve set (the client's X-Request-ID, else its own), at most 128 characters; a new one without."""
+    refusals = []
+    guard = _guard(on_refusal=lambda scope, path, status, detail: refusals.append((scope["state"]["request_id"], status)))
+    headers = [(b"x-request-id", given)] if given else []
+    asyncio.run(Exchange(guard, headers=[*headers, (b"content-length", b"5000")], chunks=[b"x" * 5000]).run())
+    [(request_id, status)] = refusals
+    assert status == 413 and (request_id == given.decode()[:128] if given else len(request_id) == 32)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -388,9 +390,6 @@ def test_a_replica_killed_under_load_never_answers_500(service, untrained_bundle
     the replacement, so every answer is a 200 (or a JSON 503 with Retry-After). Ingress: the requests inside the
     killed process are lost with it; HAProxy closes their connections without an answer (a client may retry:
     a prediction is idempotent), never a 500; the replacement answers everything after."""
-    import os
-    import signal
-
     serve.run(app_builder(ServeSettings(bundle=str(untrained_bundle), layout="split")), name="faults", route_prefix="/faults")
     url = f"{service}/faults"
     killed = []
@@ -765,3 +764,99 @@ def test_a_traffic_change_by_serve_deploy_drops_nothing_under_load(
         assert "stable" in {response.headers["x-model-version"] for _, _, response in answers}
     finally:
         serve.delete("declared")
+
+
+def _audit_lines(folder: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for path in sorted(folder.glob("audit-*.jsonl")) for line in path.read_text().splitlines()]
+
+
+def test_every_image_answered_or_refused_is_on_the_audit_trail(service, untrained_bundle, canary_bundle, jpeg, tmp_path):
+    """Mixed routes, some refused: one audit line per image with its sha256, version, caller's request id and
+    status; a replica killed after `audit_flush_s` lost none of them; a graceful stop writes the rest."""
+    import hashlib
+
+    folder = tmp_path / "audit"
+    settings = ServeSettings(
+        bundle=[f"stable={untrained_bundle}", f"canary={canary_bundle}"], traffic="stable=50,canary=50",
+        audit=str(folder), audit_flush_s=0.5, max_upload_mb=2,
+    )
+    serve.run(app_builder(settings), name="audited", route_prefix="/audited")
+    png = _odd_images()["grayscale"][0]
+    sent = [  # (route, files, headers, status of each image, its bytes or None)
+        ("/predict", {"file": ("a.jpg", jpeg, "image/jpeg")}, {"X-Request-ID": "req-1"}, [(200, jpeg)]),
+        ("/predict", {"file": ("b.png", png, "image/png")}, {"X-Model-Version": "canary"}, [(200, png)]),
+        ("/predict", {"file": ("c.jpg", b"nope", "image/jpeg")}, {}, [(400, b"nope")]),
+        ("/predict", {"file": ("d.txt", b"text", "text/plain")}, {}, [(415, None)]),
+        ("/predict", {"file": ("e.jpg", jpeg, "image/jpeg")}, {"X-Model-Version": "v9"}, [(404, None)]),
+        ("/explain", {"file": ("f.jpg", jpeg, "image/jpeg")}, {}, [(200, jpeg)]),
+        ("/predict", {"file": ("g.jpg", b"\xff" * (3 * 2**20), "image/jpeg")}, {}, [(413, None)]),
+    ]
+    batch = [("files", ("h.jpg", jpeg, "image/jpeg")), ("files", ("i.jpg", b"bad", "image/jpeg"))]
+    answers = [
+        httpx.post(f"{service}/audited{route}", files=files, headers=headers, timeout=60) for route, files, headers, _ in sent
+    ]
+    answers.append(httpx.post(f"{service}/audited/predict/batch", files=batch, timeout=60))
+    expected = [image for *_, images in sent for image in images] + [(200, jpeg), (400, b"bad")]
+    try:
+        assert [a.status_code for a in answers] == [images[0][0] for *_, images in sent] + [200]
+        assert answers[0].headers["x-request-id"] == "req-1" and all(a.headers["x-request-id"] for a in answers)
+        time.sleep(1.5)  # past audit_flush_s
+        os.kill(_replica_pid("audited", "Ingress"), signal.SIGKILL)  # a crash: what was flushed stays
+        lines = _audit_lines(folder)
+        audited = [(line["status"], line["input_sha256"]) for line in lines]
+        written = [(status, data and hashlib.sha256(data).hexdigest()) for status, data in expected]
+        assert audited[:-2] == written[:-2] and sorted(audited[-2:]) == sorted(written[-2:])  # a batch's files at once
+        assert lines[0]["request_id"] == "req-1" and lines[1]["version"] == "canary"
+        assert lines[1]["model_version"] == "canary-test" and lines[1]["label"] in ("Cancer", "Non_Cancer")
+        assert lines[2]["reason"].startswith("not_an_image") and lines[4]["reason"].startswith("no model version")
+        assert {line["route"] for line in lines} == {"/predict", "/explain", "/predict/batch"}
+        assert all(line["latency_ms"] >= 0 and line["time"].endswith("Z") for line in lines)
+        wait_healthy(f"{service}/audited")  # the replacement replica
+        for _ in range(3):
+            answer = httpx.post(f"{service}/audited/predict", files={"file": ("x.jpg", jpeg, "image/jpeg")}, timeout=60)
+            assert answer.status_code == 200
+    finally:
+        serve.delete("audited")  # a graceful stop: the replica writes what is queued
+    assert len(_audit_lines(folder)) == len(expected) + 3
+
+
+def test_a_failing_audit_sink_is_counted_or_answered_503_when_required(
+    service, client, untrained_bundle, jpeg, s3_endpoint, bucket
+):
+    """Audit to an S3 prefix (moto): lines arrive as objects; once the bucket is gone the service keeps answering
+    and counts the lines it lost, and with audit_required it answers 503 instead."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for required in (False, True):
+        name = f"sink{int(required)}"
+        settings = ServeSettings(bundle=str(untrained_bundle), audit=f"s3://{bucket}/{name}", audit_flush_s=0.2,
+                                 audit_required=required)
+        serve.run(app_builder(settings), name=name, route_prefix=f"/{name}")
+        url = f"{service}/{name}/predict"
+        try:
+            assert httpx.post(url, files={"file": ("x.jpg", jpeg, "image/jpeg")}, timeout=60).status_code == 200
+            deadline = time.monotonic() + 10
+            while not s3.list_objects_v2(Bucket=bucket, Prefix=name).get("Contents") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert s3.list_objects_v2(Bucket=bucket, Prefix=name).get("Contents")
+            stored = s3.list_objects_v2(Bucket=bucket)["Contents"]
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": stored_object["Key"]} for stored_object in stored]})
+            s3.delete_bucket(Bucket=bucket)
+            answered = [httpx.post(url, files={"file": ("x.jpg", jpeg, "image/jpeg")}, timeout=60) for _ in range(2)]
+            time.sleep(1)  # a flush fails
+            after = httpx.post(url, files={"file": ("x.jpg", jpeg, "image/jpeg")}, timeout=60)
+            assert [a.status_code for a in answered] == [200, 200]
+            if required:
+                assert after.status_code == 503 and "audit" in after.json()["detail"]
+            else:
+                assert after.status_code == 200
+                deadline = time.monotonic() + 60
+                while not _exported(client, name, "ray_skin_ray_audit_dropped_total", "") and time.monotonic() < deadline:
+                    time.sleep(2)
+                assert _exported(client, name, "ray_skin_ray_audit_dropped_total", "")
+        finally:
+            serve.delete(name)
+            s3.create_bucket(Bucket=bucket)

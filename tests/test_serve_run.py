@@ -37,11 +37,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _start(command: list[str], ray_session) -> subprocess.Popen:
-    """`command` joined to the session's Ray, its output in a file (`_output`): `serve run` relays the logs of
-    every worker of that Ray, which filled a pipe nobody read until the command blocked and could not stop."""
+    """`command` joined to the session's Ray as from a terminal: Ctrl-C (SIGINT) reaches it even when the tests
+    run as a background job, whose children inherit an ignored SIGINT (`serve run`, which installs no handler of
+    its own, then never stopped). Its output goes to a file (`_output`): `serve run` relays the logs of every
+    worker of the session's Ray, more than a pipe nobody reads holds."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     output = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    process = subprocess.Popen(
+        command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     process.output = output
     return process
 
@@ -55,6 +60,9 @@ def _stop(process: subprocess.Popen) -> int:
     process.send_signal(signal.SIGINT)
     try:
         return process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        said = _output(process)[-6000:]
+        raise AssertionError(f"{process.args} did not stop within 120 s of SIGINT; it said:\n{said}") from None
     finally:
         if process.poll() is None:
             process.kill()

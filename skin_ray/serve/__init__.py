@@ -20,6 +20,7 @@ One module per duty:
     batching     dynamic batching and the replica's image budget
     backends     where forward passes run: in this process or in a SkinModel replica
     telemetry    the Prometheus series
+    audit        the audit trail: a line per image answered or refused, written off the request path
 """
 
 

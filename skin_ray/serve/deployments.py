@@ -19,6 +19,7 @@ from skin_ray.config import ServeSettings
 from skin_ray.explain import explanation
 from skin_ray.preprocess import ImageDecodeError, decode_pixels
 from skin_ray.serve import telemetry
+from skin_ray.serve.audit import AuditLog, ImageExchange
 from skin_ray.serve.backends import LoadedModel, RemoteModel, swap_in_place
 from skin_ray.serve.batching import Batcher, ImageBudget, Overloaded
 from skin_ray.serve.errors import Refusal
@@ -103,6 +104,10 @@ class Ingress:
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="skin-ray-decode")
         self.budget = ImageBudget(settings.max_pending_images)
         self.versions = self._versions(settings)
+        self.audit = None if settings.audit is None else AuditLog(
+            settings.audit, settings.audit_flush_s, int(settings.audit_rotate_mb * 2**20), settings.audit_rotate_s,
+            on_dropped=lambda count: telemetry.audit_dropped().inc(count),
+        )
         overloaded = RouteCapacity("the model is overloaded; retry shortly", full=self.budget.is_full)
         explaining = settings.max_concurrent_explanations
         self.guard = RequestGuard(
@@ -116,6 +121,7 @@ class Ingress:
                     f"{explaining} explanations are already being made; retry shortly", most=explaining
                 ),
             },
+            on_refusal=self._refused_before_the_app,
         )
         self.page_html = PAGE.read_text()
         self.metrics_url = telemetry.node_metrics_url()
@@ -158,9 +164,27 @@ class Ingress:
         logger.info("serving %s", ", ".join(f"{name} {share:g}%" for name, share in self.versions.weights.items()))
 
     async def drain(self, timeout_s: float) -> int:
-        """Answer new requests 503 from now on and wait up to `timeout_s` for those in flight; returns how many
-        were still unfinished. `skin-ray serve` calls it before it stops (its app has one Ingress replica)."""
-        return await self.guard.drain(timeout_s)
+        """Answer new requests 503 from now on and wait up to `timeout_s` for those in flight, then write the
+        audit lines still queued; returns how many requests were still unfinished. `skin-ray serve` calls it
+        before it stops (its app has one Ingress replica)."""
+        unfinished = await self.guard.drain(timeout_s)
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.flush)
+        return unfinished
+
+    def __del__(self):
+        """Serve stops a replica (a redeploy, a scale-down, a deleted app) after its drain: the audit lines still
+        queued are written."""
+        if getattr(self, "audit", None) is not None:
+            self.audit.close()
+
+    def exchange(self, request, route: str) -> ImageExchange:
+        """One image's answer through `route`, counted and audited."""
+        return ImageExchange(self.audit, request.scope, route)
+
+    def _refused_before_the_app(self, scope: dict, path: str, status: int, detail: str) -> None:
+        if ("POST", path) in self.guard.capacity:  # a route that takes images: its refusal goes on the record too
+            ImageExchange(self.audit, scope, path).refused(Refusal(status, detail))
 
     def _decoder(self, data: bytes) -> Callable[[int], Awaitable[np.ndarray]]:
         loop = asyncio.get_running_loop()
@@ -168,18 +192,24 @@ class Ingress:
 
     async def classify(self, served: ServedModel, data: bytes) -> dict:
         """`data`'s prediction record from the version `served`; Refusal when there is none."""
+        self._check_audit()
         with self._refusals():
             return await served.classify(self._decoder(data))
 
     async def explain(self, served: ServedModel, data: bytes) -> dict:
         """`data`'s prediction record with its Grad-CAM `explanation` (one image, not batched: the guard admits
         at most max_concurrent_explanations at once)."""
+        self._check_audit()
         with self._refusals():
             record, heatmap = await served.backend.explain(await self._decoder(data)(served.image_size))
         record["explanation"] = None if heatmap is None else await asyncio.get_running_loop().run_in_executor(
             self.decoder, explanation, data, heatmap, record["label"]
         )
         return record
+
+    def _check_audit(self) -> None:
+        if self.args.audit_required and self.audit is not None and not self.audit.healthy:
+            raise Refusal(503, "the audit trail cannot be written, and answers must be audited; retry shortly")
 
     @contextlib.contextmanager
     def _refusals(self):
@@ -191,15 +221,6 @@ class Ingress:
             raise Refusal(400, str(exc)) from None
         except (Overloaded, BackPressureError):
             raise Refusal(503, "the model is overloaded; retry shortly") from None
-
-    @staticmethod
-    def answered(served: ServedModel, route: str, record: dict, started: float) -> None:
-        """Count an answer sent: its version, label and uncertainty, and how long it took."""
-        telemetry.predictions().inc(tags={
-            "version": served.name, "label": record["label"] or "withheld", "uncertain": str(bool(record["uncertain"])).lower(),
-        })
-        elapsed_ms = (asyncio.get_running_loop().time() - started) * 1000
-        telemetry.request_latency().observe(elapsed_ms, tags={"route": route, "version": served.name})
 
     async def shadow(self, data: bytes, answer: dict, shadows: list[ServedModel]) -> None:
         """Classify `data` again with each of `shadows` (after `answer` was sent) and count how they compare.

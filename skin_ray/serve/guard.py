@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import uuid
 from collections.abc import Callable
 
 from skin_ray.api_keys import ApiKeys, RateLimit
@@ -62,9 +63,11 @@ class RequestGuard:
     def __init__(
         self, max_bytes: int, timeout_s: float, max_uploads: int, keys: ApiKeys | None = None,
         rate_limit: RateLimit | None = None, capacity: dict[tuple[str, str], RouteCapacity] | None = None,
+        on_refusal: Callable[[dict, str, int, str], None] = lambda scope, path, status, detail: None,
     ):
         self.max_bytes, self.timeout_s, self.max_uploads = max_bytes, timeout_s, max_uploads
         self.keys, self.rate_limit, self.capacity = keys, rate_limit, capacity or {}  # capacity by (method, path)
+        self.on_refusal = on_refusal  # told of every refusal, with the request's path below the app's prefix
         self.draining = False
         self.in_flight = 0
         self._uploads: set[_Upload] = set()
@@ -76,8 +79,9 @@ class RequestGuard:
         async def guarded(scope, receive, send):
             if scope["type"] != "http":
                 return await app(scope, receive, send)
+            scope.setdefault("state", {})["request_id"] = _request_id(scope["headers"])
             if self.draining:
-                return await refuse(send, 503, "the service is shutting down; retry shortly", closing=True)
+                return await self._refuse(scope, send, 503, "the service is shutting down; retry shortly", closing=True)
             self.in_flight += 1
             self._idle.clear()
             try:
@@ -102,29 +106,38 @@ class RequestGuard:
         lengths = {value.strip() for name, value in headers if name == b"content-length"}
         codings = [c.strip().lower() for name, value in headers if name == b"transfer-encoding" for c in value.split(b",")]
         if problem := _framing_problem(lengths, codings):
-            return await refuse(send, 400, problem, closing=True)
+            return await self._refuse(scope, send, 400, problem, closing=True)
         path = _route_path(scope)
         if self.keys is not None and path not in OPEN_ROUTES and not path.startswith(OPEN_PREFIXES):
             caller = self.keys.name_of(_presented_secret(headers))
             if caller is None:
-                return await refuse(send, 401, "an API key is needed: send Authorization: Bearer KEY or X-API-Key: KEY",
-                                    headers={"WWW-Authenticate": "Bearer"})
+                return await self._refuse(
+                    scope, send, 401, "an API key is needed: send Authorization: Bearer KEY or X-API-Key: KEY",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             if self.rate_limit is not None and (wait_s := self.rate_limit.wait_s(caller)):
-                return await refuse(send, 429, f"key {caller!r} is over its rate limit; retry shortly",
-                                    headers={"Retry-After": str(math.ceil(wait_s))})
+                return await self._refuse(
+                    scope, send, 429, f"key {caller!r} is over its rate limit; retry shortly",
+                    headers={"Retry-After": str(math.ceil(wait_s))},
+                )
             scope.setdefault("state", {})["caller"] = caller  # its name, for the log; never the secret
             logger.info("%s %s by API key %r", scope["method"], path, caller)
         capacity = self.capacity.get((scope["method"], path))
         if capacity is not None and not capacity.has_room():
-            return await refuse(send, 503, capacity.reason, closing=True)  # before its body is read
+            return await self._refuse(scope, send, 503, capacity.reason, closing=True)  # before its body is read
         with capacity.held() if capacity is not None else contextlib.nullcontext():
             return await self._bounded(app, scope, receive, send, lengths, codings)
+
+    async def _refuse(self, scope, send, status: int, detail: str, closing: bool = False, headers=None) -> None:
+        """Answer `status` with `detail` from here, and say so to `on_refusal`."""
+        self.on_refusal(scope, _route_path(scope), status, detail)
+        await refuse(send, status, detail, closing, headers)
 
     async def _bounded(self, app, scope, receive, send, lengths: set[bytes], codings: list[bytes]):
         """Pass the request on with its body bounded by `max_bytes` and `timeout_s`."""
         declared = int(next(iter(lengths))) if lengths else None
         if declared is not None and declared > self.max_bytes:
-            return await refuse(send, 413, f"request body is larger than {self.max_bytes:,} bytes")
+            return await self._refuse(scope, send, 413, f"request body is larger than {self.max_bytes:,} bytes")
         if not codings and not declared:
             return await app(scope, receive, send)  # HTTP/1.1: a request declaring neither has no body
         if len(self._uploads) >= self.max_uploads:
@@ -143,7 +156,7 @@ class RequestGuard:
             if refusal is not None:
                 refused = True
                 self._uploads.discard(upload)
-                await refuse(send, *refusal, closing=True)
+                await self._refuse(scope, send, *refusal, closing=True)
                 return {"type": "http.disconnect"}  # the app stops reading; what it still sends is dropped
             if not message.get("more_body"):
                 self._uploads.discard(upload)
@@ -205,6 +218,13 @@ def _framing_problem(lengths: set[bytes], codings: list[bytes]) -> str | None:
     if codings and codings != [b"chunked"]:
         return "malformed request: the only transfer coding accepted is chunked"
     return None
+
+
+def _request_id(headers) -> str:
+    """The request's id for the audit trail: its X-Request-ID as Serve sets and echoes it (the client's, else one
+    Serve or HAProxy made), at most 128 characters of it; a new one where nothing set it (outside Serve)."""
+    given = next((value for name, value in headers if name == b"x-request-id"), b"")
+    return given.decode("latin-1")[:128] or uuid.uuid4().hex
 
 
 def _route_path(scope) -> str:

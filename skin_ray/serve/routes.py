@@ -71,15 +71,16 @@ def http_app(ingress) -> FastAPIOffline:
         openapi_extra=file_parts("file"),
     )
     async def predict(request: Request, file: ImageFile) -> JSONResponse:
-        started, versions = asyncio.get_running_loop().time(), ingress.versions  # one set for the whole request
-        served = _answering(versions, request)
-        data = await _image_bytes(file)
-        record = await ingress.classify(served, data)
-        ingress.answered(served, "/predict", record, started)
+        versions = ingress.versions  # one set for the whole request
+        with ingress.exchange(request, "/predict") as exchange:
+            exchange.served = _answering(versions, request)
+            exchange.data = await _image_bytes(file)
+            record = await ingress.classify(exchange.served, exchange.data)
+            exchange.answered(record)
         shadows = versions.shadowing()
         return JSONResponse(
-            record, headers={VERSION_HEADER: served.name},
-            background=BackgroundTask(ingress.shadow, data, record, shadows) if shadows else None,
+            record, headers={VERSION_HEADER: exchange.served.name},
+            background=BackgroundTask(ingress.shadow, exchange.data, record, shadows) if shadows else None,
         )
 
     @app.post(
@@ -95,11 +96,12 @@ def http_app(ingress) -> FastAPIOffline:
         openapi_extra=file_parts("file"),
     )
     async def explain(request: Request, file: ImageFile) -> JSONResponse:
-        started = asyncio.get_running_loop().time()
-        served = _answering(ingress.versions, request)
-        record = await ingress.explain(served, await _image_bytes(file))
-        ingress.answered(served, "/explain", record, started)
-        return JSONResponse(record, headers={VERSION_HEADER: served.name})
+        with ingress.exchange(request, "/explain") as exchange:
+            exchange.served = _answering(ingress.versions, request)
+            exchange.data = await _image_bytes(file)
+            record = await ingress.explain(exchange.served, exchange.data)
+            exchange.answered(record)
+        return JSONResponse(record, headers={VERSION_HEADER: exchange.served.name})
 
     most = ingress.args.max_batch_files
     files = Annotated[  # the schema names this replica's limit
@@ -122,17 +124,20 @@ def http_app(ingress) -> FastAPIOffline:
         }),
     )
     async def predict_batch(request: Request, files: files) -> JSONResponse:
-        if len(files) > most:
-            raise Refusal(413, f"{len(files)} files; at most {most} per request")
-        started = asyncio.get_running_loop().time()
-        served = _answering(ingress.versions, request)
+        with ingress.exchange(request, "/predict/batch"):  # a request refused whole is on the record too
+            if len(files) > most:
+                raise Refusal(413, f"{len(files)} files; at most {most} per request")
+            served = _answering(ingress.versions, request)
 
         async def entry(upload: UploadFile) -> dict:
             try:
-                record = await ingress.classify(served, await _image_bytes(upload))
+                with ingress.exchange(request, "/predict/batch") as exchange:
+                    exchange.served = served
+                    exchange.data = await _image_bytes(upload)
+                    record = await ingress.classify(served, exchange.data)
+                    exchange.answered(record)
             except Refusal as refusal:
                 return {"filename": upload.filename, "error": refusal.detail}
-            ingress.answered(served, "/predict/batch", record, started)
             return {"filename": upload.filename, **record}
 
         results = await asyncio.gather(*(entry(upload) for upload in files))

@@ -63,6 +63,11 @@ def shadow_probability_difference() -> metrics.Histogram:
     )
 
 
+@cache
+def audit_dropped() -> metrics.Counter:
+    return metrics.Counter("skin_ray_audit_dropped", description="audit lines that could not be written")
+
+
 def node_metrics_url() -> str:
     """Where Ray's metrics agent on this node exports Prometheus text (a port Ray picks at start)."""
     node_id = ray.get_runtime_context().get_node_id()
