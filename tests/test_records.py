@@ -4,6 +4,7 @@ evaluate gives the same fields and values; /explain and classify --explain add G
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import subprocess
@@ -80,6 +81,8 @@ def test_every_path_gives_the_same_record(service, guarded_bundle, tree, tmp_pat
     assert len(rows) == len(files)  # rows == files, the refused one included
     paths["classify"] = {row.pop("path"): row for row in json.loads(rows.to_json(orient="records"))}
     assert {row.pop("explanation") for row in paths["classify"].values()} == {None}  # a row's column, not the record's
+    digests = {path: row.pop("input_sha256") for path, row in paths["classify"].items()}  # so is the input's hash
+    assert digests == {str(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
     evaluate(EvaluateSettings(data=str(tree), bundle=str(guarded_bundle), report=str(tmp_path / "report")))
     with open(tmp_path / "report" / "predictions.jsonl") as lines:
         paths["evaluate"] = {row.pop("path"): row for row in map(json.loads, lines) if row.pop("true_label")}
