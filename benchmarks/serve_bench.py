@@ -3,7 +3,7 @@
     python benchmarks/serve_bench.py [--bundle BUNDLE] [--seconds 15] [--concurrency 1 16 64]
     python benchmarks/serve_bench.py --peers [--peers-only mosec,litserve,pytriton,bentoml,fastapi-pob]
     python benchmarks/serve_bench.py --keys        (the shipped service without and with API keys)
-    python benchmarks/serve_bench.py --audit       (the shipped service without and with the audit trail)
+    python benchmarks/serve_bench.py --audit       (the shipped service plain, with drift windows, with drift and audit)
     python benchmarks/serve_bench.py --explain-load (/predict's latency alone and beside 32 /explain clients)
     python benchmarks/serve_bench.py --versions [--baseline-checkout DIR] --concurrency 16 64
                                                  (one bundle, two at 90/10, one with a 100% shadow)
@@ -282,13 +282,15 @@ def run_peers(args, workdir: Path) -> dict:
 
 def compare_arms(args, images: list[bytes], workdir: Path, arms: dict[str, tuple[list[str], dict | None]],
                  rounds: int = 2) -> dict[str, list[float]]:
-    """`skin-ray serve` as shipped with each arm's extra flags, in alternating rounds, each at 64 clients keeping
-    one `/predict/batch` of one image in flight with the arm's headers (this client can send headers; the
-    peers' cannot); img/s per arm and round."""
+    """`skin-ray serve` as shipped with each arm's extra flags, in rounds whose order alternates (an arm run
+    after another may find the machine busier: each is first as often as last), each at 64 clients keeping one
+    `/predict/batch` of one image in flight with the arm's headers (this client can send headers; the peers'
+    cannot); img/s per arm and round."""
     command, env = servers(args.bundle, workdir)[SHIPPED]
     measured: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(rounds):
-        for name, (flags, headers) in arms.items():
+    for round_number in range(rounds):
+        order = list(arms.items()) if round_number % 2 == 0 else list(arms.items())[::-1]
+        for name, (flags, headers) in order:
             port = free_port()
             with Server([*command(port), *flags], f"http://127.0.0.1:{port}/healthz", env):
                 url = f"http://127.0.0.1:{port}/predict/batch"
@@ -313,14 +315,21 @@ def run_keys(args, images: list[bytes], workdir: Path) -> dict:
 
 
 def run_audit(args, images: list[bytes], workdir: Path) -> dict:
-    """The shipped service without and with the audit trail (to a local folder)."""
-    arms = {"audit off": ([], None), "audit on": (["--audit", str(workdir / "audit")], None)}
-    measured = compare_arms(args, images, workdir, arms)
-    ratio = float(np.mean(measured["audit on"]) / np.mean(measured["audit off"]))
+    """The shipped service with neither the drift windows nor the audit trail, with the drift windows (on by
+    default), and with both (the audit to a local folder)."""
+    arms = {
+        "plain": (["--drift-window", "0"], None),
+        "drift": ([], None),
+        "drift and audit": (["--audit", str(workdir / "audit")], None),
+    }
+    measured = compare_arms(args, images, workdir, arms, rounds=4)
+    mean = {name: float(np.mean(rounds)) for name, rounds in measured.items()}
+    ratios = {"drift_over_plain": mean["drift"] / mean["plain"], "audit_over_drift": mean["drift and audit"] / mean["drift"],
+              "both_over_plain": mean["drift and audit"] / mean["plain"]}
     lines = sum(len(path.read_text().splitlines()) for path in (workdir / "audit").glob("audit-*.jsonl"))
-    print(f"64 clients, img/s per round: audit off {measured['audit off']}, audit on {measured['audit on']}; "
-          f"audit on / audit off {ratio:.3f} ({lines} audit lines written)")
-    return {"audit": measured, "audit_on_over_off": round(ratio, 3), "audit_lines": lines}
+    print(f"64 clients, img/s per round: {measured}; " + ", ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items())
+          + f" ({lines} audit lines written)")
+    return {"images_per_s": measured, **{name: round(ratio, 3) for name, ratio in ratios.items()}, "audit_lines": lines}
 
 
 def run_explain_load(args, images: list[bytes], workdir: Path, explainers: int = 32, predictors: int = 4) -> dict:
@@ -419,7 +428,9 @@ def main() -> None:
     parser.add_argument("--peers-only", default="mosec,litserve,pytriton,bentoml,fastapi-pob", help="peers to run")
     parser.add_argument("--keys", action="store_true", help="the shipped service without and with API keys instead")
     parser.add_argument("--explain-load", action="store_true", help="/predict's latency alone and beside /explain clients")
-    parser.add_argument("--audit", action="store_true", help="the shipped service without and with the audit trail")
+    parser.add_argument(
+        "--audit", action="store_true", help="the shipped service plain, with drift windows, and with them and the audit trail"
+    )
     parser.add_argument("--versions", action="store_true", help="one bundle against two at 90/10 and a 100%% shadow")
     parser.add_argument("--baseline-checkout", help="with --versions: also the one-bundle service of this checkout")
     args = parser.parse_args()

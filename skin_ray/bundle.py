@@ -11,6 +11,9 @@ A bundle is a directory, local or under an `s3://` prefix:
                     knows which of the images it scores the model has seen
     input_gate.npz  the input gate's class means and precision matrix (optional; its method and threshold
                     are in bundle.json, see skin_ray/safeguards.py)
+    drift_reference.npz
+                    each drift statistic's values on the validation split (optional; the rates are in
+                    bundle.json, see skin_ray/drift.py)
 
 Loading refuses bundles of another format or preprocessing recipe, and uses Keras safe mode, so a bundle
 cannot run arbitrary code.
@@ -19,6 +22,7 @@ cannot run arbitrary code.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tempfile
 import time
@@ -32,6 +36,7 @@ import numpy as np
 import skin_ray
 from skin_ray import storage
 from skin_ray.data import POSITIVE_CLASS
+from skin_ray.drift import DriftReference
 from skin_ray.model import ShadesOfGray  # noqa: F401  (registers the custom layer for loading)
 from skin_ray.preprocess import IMAGE_SIZE, preprocessing_id
 from skin_ray.safeguards import InputGate
@@ -41,7 +46,9 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "bundle.json"
 TRAIN_DIGESTS_FILE = "train_images.sha256"
 GATE_FILE = "input_gate.npz"
-BUNDLE_FILES = (MODEL_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, GATE_FILE)  # all a bundle may hold: what loading fetches
+DRIFT_FILE = "drift_reference.npz"
+# All a bundle may hold: what loading fetches.
+BUNDLE_FILES = (MODEL_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, GATE_FILE, DRIFT_FILE)
 DEFAULT_BUNDLE = str(Path(__file__).parent / "bundles" / "default")
 
 
@@ -68,6 +75,7 @@ class BundleMetadata:
     package_version: str = skin_ray.__version__
     input_gate: dict | None = None  # method, threshold, validation figures; None: no gate
     uncertainty: dict | None = None  # method, margin, validation figures; None: no flag
+    drift_reference: dict | None = None  # method, rates, sizes; None: nothing to compare drift with
 
     @property
     def positive_index(self) -> int:
@@ -115,27 +123,32 @@ class Bundle:
     uri: str
     train_digests: frozenset[str] = frozenset()  # empty when the bundle does not record them
     gate: InputGate | None = None
+    drift: DriftReference | None = None
 
 
 def save_bundle(
-    model: keras.Model, metadata: BundleMetadata, uri: str, train_digests: tuple[str, ...] = (), gate: InputGate | None = None
+    model: keras.Model, metadata: BundleMetadata, uri: str, train_digests: tuple[str, ...] = (),
+    gate: InputGate | None = None, drift: DriftReference | None = None,
 ) -> None:
     with tempfile.TemporaryDirectory() as staging:
         model.save(Path(staging, MODEL_FILE))
         if train_digests:
             Path(staging, TRAIN_DIGESTS_FILE).write_text("".join(f"{digest}\n" for digest in sorted(train_digests)))
-        _write_description(staging, metadata, gate)
+        _write_description(staging, metadata, gate, drift)
         storage.upload_dir(staging, uri)
 
 
-def write_safeguards(metadata: BundleMetadata, gate: InputGate, uri: str) -> None:
-    """Rewrite an existing bundle's bundle.json and input gate; its model file stays as it is."""
+def write_safeguards(metadata: BundleMetadata, gate: InputGate, drift: DriftReference | None, uri: str) -> None:
+    """Rewrite an existing bundle's bundle.json, input gate and drift reference; its model file stays as it is."""
     with tempfile.TemporaryDirectory() as staging:
-        _write_description(staging, metadata, gate)
+        _write_description(staging, metadata, gate, drift)
         storage.upload_dir(staging, uri)
 
 
-def _write_description(directory: str, metadata: BundleMetadata, gate: InputGate | None) -> None:
+def _write_description(directory: str, metadata: BundleMetadata, gate: InputGate | None, drift: DriftReference | None) -> None:
+    if drift is not None:
+        metadata.drift_reference = drift.describe()
+        np.savez(Path(directory, DRIFT_FILE), **drift.arrays())
     Path(directory, METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
     if gate is not None:
         np.savez(Path(directory, GATE_FILE), **gate.arrays())
@@ -156,6 +169,24 @@ def read_metadata(uri: str | None = None) -> BundleMetadata:
     for what only needs the description (the input size to decode to, say)."""
     uri = uri or DEFAULT_BUNDLE
     return _read_metadata(uri, uri)
+
+
+def read_drift_reference(uri: str | None = None) -> DriftReference | None:
+    """The drift reference of the bundle at `uri` without its model (None when it has none)."""
+    uri = uri or DEFAULT_BUNDLE
+    metadata = read_metadata(uri)
+    if metadata.drift_reference is None:
+        return None
+    return _drift_reference(storage.read_bytes(storage.join(uri, DRIFT_FILE)), metadata, uri)
+
+
+def _drift_reference(data: bytes, metadata: BundleMetadata, uri: str) -> DriftReference:
+    try:
+        with np.load(io.BytesIO(data)) as arrays:
+            return DriftReference.load(arrays, metadata.drift_reference)
+    except (KeyError, ValueError, OSError) as exc:
+        raise BundleError(f"{uri}: its {DRIFT_FILE} does not hold the drift reference ({exc}); `skin-ray fit-safeguards` "
+                          "refits it") from None
 
 
 def _read_metadata(location: str, uri: str) -> BundleMetadata:
@@ -188,4 +219,11 @@ def _load_local(directory: str, uri: str) -> Bundle:
             raise BundleError(f"{uri} describes an input gate but {GATE_FILE} is missing; `skin-ray fit-safeguards` refits it")
         with np.load(Path(directory, GATE_FILE)) as arrays:
             gate = InputGate(arrays["gate_means"], arrays["gate_precision"], metadata.input_gate["threshold"])
-    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests, gate=gate)
+    drift = None
+    if metadata.drift_reference is not None:
+        if not Path(directory, DRIFT_FILE).is_file():
+            raise BundleError(
+                f"{uri} describes a drift reference but {DRIFT_FILE} is missing; `skin-ray fit-safeguards` refits it"
+            )
+        drift = _drift_reference(Path(directory, DRIFT_FILE).read_bytes(), metadata, uri)
+    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests, gate=gate, drift=drift)

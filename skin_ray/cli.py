@@ -1,4 +1,4 @@
-"""The `skin-ray` command line: train, distill, ensemble, evaluate, predict, explain, serve, classify."""
+"""The `skin-ray` command line: train, distill, ensemble, evaluate, predict, explain, serve, classify, drift."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from skin_ray.config import (
     ClassifySettings,
     DistillSettings,
+    DriftSettings,
     EnsembleSettings,
     EvaluateSettings,
     ExplainSettings,
@@ -125,7 +126,8 @@ def _run_fit_safeguards(args) -> int:
     settings = _settings_from(args, FitSafeguardsSettings)
     init_ray(verbose=args.verbose, address=args.address)
     metadata = add_safeguards(settings)
-    _result({"bundle": settings.bundle, "input_gate": metadata.input_gate, "uncertainty": metadata.uncertainty})
+    _result({"bundle": settings.bundle, "input_gate": metadata.input_gate, "uncertainty": metadata.uncertainty,
+             "drift_reference": metadata.drift_reference})
     return 0
 
 
@@ -221,6 +223,16 @@ def _run_classify(args) -> int:
     check_output(settings)  # before Ray starts: a mistake in the command costs no start-up
     init_ray(verbose=args.verbose, address=args.address)
     _result(classify(settings))
+    return 0
+
+
+def _run_drift(args) -> int:
+    from skin_ray.drift_report import drift_report
+    from skin_ray.runtime import init_ray
+
+    settings = _settings_from(args, DriftSettings)
+    init_ray(verbose=args.verbose, address=args.address)
+    _result(drift_report(settings))
     return 0
 
 
@@ -340,8 +352,8 @@ COMMANDS = {
     ),
     "fit-safeguards": Command(
         FitSafeguardsSettings, _run_fit_safeguards,
-        "fit a bundle's input gate and uncertainty margin on its own split (for older bundles)", ("bundle",),
-        "Train and ensemble fit both when they make a bundle; this adds them to a bundle made before.",
+        "fit a bundle's input gate, uncertainty margin and drift reference on its own split (for older bundles)",
+        ("bundle",), "Train and ensemble fit them when they make a bundle; this adds them to a bundle made before.",
     ),
     "evaluate": Command(EvaluateSettings, _run_evaluate, "metrics and plots of a bundle on a labelled image tree", ("data",)),
     "predict": Command(
@@ -356,6 +368,11 @@ COMMANDS = {
     "serve": Command(ServeSettings, _run_serve, "run the HTTP service (Ray Serve) until Ctrl-C", other_flags=_LISTENER_FLAGS),
     "classify": Command(
         ClassifySettings, _run_classify, "classify every image below a directory or s3:// prefix (Ray Data)", ("source",)
+    ),
+    "drift": Command(
+        DriftSettings, _run_drift, "compare each day or hour of an audit trail (or classify results) with the "
+        "bundle's validation split (Ray Data)", ("source",),
+        "JSON summary on stdout: per period and statistic the distance, its threshold and whether it drifted.",
     ),
 }
 

@@ -139,7 +139,9 @@ class EnsembleSettings(ThresholdSettings):
 class FitSafeguardsSettings(Settings):
     """`skin-ray fit-safeguards`."""
 
-    bundle: str = Field(description="bundle directory or s3:// prefix, rewritten in place (bundle.json, input_gate.npz)")
+    bundle: str = Field(
+        description="bundle directory or s3:// prefix, rewritten in place (bundle.json, input_gate.npz, drift_reference.npz)"
+    )
     data: str | None = Field(None, description="the bundle's labelled image tree, if it moved since it was trained")
 
 
@@ -192,6 +194,19 @@ class ClassifySettings(Settings):
         None, description="directory or s3:// prefix for a Grad-CAM overlay of every classified image, named in the "
         "`explanation` column (a gradient pass and a second read per image)",
     )
+
+
+class DriftSettings(Settings):
+    """`skin-ray drift`."""
+
+    source: str = Field(description="directory or s3:// prefix of audit files (audit-*.jsonl) or classify results")
+    bundle: str | None = _bundle_field(
+        "the bundle whose answers to compare with its validation split: only lines and rows of its model version "
+        "count (default: the shipped model)"
+    )
+    by: Literal["day", "hour"] = Field("day", description="one comparison per UTC day or hour of the audit lines' time "
+                                       "(classify results have no time: one period)")
+    report: str | None = Field(None, description="directory for summary.json and drift.png (distance per period and statistic)")
 
 
 class ServeSettings(Settings):
@@ -263,6 +278,10 @@ class ServeSettings(Settings):
     audit_rotate_s: float = Field(3600.0, gt=0, description="... or at this age (on S3 each write is an object of its own)")
     audit_required: bool = Field(
         False, description="answer 503 rather than answer unaudited while the audit trail cannot be written"
+    )
+    drift_window: int = Field(
+        500, ge=0, description="images per version each Ingress replica compares with the bundle's validation split "
+        "for the drift gauges (ray_skin_ray_drift_*); 0: none",
     )
     api_keys: str | None = Field(
         None, validate_default=True, description="file of API keys, one NAME:SECRET a line (default: "

@@ -20,7 +20,7 @@ import numpy as np
 import ray
 
 from skin_ray import storage
-from skin_ray.preprocess import IMAGE_SIZE, IMAGE_SUFFIXES, ImageDecodeError, decode_pixels, to_model_input
+from skin_ray.preprocess import IMAGE_SIZE, IMAGE_SUFFIXES, ImageDecodeError, decode_pixels, image_megapixels, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,10 @@ def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None, size
 
 
 def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
-    """`load_images` up to the model input's last step: `pixels`, uint8, a quarter of the float32 bytes."""
+    """`load_images` up to the model input's last step: `pixels`, uint8, a quarter of the float32 bytes; and
+    each file's `megapixels` (0 when unreadable), which drift compares."""
     pixels = np.zeros((len(batch["path"]), size, size, 3), dtype=np.uint8)
+    megapixels = np.zeros(len(batch["path"]), dtype=np.float64)
     errors, digests = [], []
     for i, path in enumerate(batch["path"]):
         digests.append("")
@@ -145,6 +147,7 @@ def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None, size
             data = storage.read_bytes(path, max_bytes)
             digests[-1] = hashlib.sha256(data).hexdigest()
             pixels[i] = decode_pixels(data, size)
+            megapixels[i] = image_megapixels(data)
             errors.append("")
         except ImageDecodeError as exc:
             errors.append(str(exc))
@@ -152,7 +155,8 @@ def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None, size
             errors.append(f"too_large: {exc}")
         except OSError as exc:
             errors.append(f"unreadable: {exc}")
-    return {**batch, "pixels": pixels, "error": np.array(errors, dtype=object), "sha256": np.array(digests, dtype=object)}
+    return {**batch, "pixels": pixels, "megapixels": megapixels, "error": np.array(errors, dtype=object),
+            "sha256": np.array(digests, dtype=object)}
 
 
 def image_dataset(images: LabelledImages, size: int = IMAGE_SIZE) -> ray.data.Dataset:

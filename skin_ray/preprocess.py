@@ -58,6 +58,12 @@ def decode_pixels(data: bytes, size: int = IMAGE_SIZE, max_pixels: int = MAX_PIX
     return np.asarray(square, dtype=np.uint8)
 
 
+def image_megapixels(data: bytes) -> float:
+    """The image's size in millions of pixels, from its header (nothing is decoded)."""
+    width, height = _open(data).size
+    return width * height / 1e6
+
+
 def decode_photo(data: bytes, max_side: int) -> tuple[Image.Image, float]:
     """The whole photo, upright and RGB, shrunk to at most `max_side` pixels a side (for showing, e.g. under
     an explanation), and the factor it was shrunk by. Raises ImageDecodeError like `decode_pixels`."""

@@ -103,6 +103,14 @@ def lesion_image(label: str, rng: np.random.Generator, size: int = 96) -> Image.
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
+def guarded_bundle_lesions(seed: int = 3, count: int = 280) -> tuple[np.ndarray, list[Image.Image]]:
+    """The generated lesions the tests' guarded bundle is fitted on (class indices, 0 Cancer, and images); another
+    seed gives new images of the same kind."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    return labels, [lesion_image(("Cancer", "Non_Cancer")[label], rng) for label in labels]
+
+
 def write_lesion_tree(root: Path, per_class: int, seed: int = 0, split_folders: bool = False) -> Path:
     """ROOT/<class>/[Training|Testing/]*.jpg with `per_class` images of each class."""
     rng = np.random.default_rng(seed)
@@ -210,6 +218,22 @@ def noise_and_flat(rng: np.random.Generator, count: int = 60) -> list[Image.Imag
             pixels = rng.integers(0, 256, 3) * ramp + rng.integers(0, 256, 3) * (1 - ramp) + np.zeros((size[1], 1, 1))
         images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
     return images
+
+
+def drift_streams(files: list[bytes], rng: np.random.Generator) -> dict[str, list[bytes]]:
+    """Image streams for drift checks: `files` as they are (`unchanged`), re-encoded with a warm colour cast (a
+    camera's white balance), blurred (out of focus), and with every third replaced by an everyday photograph."""
+    from PIL import ImageFilter
+
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in files]
+    photos = sample_photographs(rng)
+    cast = np.array([1.2, 1.0, 0.8])
+    return {
+        "unchanged": list(files),
+        "colour_cast": [encode(Image.fromarray(np.clip(np.asarray(image) * cast, 0, 255).astype(np.uint8))) for image in images],
+        "blurred": [encode(image.filter(ImageFilter.GaussianBlur(max(image.size) / 150))) for image in images],
+        "everyday_photos_mixed_in": [encode(photos[i % len(photos)]) if i % 3 == 0 else data for i, data in enumerate(files)],
+    }
 
 
 def threshold_miss_rates(y_true: np.ndarray, p_cancer: np.ndarray, target: float, trials: int, seed: int = 0) -> dict[str, float]:

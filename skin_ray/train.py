@@ -136,9 +136,9 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
     best = result.get_best_checkpoint(metric="val_auc", mode="max")
     with best.as_directory() as checkpoint_dir:
         model = _model_from_checkpoint(settings.arch, settings.input_size, checkpoint_dir)
-    metadata, gate = finalize_bundle(model, split, settings.arch, settings, {**record, "epochs_run": len(history)}, source)
+    metadata, gate, drift = finalize_bundle(model, split, settings.arch, settings, {**record, "epochs_run": len(history)}, source)
     metadata.metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
-    save_bundle(model, metadata, settings.output, split.train_digests, gate)
+    save_bundle(model, metadata, settings.output, split.train_digests, gate, drift)
     return TrainOutcome(settings.output, metadata.metrics, history)
 
 

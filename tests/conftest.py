@@ -136,32 +136,33 @@ def shipped():
 
 @pytest.fixture(scope="session")
 def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
-    """The untrained bundle with an input gate and an uncertainty margin fitted on generated lesions (as
-    training fits them on a real split), for tests of the prediction record's safeguards."""
+    """The untrained bundle with an input gate, an uncertainty margin and a drift reference fitted on generated
+    lesions (160 as its training split, 120 as its validation split), as a bundle made from a real split gets
+    them, for tests of the prediction record's safeguards and of drift."""
     import shutil
 
     import numpy as np
 
-    from skin_ray import safeguards
     from skin_ray.bundle import write_safeguards
+    from skin_ray.drift import image_statistics
+    from skin_ray.finalize import fit_safeguards_on
     from skin_ray.predictor import Predictor
-    from skin_ray.preprocess import preprocess_image
-    from skin_ray.testing import encode, lesion_image
+    from skin_ray.preprocess import decode_pixels, image_megapixels, to_model_input
+    from skin_ray.testing import encode, guarded_bundle_lesions
 
     path = tmp_path_factory.mktemp("guarded") / "bundle"
     shutil.copytree(untrained_bundle, path)
-    rng = np.random.default_rng(3)
-    labels = np.arange(160) % 2  # class indices: 0 Cancer, 1 Non_Cancer
-    images = np.stack([preprocess_image(encode(lesion_image(("Cancer", "Non_Cancer")[label], rng))) for label in labels])
+    labels, images = guarded_bundle_lesions()
+    files = [encode(image) for image in images]
+    pixels = np.stack([decode_pixels(data, 170) for data in files])
     predictor = Predictor.from_bundle(str(path))
-    analysis = predictor.analyse(images)
-    train, validation = slice(0, 120), slice(120, None)
-    gate = safeguards.fit_input_gate(analysis.features[train], labels[train], analysis.features[validation])
-    y_true = (labels[validation] == 0).astype(np.int64)
-    p_cancer = analysis.probabilities[validation, 0]
-    threshold, disagree = predictor.metadata.threshold, np.zeros(len(y_true), dtype=bool)
-    margin = safeguards.uncertainty_margin(y_true, p_cancer, threshold, disagree)
+    analysis = predictor.analyse(to_model_input(pixels))
+    train, validation = slice(0, 160), slice(160, None)
+    image = image_statistics(pixels[validation], np.array([image_megapixels(data) for data in files[validation]]))
     metadata = predictor.metadata
-    metadata.input_gate, metadata.uncertainty = safeguards.describe(gate, margin, y_true, p_cancer, threshold, disagree)
-    write_safeguards(metadata, gate, str(path))
+    gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards_on(
+        analysis.features[train], labels[train], analysis.features[validation], labels[validation] == 0,
+        analysis.probabilities[validation, 0], None, image, metadata.threshold,
+    )
+    write_safeguards(metadata, gate, drift, str(path))
     return path

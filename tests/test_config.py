@@ -23,6 +23,7 @@ REQUIRED = {
     "explain": ["IMAGE", "--output", "OUT"],
     "serve": [],
     "classify": ["SOURCE", "--output", "OUT"],
+    "drift": ["SOURCE"],
 }
 # Values other than the default where one value alone would not do: two versions (the flag repeated), one
 # taking all the traffic, the other a shadow.

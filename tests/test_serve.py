@@ -860,3 +860,110 @@ def test_a_failing_audit_sink_is_counted_or_answered_503_when_required(
         finally:
             serve.delete(name)
             s3.create_bucket(Bucket=bucket)
+
+
+def _drift_gauges(client, application: str, version: str) -> dict[str, dict[str, float]]:
+    """The drift gauges of one version, as Ray exports them: {series: {statistic: value}}."""
+    gauges: dict[str, dict[str, float]] = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("ray_skin_ray_drift_") and f'application="{application}"' in line and f'version="{version}"' in line:
+            name = line.split("{", 1)[0]
+            statistic = re.search(r'statistic="([^"]+)"', line)
+            gauges.setdefault(name, {})[statistic.group(1) if statistic else ""] = float(line.rsplit(" ", 1)[1])
+    return gauges
+
+
+def _drifted(gauges: dict) -> set[str]:
+    thresholds = gauges.get("ray_skin_ray_drift_threshold", {})
+    return {name for name, distance in gauges.get("ray_skin_ray_drift_distance", {}).items() if distance > thresholds[name]}
+
+
+def _drift_sources(guarded_bundle) -> dict[str, tuple[str, list]]:
+    """Each version served for the drift test: its bundle and the files its unchanged stream is made of. The
+    shipped model's stream, its own validation images, joins when the real data is here."""
+    from skin_ray.bundle import DEFAULT_BUNDLE, read_metadata
+    from skin_ray.finalize import bundle_split
+    from skin_ray.testing import REAL_DATA, guarded_bundle_lesions
+
+    _, lesions = guarded_bundle_lesions(seed=11, count=DRIFT_WINDOW)
+    sources = {"generated": (str(guarded_bundle), [encode(image) for image in lesions])}
+    if REAL_DATA.is_dir():
+        split, _ = bundle_split(read_metadata(DEFAULT_BUNDLE), DEFAULT_BUNDLE, str(REAL_DATA))
+        chosen = np.random.default_rng(0).choice(len(split.validation.paths), DRIFT_WINDOW, replace=False)
+        sources["isic"] = (DEFAULT_BUNDLE, [Path(split.validation.paths[i]).read_bytes() for i in sorted(chosen)])
+    return sources
+
+
+DRIFT_WINDOW = 60
+ALL = {"ood_score", "cancer_probability", "brightness", "red_share", "blue_share", "sharpness", "megapixels",
+       "refused", "uncertain", "cancer"}
+# Per stream: the statistics of which at least one must cross its threshold, and those none of which may (the
+# blurred stream shows the window forgot the colour cast before it).
+DRIFT_EXPECTED = {
+    "unchanged": (set(), ALL),
+    "colour_cast": ({"red_share", "blue_share"}, {"megapixels"}),
+    "blurred": ({"sharpness"}, {"red_share", "blue_share", "megapixels"}),
+    "everyday_photos_mixed_in": ({"ood_score", "refused"}, set()),
+}
+
+
+def _as_expected(drifted: set[str], stream: str) -> bool:
+    some, none = DRIFT_EXPECTED[stream]
+    return (not some or bool(drifted & some)) and not drifted & none
+
+
+def test_drift_gauges_and_the_offline_report_separate_shifted_streams_from_unchanged_ones(
+    service, client, guarded_bundle, tmp_path
+):
+    """Streams of a window's size, one after another: new images like the bundle's validation split, then the
+    same with a colour cast, blurred, and with everyday photos mixed in. Live, each shifted stream's expected
+    statistic crosses its threshold in the exported gauges and the unchanged stream crosses none; offline,
+    `skin-ray drift` over the same audit lines (each stream dated a day apart) says the same per day. With the
+    real data, the shipped model's validation images go through as a second version."""
+    import json
+
+    from skin_ray.config import DriftSettings
+    from skin_ray.drift_report import drift_report
+    from skin_ray.testing import drift_streams
+
+    sources = _drift_sources(guarded_bundle)
+    audit = tmp_path / "audit"
+    settings = ServeSettings(bundle=[f"{name}={bundle}" for name, (bundle, _) in sources.items()],
+                             drift_window=DRIFT_WINDOW, audit=str(audit), audit_flush_s=0.2)
+    serve.run(app_builder(settings), name="drift", route_prefix="/drift")
+    day_of: dict[str, str] = {}  # a request's id -> the day its stream is dated in the audit copy
+    try:
+        for name, (_, unchanged) in sources.items():
+            for day, (stream, files) in enumerate(drift_streams(unchanged, np.random.default_rng(4)).items(), start=1):
+                for index, data in enumerate(files):
+                    request_id = f"{name}-{stream}-{index}"
+                    answer = client.post("/drift/predict", files={"file": ("x.jpg", data, "image/jpeg")},
+                                         headers={"X-Model-Version": name, "X-Request-ID": request_id})
+                    assert answer.status_code == 200
+                    day_of[request_id] = f"2026-01-{day:02d}"
+                deadline = time.monotonic() + 60
+                while True:  # Ray exports gauges every few seconds: wait for this stream's window
+                    gauges = _drift_gauges(client, "drift", name)
+                    drifted = _drifted(gauges)
+                    full = gauges.get("ray_skin_ray_drift_window_size", {}).get("") == DRIFT_WINDOW
+                    if (full and _as_expected(drifted, stream)) or time.monotonic() > deadline:
+                        break
+                    time.sleep(1)
+                assert full and _as_expected(drifted, stream), (name, stream, gauges)
+                assert set(gauges["ray_skin_ray_drift_rate"]) == {"refused", "uncertain", "cancer"}
+    finally:
+        serve.delete("drift")  # writes the audit lines still queued
+    dated = tmp_path / "dated"
+    dated.mkdir()
+    lines = [json.loads(line) for path in sorted(audit.glob("audit-*.jsonl")) for line in path.read_text().splitlines()]
+    assert len(lines) == 4 * DRIFT_WINDOW * len(sources)
+    (dated / "audit-dated.jsonl").write_text("".join(
+        json.dumps({**line, "time": day_of[line["request_id"]] + line["time"][10:]}) + "\n" for line in lines
+    ) + "not json\n")
+    for name, (bundle, _) in sources.items():
+        summary = drift_report(DriftSettings(source=str(dated), bundle=bundle, by="day", report=str(tmp_path / name)))
+        assert summary["skipped_lines"] == 1 and (tmp_path / name / "drift.png").stat().st_size > 0
+        for day, stream in enumerate(DRIFT_EXPECTED, start=1):
+            period = summary["periods"][f"2026-01-{day:02d}"]
+            drifted = {statistic for statistic, row in period["statistics"].items() if row["drifted"]}
+            assert period["images"] == DRIFT_WINDOW and _as_expected(drifted, stream), (name, stream, period)

@@ -40,9 +40,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._file: Path | None = None
         self._file_opened = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._flush_every_interval, name="skin-ray-audit", daemon=True)
-        self._thread.start()
+        self._writer_thread = telemetry.Periodic(flush_s, self.flush, "skin-ray-audit")
 
     def record(self, line: dict) -> None:
         """Queue one audit line (written within `flush_s`)."""
@@ -52,8 +50,7 @@ class AuditLog:
 
     def close(self) -> None:
         """Stop the writer and write what is still queued."""
-        self._stop.set()
-        self._thread.join()
+        self._writer_thread.stop()
         self.flush()
 
     def flush(self) -> None:
@@ -70,10 +67,6 @@ class AuditLog:
             logger.error("audit trail: %d lines could not be written to %s: %r", len(lines), self.destination, exc)
         else:
             self.healthy = True
-
-    def _flush_every_interval(self) -> None:
-        while not self._stop.wait(self.flush_s):
-            self.flush()
 
     def _write(self, text: str) -> None:
         if storage.is_s3(self.destination):
@@ -94,8 +87,9 @@ class AuditLog:
 
 class ImageExchange:
     """One image's way through a route: what is known of it (`served`, its version; `data`, its bytes) as it
-    becomes known, then its answer (`answered`) or its refusal, counted and written to the audit trail. A
-    Refusal, or any failure, raised inside `with` is audited with what was known, and goes on to its handler."""
+    becomes known, then its answer (`answered`: counted, audited, added to its version's drift window) or its
+    refusal (audited). A Refusal, or any failure, raised inside `with` is audited with what was known, and goes
+    on to its handler."""
 
     def __init__(self, audit: AuditLog | None, scope: dict, route: str):
         self.audit, self.scope, self.route = audit, scope, route
@@ -111,20 +105,23 @@ class ImageExchange:
         return False
 
     def refused(self, refusal: Refusal) -> None:
-        self._audit(refusal.status, None, refusal.detail)
+        self._audit(refusal.status, None, None, refusal.detail)
 
-    def answered(self, record: dict) -> None:
+    def answered(self, record: dict, image: dict[str, float]) -> None:
+        """`record` was the answer for an image of `image_statistics` `image`."""
         name = self.served.name
         telemetry.predictions().inc(tags={
             "version": name, "label": record["label"] or "withheld", "uncertain": str(bool(record["uncertain"])).lower(),
         })
         telemetry.request_latency().observe(self._elapsed_ms(), tags={"route": self.route, "version": name})
-        self._audit(200, record, None)
+        if self.served.drift is not None:
+            self.served.drift.observe(record, image)
+        self._audit(200, record, image, None)
 
     def _elapsed_ms(self) -> float:
         return (time.monotonic() - self.started) * 1000
 
-    def _audit(self, status: int, record: dict | None, reason: str | None) -> None:
+    def _audit(self, status: int, record: dict | None, image: dict | None, reason: str | None) -> None:
         if self.audit is None:
             return
         state = self.scope.get("state", {})
@@ -134,7 +131,7 @@ class ImageExchange:
             "input_sha256": None if self.data is None else hashlib.sha256(self.data).hexdigest(),
             "input_bytes": None if self.data is None else len(self.data),
             "version": None if self.served is None else self.served.name,
-            **{field: (record or {}).get(field) for field in RECORD_FIELDS},
+            **{field: (record or {}).get(field) for field in RECORD_FIELDS}, "image": image or None,
             "status": status, "reason": reason, "latency_ms": round(self._elapsed_ms(), 1),
         })
 

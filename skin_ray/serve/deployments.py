@@ -16,8 +16,9 @@ from ray.serve.exceptions import BackPressureError
 
 from skin_ray.api_keys import ApiKeys, RateLimit
 from skin_ray.config import ServeSettings
+from skin_ray.drift import DriftWindow, image_statistics
 from skin_ray.explain import explanation
-from skin_ray.preprocess import ImageDecodeError, decode_pixels
+from skin_ray.preprocess import ImageDecodeError, decode_pixels, image_megapixels
 from skin_ray.serve import telemetry
 from skin_ray.serve.audit import AuditLog, ImageExchange
 from skin_ray.serve.backends import LoadedModel, RemoteModel, swap_in_place
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parents[1] / "page.html"
 # What a redeploy's `user_config` may change in a running Ingress; the rest needs new replicas (new `args`).
+DRIFT_PUBLISH_S = 1.0  # how often the drift gauges are recomputed from the windows that changed
 LIVE_SETTINGS = frozenset({"bundle", "traffic", "shadow", "max_batch_size", "batch_wait_timeout_s"})
 
 
@@ -101,6 +103,7 @@ class Ingress:
     def __init__(self, settings: ServeSettings, model_handles: dict | None = None):
         self.args, self.model_handles = settings, model_handles
         self.max_pixels = int(settings.max_image_megapixels * 1e6)
+        self.measures_images = settings.audit is not None or settings.drift_window > 0  # image_statistics cost 0.6 ms
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="skin-ray-decode")
         self.budget = ImageBudget(settings.max_pending_images)
         self.versions = self._versions(settings)
@@ -125,6 +128,13 @@ class Ingress:
         )
         self.page_html = PAGE.read_text()
         self.metrics_url = telemetry.node_metrics_url()
+        published: dict[str, int] = {}
+        self.drift_publisher = telemetry.Periodic(
+            DRIFT_PUBLISH_S, lambda: telemetry.publish_drift(self._drift_windows(), published), "skin-ray-drift"
+        )
+
+    def _drift_windows(self) -> list[tuple[str, DriftWindow]]:
+        return [(name, served.drift) for name, served in self.versions.models.items() if served.drift is not None]
 
     def _versions(self, settings: ServeSettings) -> Versions:
         """The versions `settings` names, reusing those already served from the same bundle; nothing running
@@ -140,18 +150,22 @@ class Ingress:
 
     def _serve(self, name: str, bundle: str | None, settings: ServeSettings) -> ServedModel:
         """A new version: its model loaded here (fused), or its SkinModel deployment's handle (split)."""
-        from skin_ray.bundle import read_metadata
+        from skin_ray.bundle import read_drift_reference, read_metadata
 
         if self.model_handles is None:
             backend = LoadedModel(bundle)
-            size = backend.predictor.metadata.image_size
+            metadata, reference = backend.predictor.metadata, backend.predictor.bundle.drift
         elif name in self.model_handles and self.args.versions()[name] == bundle:
-            backend, size = RemoteModel(self.model_handles[name]), read_metadata(bundle).image_size
+            backend = RemoteModel(self.model_handles[name])
+            metadata, reference = read_metadata(bundle), read_drift_reference(bundle)
         else:  # its SkinModel deployment was made from the app's args
             raise ValueError(f"the split layout serves {name!r} from a SkinModel deployment: change its bundle with the "
                              "app's args, or with that deployment's user_config")
         batcher = Batcher(backend.predict, settings.max_batch_size, settings.batch_wait_timeout_s, self.budget, name)
-        return ServedModel(name, bundle, size, backend, batcher)
+        drift = None
+        if reference is not None and settings.drift_window:
+            drift = DriftWindow(reference, settings.drift_window, metadata.positive_class)
+        return ServedModel(name, bundle, metadata.image_size, backend, batcher, drift)
 
     def reconfigure(self, user_config: dict) -> None:
         """A redeploy's `user_config` changes the versions (bundles, traffic, shadow) and batching without a
@@ -175,6 +189,8 @@ class Ingress:
     def __del__(self):
         """Serve stops a replica (a redeploy, a scale-down, a deleted app) after its drain: the audit lines still
         queued are written."""
+        if getattr(self, "drift_publisher", None) is not None:
+            self.drift_publisher.stop()
         if getattr(self, "audit", None) is not None:
             self.audit.close()
 
@@ -186,26 +202,39 @@ class Ingress:
         if ("POST", path) in self.guard.capacity:  # a route that takes images: its refusal goes on the record too
             ImageExchange(self.audit, scope, path).refused(Refusal(status, detail))
 
-    def _decoder(self, data: bytes) -> Callable[[int], Awaitable[np.ndarray]]:
+    def _decoder(self, data: bytes, image: dict[str, float]) -> Callable[[int], Awaitable[np.ndarray]]:
+        """Decodes `data` to a size off the event loop, and puts its `image_statistics` in `image` when the audit
+        trail or drift needs them."""
+
+        def decode(size: int) -> np.ndarray:
+            pixels = decode_pixels(data, size, self.max_pixels)
+            if self.measures_images:
+                measured = image_statistics(pixels[None], np.array([image_megapixels(data)]))
+                image.update({name: float(values[0]) for name, values in measured.items()})
+            return pixels
+
         loop = asyncio.get_running_loop()
-        return lambda size: loop.run_in_executor(self.decoder, decode_pixels, data, size, self.max_pixels)
+        return lambda size: loop.run_in_executor(self.decoder, decode, size)
 
-    async def classify(self, served: ServedModel, data: bytes) -> dict:
-        """`data`'s prediction record from the version `served`; Refusal when there is none."""
+    async def classify(self, served: ServedModel, data: bytes) -> tuple[dict, dict[str, float]]:
+        """`data`'s prediction record from the version `served`, and the image's statistics; Refusal when there
+        is no record."""
         self._check_audit()
+        image = {}
         with self._refusals():
-            return await served.classify(self._decoder(data))
+            return await served.classify(self._decoder(data, image)), image
 
-    async def explain(self, served: ServedModel, data: bytes) -> dict:
-        """`data`'s prediction record with its Grad-CAM `explanation` (one image, not batched: the guard admits
-        at most max_concurrent_explanations at once)."""
+    async def explain(self, served: ServedModel, data: bytes) -> tuple[dict, dict[str, float]]:
+        """`classify` with the record's Grad-CAM `explanation` (one image, not batched: the guard admits at most
+        max_concurrent_explanations at once)."""
         self._check_audit()
+        image = {}
         with self._refusals():
-            record, heatmap = await served.backend.explain(await self._decoder(data)(served.image_size))
+            record, heatmap = await served.backend.explain(await self._decoder(data, image)(served.image_size))
         record["explanation"] = None if heatmap is None else await asyncio.get_running_loop().run_in_executor(
             self.decoder, explanation, data, heatmap, record["label"]
         )
-        return record
+        return record, image
 
     def _check_audit(self) -> None:
         if self.args.audit_required and self.audit is not None and not self.audit.healthy:
@@ -230,7 +259,7 @@ class Ingress:
                 telemetry.shadow_comparisons().inc(tags={"version": served.name, "outcome": "skipped"})
                 continue
             try:
-                record = await self.classify(served, data)
+                record, _ = await self.classify(served, data)
             except Exception as exc:  # a shadow's failure is counted, never answered
                 logger.warning("shadow %s failed: %r", served.name, exc)
                 telemetry.shadow_comparisons().inc(tags={"version": served.name, "outcome": "failed"})

@@ -50,6 +50,18 @@ async def _image_bytes(upload: UploadFile) -> bytes:
     return await upload.read()
 
 
+async def _answer_image(ingress, request: Request, route: str, upload: UploadFile, work, served=None):
+    """One uploaded image through `route`: answered by `served`, else by the version the request asks for, with
+    `work(served, data)`'s record (and image statistics); counted, audited, refusals too, and watched for drift.
+    Returns the version, the bytes and the record."""
+    with ingress.exchange(request, route) as exchange:
+        exchange.served = served or _answering(ingress.versions, request)
+        exchange.data = await _image_bytes(upload)
+        record, image = await work(exchange.served, exchange.data)
+        exchange.answered(record, image)
+    return exchange.served, exchange.data, record
+
+
 def http_app(ingress) -> FastAPIOffline:
     """`ingress`'s HTTP app behind its RequestGuard. Built per replica, so no replica changes an app others share;
     /docs and /redoc serve their scripts from the package (fastapi-offline), so they work offline."""
@@ -71,16 +83,11 @@ def http_app(ingress) -> FastAPIOffline:
         openapi_extra=file_parts("file"),
     )
     async def predict(request: Request, file: ImageFile) -> JSONResponse:
-        versions = ingress.versions  # one set for the whole request
-        with ingress.exchange(request, "/predict") as exchange:
-            exchange.served = _answering(versions, request)
-            exchange.data = await _image_bytes(file)
-            record = await ingress.classify(exchange.served, exchange.data)
-            exchange.answered(record)
-        shadows = versions.shadowing()
+        served, data, record = await _answer_image(ingress, request, "/predict", file, ingress.classify)
+        shadows = ingress.versions.shadowing()
         return JSONResponse(
-            record, headers={VERSION_HEADER: exchange.served.name},
-            background=BackgroundTask(ingress.shadow, exchange.data, record, shadows) if shadows else None,
+            record, headers={VERSION_HEADER: served.name},
+            background=BackgroundTask(ingress.shadow, data, record, shadows) if shadows else None,
         )
 
     @app.post(
@@ -96,12 +103,8 @@ def http_app(ingress) -> FastAPIOffline:
         openapi_extra=file_parts("file"),
     )
     async def explain(request: Request, file: ImageFile) -> JSONResponse:
-        with ingress.exchange(request, "/explain") as exchange:
-            exchange.served = _answering(ingress.versions, request)
-            exchange.data = await _image_bytes(file)
-            record = await ingress.explain(exchange.served, exchange.data)
-            exchange.answered(record)
-        return JSONResponse(record, headers={VERSION_HEADER: exchange.served.name})
+        served, _, record = await _answer_image(ingress, request, "/explain", file, ingress.explain)
+        return JSONResponse(record, headers={VERSION_HEADER: served.name})
 
     most = ingress.args.max_batch_files
     files = Annotated[  # the schema names this replica's limit
@@ -131,11 +134,7 @@ def http_app(ingress) -> FastAPIOffline:
 
         async def entry(upload: UploadFile) -> dict:
             try:
-                with ingress.exchange(request, "/predict/batch") as exchange:
-                    exchange.served = served
-                    exchange.data = await _image_bytes(upload)
-                    record = await ingress.classify(served, exchange.data)
-                    exchange.answered(record)
+                _, _, record = await _answer_image(ingress, request, "/predict/batch", upload, ingress.classify, served)
             except Refusal as refusal:
                 return {"filename": upload.filename, "error": refusal.detail}
             return {"filename": upload.filename, **record}

@@ -1,11 +1,18 @@
 """The service's own Prometheus series (exported by Ray as ray_skin_ray_*), each defined once per process: a
 node's metrics agent keeps the first definition of a name it sees, so every replica defines it alike."""
 
+import logging
+import threading
 import urllib.request
+from collections.abc import Callable, Iterable
 from functools import cache
 
 import ray
 from ray.serve import metrics
+
+from skin_ray.drift import RATES, DriftWindow
+
+logger = logging.getLogger(__name__)
 
 EXACT_BATCH_SIZES = 64  # the batch-size histogram's sum is exact up to this many images per batch
 LATENCY_MS = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
@@ -66,6 +73,64 @@ def shadow_probability_difference() -> metrics.Histogram:
 @cache
 def audit_dropped() -> metrics.Counter:
     return metrics.Counter("skin_ray_audit_dropped", description="audit lines that could not be written")
+
+
+@cache
+def drift_gauges() -> dict[str, metrics.Gauge]:
+    statistic = ("version", "statistic")
+    return {
+        "distance": metrics.Gauge(
+            "skin_ray_drift_distance", tag_keys=statistic, description="how far the last images answered are from the "
+            "bundle's validation split: Kolmogorov-Smirnov D for a statistic, the absolute difference for a rate",
+        ),
+        "threshold": metrics.Gauge(
+            "skin_ray_drift_threshold", tag_keys=statistic,
+            description="the distance beyond which a statistic or rate has drifted at the bundle's alpha, for this window's size",
+        ),
+        "rate": metrics.Gauge(
+            "skin_ray_drift_rate", tag_keys=statistic,
+            description="the window's refused (of all), uncertain and cancer (of those accepted) rates",
+        ),
+        "window": metrics.Gauge("skin_ray_drift_window_size", tag_keys=("version",), description="images in the drift window"),
+    }
+
+
+def publish_drift(windows: Iterable[tuple[str, DriftWindow]], published: dict[str, int]) -> None:
+    """Set the drift gauges of each (version, window) that changed since `published` (images observed at the
+    last publication, by version; updated)."""
+    gauges = drift_gauges()
+    for version, window in windows:
+        if published.get(version) == window.observed:
+            continue
+        published[version] = window.observed
+        for statistic, compared in window.compare().items():
+            tags = {"version": version, "statistic": statistic}
+            gauges["distance"].set(compared["distance"], tags=tags)
+            gauges["threshold"].set(compared["threshold"], tags=tags)
+            if statistic in RATES:
+                gauges["rate"].set(compared["rate"], tags=tags)
+        gauges["window"].set(len(window), tags={"version": version})
+
+
+class Periodic:
+    """Calls `action` every `interval_s` seconds on a daemon thread until `stop`; a failure is logged, not fatal."""
+
+    def __init__(self, interval_s: float, action: Callable[[], None], name: str):
+        self.interval_s, self.action = interval_s, action
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.action()
+            except Exception:
+                logger.exception("%s failed", self._thread.name)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def node_metrics_url() -> str:

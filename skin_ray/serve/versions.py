@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from skin_ray.drift import DriftWindow
 from skin_ray.serve.backends import LoadedModel, RemoteModel
 from skin_ray.serve.batching import Batcher
 from skin_ray.serve.errors import Refusal
@@ -22,6 +23,7 @@ class ServedModel:
     image_size: int  # what uploads for it are decoded to
     backend: LoadedModel | RemoteModel
     batcher: Batcher
+    drift: DriftWindow | None  # None: its bundle has no drift reference, or drift_window is 0
 
     async def classify(self, decode: Callable[[int], Awaitable[np.ndarray]]) -> dict:
         """The prediction record of the image `decode(size)` gives, from the batch it joins."""
