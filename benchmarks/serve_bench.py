@@ -5,6 +5,7 @@
     python benchmarks/serve_bench.py --keys        (the shipped service without and with API keys)
     python benchmarks/serve_bench.py --audit       (the shipped service plain, with drift windows, with drift and audit)
     python benchmarks/serve_bench.py --explain-load (/predict's latency alone and beside 32 /explain clients)
+    python benchmarks/serve_bench.py --protocol    (the Open Inference Protocol's binary path against /predict, PyTriton)
     python benchmarks/serve_bench.py --versions [--baseline-checkout DIR] --concurrency 16 64
                                                  (one bundle, two at 90/10, one with a 100% shadow)
 
@@ -80,9 +81,11 @@ def ceilings(model: str | None, images: list[bytes], batch_size: int = 32) -> di
             "single_image_ms": round(float(np.median(single_ms)), 1)}
 
 
-def load(url: str, concurrency: list[int], seconds: float) -> dict:
-    """The peers' client against `url`; {concurrency: {rps, p50_ms, p99_ms, errors}}."""
-    command = [sys.executable, str(LOADGEN), "--url", url, "--flavour", "multipart", "--images", str(IMAGES),
+def load(url: str, concurrency: list[int], seconds: float, triton_model: str | None = None) -> dict:
+    """The peers' client against `url` (multipart /predict; with `triton_model`, the Open Inference Protocol's
+    binary image path of that model below `url`); {concurrency: {rps, p50_ms, p99_ms, errors}}."""
+    flavour = ["--flavour", "triton", "--triton-model", triton_model] if triton_model else ["--flavour", "multipart"]
+    command = [sys.executable, str(LOADGEN), "--url", url, *flavour, "--images", str(IMAGES),
                "--concurrency", ",".join(map(str, concurrency)), "--seconds", str(seconds), "--warmup", "8"]
     result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     return by_concurrency(result["levels"])
@@ -256,12 +259,12 @@ def run_layouts(args, images: list[bytes], workdir: Path) -> dict:
     return report
 
 
-def run_peers(args, workdir: Path) -> dict:
-    """../shared/peers/run_peers.sh on the shipped model file, then `skin-ray serve` with the same client."""
+def peer_rows(args, workdir: Path, peers: str) -> dict[str, dict]:
+    """../shared/peers/run_peers.sh with `peers` on the shipped model file: each peer's figures."""
     model_file = Path(args.bundle or ROOT / "skin_ray" / "bundles" / "default") / "model.keras"
     out = workdir / "peers"
     command = [str(PEERS / "run_peers.sh"), "--model", str(model_file), "--import", "skin_ray.model", "--images", str(IMAGES),
-               "--only", args.peers_only, "--concurrency", ",".join(map(str, args.concurrency)),
+               "--only", peers, "--concurrency", ",".join(map(str, args.concurrency)),
                "--seconds", str(args.seconds), "--out", str(out)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     rows: dict[str, dict] = {}
@@ -269,6 +272,12 @@ def run_peers(args, workdir: Path) -> dict:
         peer = json.loads(line)
         if peer.get("status") == "ok":
             rows[peer["peer"]] = by_concurrency(peer["result"]["levels"])
+    return rows
+
+
+def run_peers(args, workdir: Path) -> dict:
+    """The peers, then `skin-ray serve` with the same client."""
+    rows = peer_rows(args, workdir, args.peers_only)
     port = free_port()
     command, env = servers(args.bundle, workdir)[SHIPPED]
     with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
@@ -278,6 +287,26 @@ def run_peers(args, workdir: Path) -> dict:
     )
     print(table(rows, args.concurrency, rows[best][args.concurrency[-1]]["rps"], f"best peer ({best})"))
     return {"servers": rows, "best_peer": best}
+
+
+def run_protocol(args, workdir: Path) -> dict:
+    """The Open Inference Protocol's binary `image` path (the peers' `triton` client flavour, as PyTriton is
+    driven) against `/predict` on the same `skin-ray serve`, and PyTriton with that same client, in one round."""
+    rows = peer_rows(args, workdir, "pytriton")
+    port = free_port()
+    command, env = servers(args.bundle, workdir)[SHIPPED]
+    with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
+        base = f"http://127.0.0.1:{port}"
+        rows[f"{SHIPPED}, /predict"] = load(f"{base}/predict", args.concurrency, args.seconds)
+        rows[f"{SHIPPED}, /v2 infer (binary)"] = load(base, args.concurrency, args.seconds, triton_model="skin-ray")
+    print(table(rows, args.concurrency, rows[f"{SHIPPED}, /predict"][args.concurrency[-1]]["rps"], "/predict"))
+    protocol, multipart = rows[f"{SHIPPED}, /v2 infer (binary)"], rows[f"{SHIPPED}, /predict"]
+    ratios = {c: {"over_predict": round(protocol[c]["rps"] / multipart[c]["rps"], 3),
+                  "over_pytriton": round(protocol[c]["rps"] / rows["pytriton"][c]["rps"], 3) if "pytriton" in rows else None}
+              for c in args.concurrency}
+    print("the protocol's binary path per concurrency: " + ", ".join(
+        f"c={c}: {r['over_predict']:.3f}x /predict, {r['over_pytriton']}x PyTriton" for c, r in ratios.items()))
+    return {"servers": rows, "ratios": ratios}
 
 
 def compare_arms(args, images: list[bytes], workdir: Path, arms: dict[str, tuple[list[str], dict | None]],
@@ -432,6 +461,7 @@ def main() -> None:
         "--audit", action="store_true", help="the shipped service plain, with drift windows, and with them and the audit trail"
     )
     parser.add_argument("--versions", action="store_true", help="one bundle against two at 90/10 and a 100%% shadow")
+    parser.add_argument("--protocol", action="store_true", help="the Open Inference Protocol's binary path, /predict, PyTriton")
     parser.add_argument("--baseline-checkout", help="with --versions: also the one-bundle service of this checkout")
     args = parser.parse_args()
     if not LOADGEN.is_file() or not IMAGES.is_dir():
@@ -447,6 +477,8 @@ def main() -> None:
         report = run_explain_load(args, images, workdir)
     elif args.versions:
         report = run_versions(args, workdir)
+    elif args.protocol:
+        report = run_protocol(args, workdir)
     else:
         report = run_peers(args, workdir) if args.peers else run_layouts(args, images, workdir)
     print(json.dumps({"benchmark": "serve", "seconds": args.seconds, "cpus": os.cpu_count(), **report}))

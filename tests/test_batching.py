@@ -108,7 +108,8 @@ def test_an_image_that_fails_to_decode_does_not_hold_the_others_back():
 
 def _versions(weights: dict[str, float], shadow: dict[str, float] | None = None) -> Versions:
     names = [*weights, *(shadow or {})]
-    return Versions({name: ServedModel(name, None, 96, None, None, None) for name in names}, weights, shadow or {})
+    models = {name: ServedModel(name, None, 96, ["Cancer", "Non_Cancer"], None, None, None) for name in names}
+    return Versions(models, weights, shadow or {})
 
 
 def test_traffic_is_split_by_weight_within_binomial_noise():

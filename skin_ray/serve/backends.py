@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 PUBLIC_METADATA = (
     "model_version", "arch", "class_names", "positive_class", "threshold", "target_sensitivity", "metrics",
     "input_size", "preprocessing", "format_version", "created", "package_version", "input_gate", "uncertainty",
+    "drift_reference",
 )
 
 

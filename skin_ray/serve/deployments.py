@@ -24,7 +24,8 @@ from skin_ray.serve.audit import AuditLog, ImageExchange
 from skin_ray.serve.backends import LoadedModel, RemoteModel, swap_in_place
 from skin_ray.serve.batching import Batcher, ImageBudget, Overloaded
 from skin_ray.serve.errors import Refusal
-from skin_ray.serve.guard import RequestGuard, RouteCapacity
+from skin_ray.serve.guard import RequestGuard, RouteCapacity, capacity_key
+from skin_ray.serve.inference_protocol import INFER_PATH
 from skin_ray.serve.versions import ServedModel, Versions
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class Ingress:
             capacity={
                 ("POST", "/predict"): overloaded,
                 ("POST", "/predict/batch"): overloaded,
+                ("POST", INFER_PATH): overloaded,
                 ("POST", "/explain"): RouteCapacity(
                     f"{explaining} explanations are already being made; retry shortly", most=explaining
                 ),
@@ -165,7 +167,7 @@ class Ingress:
         drift = None
         if reference is not None and settings.drift_window:
             drift = DriftWindow(reference, settings.drift_window, metadata.positive_class)
-        return ServedModel(name, bundle, metadata.image_size, backend, batcher, drift)
+        return ServedModel(name, bundle, metadata.image_size, metadata.class_names, backend, batcher, drift)
 
     def reconfigure(self, user_config: dict) -> None:
         """A redeploy's `user_config` changes the versions (bundles, traffic, shadow) and batching without a
@@ -199,7 +201,7 @@ class Ingress:
         return ImageExchange(self.audit, request.scope, route)
 
     def _refused_before_the_app(self, scope: dict, path: str, status: int, detail: str) -> None:
-        if ("POST", path) in self.guard.capacity:  # a route that takes images: its refusal goes on the record too
+        if capacity_key("POST", path) in self.guard.capacity:  # a route that takes images: its refusal is on the record too
             ImageExchange(self.audit, scope, path).refused(Refusal(status, detail))
 
     def _decoder(self, data: bytes, image: dict[str, float]) -> Callable[[int], Awaitable[np.ndarray]]:
@@ -223,6 +225,20 @@ class Ingress:
         image = {}
         with self._refusals():
             return await served.classify(self._decoder(data, image)), image
+
+    async def classify_pixels(self, served: ServedModel, pixels: np.ndarray) -> tuple[dict, dict[str, float]]:
+        """`classify` for an image a caller decoded itself: uint8 pixels at `served`'s input size."""
+        self._check_audit()
+        image = {}
+        if self.measures_images:
+            measured = image_statistics(pixels[None], np.array([pixels.shape[0] * pixels.shape[1] / 1e6]))
+            image = {name: float(values[0]) for name, values in measured.items()}
+
+        async def decoded(size: int) -> np.ndarray:
+            return pixels
+
+        with self._refusals():
+            return await served.classify(decoded), image
 
     async def explain(self, served: ServedModel, data: bytes) -> tuple[dict, dict[str, float]]:
         """`classify` with the record's Grad-CAM `explanation` (one image, not batched: the guard admits at most

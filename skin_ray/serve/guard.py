@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import uuid
 from collections.abc import Callable
 
@@ -14,7 +15,10 @@ from skin_ray.serve.errors import refuse
 logger = logging.getLogger(__name__)
 
 # What answers without an API key: the page, the health check and the API's documentation, which hold no data.
-OPEN_ROUTES = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Health probes (Kubernetes' and the Open Inference Protocol's) and the documentation need no key.
+OPEN_ROUTES = frozenset({
+    "/", "/healthz", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"
+})
 OPEN_PREFIXES = ("/static-offline-docs/",)  # the documentation pages' scripts and styles
 
 
@@ -122,7 +126,7 @@ class RequestGuard:
                 )
             scope.setdefault("state", {})["caller"] = caller  # its name, for the log; never the secret
             logger.info("%s %s by API key %r", scope["method"], path, caller)
-        capacity = self.capacity.get((scope["method"], path))
+        capacity = self.capacity.get(capacity_key(scope["method"], path))
         if capacity is not None and not capacity.has_room():
             return await self._refuse(scope, send, 503, capacity.reason, closing=True)  # before its body is read
         with capacity.held() if capacity is not None else contextlib.nullcontext():
@@ -130,8 +134,9 @@ class RequestGuard:
 
     async def _refuse(self, scope, send, status: int, detail: str, closing: bool = False, headers=None) -> None:
         """Answer `status` with `detail` from here, and say so to `on_refusal`."""
-        self.on_refusal(scope, _route_path(scope), status, detail)
-        await refuse(send, status, detail, closing, headers)
+        path = _route_path(scope)
+        self.on_refusal(scope, path, status, detail)
+        await refuse(send, status, detail, closing, headers, path)
 
     async def _bounded(self, app, scope, receive, send, lengths: set[bytes], codings: list[bytes]):
         """Pass the request on with its body bounded by `max_bytes` and `timeout_s`."""
@@ -225,6 +230,15 @@ def _request_id(headers) -> str:
     Serve or HAProxy made), at most 128 characters of it; a new one where nothing set it (outside Serve)."""
     given = next((value for name, value in headers if name == b"x-request-id"), b"")
     return given.decode("latin-1")[:128] or uuid.uuid4().hex
+
+
+def capacity_key(method: str, path: str) -> tuple[str, str]:
+    """The route whose capacity a request takes: an Open Inference Protocol path naming a version
+    (/v2/models/M/versions/V/infer) shares its model's (/v2/models/M/infer)."""
+    return method, _PROTOCOL_VERSION.sub(r"\1\2", path)
+
+
+_PROTOCOL_VERSION = re.compile(r"^(/v2/models/[^/]+)/versions/[^/]+(/infer)$")
 
 
 def _route_path(scope) -> str:

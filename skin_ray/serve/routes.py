@@ -3,12 +3,14 @@
 import asyncio
 from typing import Annotated
 
+import numpy as np
 from fastapi import File, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.background import BackgroundTask
 
 import skin_ray
+from skin_ray.serve import inference_protocol as protocol
 from skin_ray.serve.errors import HANDLERS, Refusal, error
 from skin_ray.serve.schemas import (
     IMAGE_FILE_SCHEMA,
@@ -19,8 +21,15 @@ from skin_ray.serve.schemas import (
     ExplainResponse,
     HealthResponse,
     ImageFile,
+    InferenceResponse,
+    LiveResponse,
+    ModelMetadataResponse,
+    ModelReadyResponse,
     ModelResponse,
     PredictionResponse,
+    ProtocolErrorResponse,
+    ReadyResponse,
+    ServerMetadataResponse,
     StatsResponse,
     document_keys,
     error_responses,
@@ -50,13 +59,14 @@ async def _image_bytes(upload: UploadFile) -> bytes:
     return await upload.read()
 
 
-async def _answer_image(ingress, request: Request, route: str, upload: UploadFile, work, served=None):
-    """One uploaded image through `route`: answered by `served`, else by the version the request asks for, with
+async def _answer_image(ingress, request: Request, route: str, upload: UploadFile | bytes, work, served=None):
+    """One uploaded image (a file part, or bytes already read) through `route`: answered by `served`, else by the
+    version the request asks for, with
     `work(served, data)`'s record (and image statistics); counted, audited, refusals too, and watched for drift.
     Returns the version, the bytes and the record."""
     with ingress.exchange(request, route) as exchange:
         exchange.served = served or _answering(ingress.versions, request)
-        exchange.data = await _image_bytes(upload)
+        exchange.data = upload if isinstance(upload, bytes) else await _image_bytes(upload)
         record, image = await work(exchange.served, exchange.data)
         exchange.answered(record, image)
     return exchange.served, exchange.data, record
@@ -186,6 +196,108 @@ def http_app(ingress) -> FastAPIOffline:
     async def page() -> HTMLResponse:
         return HTMLResponse(ingress.page_html)
 
+    add_protocol_routes(app, ingress)
     if ingress.guard.keys is not None:
         document_keys(app, rate_limited=ingress.guard.rate_limit is not None)
     return app
+
+
+def _protocol_errors(described: dict[int, str]) -> dict:
+    return {status: {"model": ProtocolErrorResponse, "description": text} for status, text in sorted(described.items())}
+
+
+def add_protocol_routes(app: FastAPIOffline, ingress) -> None:
+    """The Open Inference Protocol's REST routes (skin_ray.serve.inference_protocol) on the same versions,
+    batchers, limits, keys and audit trail as /predict. Without /versions/NAME a request follows the traffic rule,
+    with it the version is pinned."""
+    tags = ["Open Inference Protocol"]
+    # 422 is FastAPI's for a path or query parameter it cannot read: documented because it says so for any route
+    # with parameters, never sent by these (their parameters are text).
+    unknown = {404: "no such model, or no such version", 422: "a parameter that cannot be read"}
+    model_paths = (protocol.MODEL_PATH.replace(protocol.MODEL_NAME, "{model}"),
+                   protocol.MODEL_PATH.replace(protocol.MODEL_NAME, "{model}") + "/versions/{version}")
+
+    def chosen(request: Request, model: str, version: str | None) -> ServedModel:
+        if model != protocol.MODEL_NAME:
+            raise Refusal(404, f"no model {model!r}; this server has {protocol.MODEL_NAME!r}")
+        versions = ingress.versions
+        if version is None:
+            return _answering(versions, request)
+        return versions.answering(version, None)
+
+    @app.get("/v2", tags=tags, summary="Server metadata", response_model=ServerMetadataResponse,
+             responses=_protocol_errors({503: SHUTTING_DOWN}))
+    async def server_metadata() -> dict:
+        return {"name": protocol.MODEL_NAME, "version": skin_ray.__version__, "extensions": protocol.EXTENSIONS}
+
+    @app.get("/v2/health/live", tags=tags, summary="200 while the service answers", response_model=LiveResponse,
+             responses=_protocol_errors({503: SHUTTING_DOWN}))
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=tags, summary="200 once every version's model answers", response_model=ReadyResponse,
+             responses=_protocol_errors({503: "a model is not ready, or the service is shutting down"}))
+    async def ready() -> dict:
+        await ingress.health()
+        return {"ready": True}
+
+    for path in model_paths:
+        @app.get(path, tags=tags, summary="Model metadata: inputs, outputs, versions", response_model=ModelMetadataResponse,
+                 responses=_protocol_errors({**unknown, 503: SHUTTING_DOWN}))
+        async def model_metadata(request: Request, model: str, version: str | None = None) -> dict:
+            served = chosen(request, model, version)
+            return protocol.model_metadata(list(ingress.versions.models), served.image_size, served.class_names)
+
+        @app.get(path + "/ready", tags=tags, summary="200 once the model answers", response_model=ModelReadyResponse,
+                 responses=_protocol_errors({**unknown, 503: "the model is not ready, or the service is shutting down"}))
+        async def model_ready(request: Request, model: str, version: str | None = None) -> dict:
+            served = chosen(request, model, version)
+            try:
+                await served.backend.metadata()
+            except Exception as exc:  # a model replica starting, restarting or gone
+                raise Refusal(503, f"model not ready: {type(exc).__name__}") from None
+            return {"name": protocol.MODEL_NAME, "ready": True}
+
+        @app.post(
+            path + "/infer", tags=tags, summary="Classify images: input `image` (BYTES) or `pixels` (UINT8)",
+            description="JSON, or JSON and binary tensors (Inference-Header-Content-Length). One undecodable image "
+            "fails the request with 400 naming its index: the protocol has no per-image error (/predict/batch has).",
+            response_model=InferenceResponse,
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"type": "object", "description": "an inference request: inputs (one), "
+                                                 "outputs (optional), id (optional)"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                        "description": "the JSON request, then its binary tensors"}},
+            }}},
+            responses=_protocol_errors({**unknown, 400: "not a valid inference request, or an image that cannot be decoded",
+                                        413: "body larger than max_upload_mb, or more images than max_batch_files",
+                                        503: "overloaded, or the service is shutting down; retry shortly (Retry-After)"}),
+        )
+        async def infer(request: Request, model: str, version: str | None = None) -> Response:
+            route = protocol.INFER_PATH
+            with ingress.exchange(request, route):  # a request refused whole is on the record too
+                served = chosen(request, model, version)
+                inference = protocol.parse_request(
+                    await request.body(), request.headers.get(protocol.HEADER_LENGTH), served.image_size,
+                    ingress.args.max_batch_files,
+                )
+            if inference.files is not None:
+                images, work = inference.files, ingress.classify
+            else:
+                images = [pixels.tobytes() for pixels in inference.pixels]
+                shape = inference.pixels.shape[1:]
+
+                async def work(served: ServedModel, data: bytes):
+                    return await ingress.classify_pixels(served, np.frombuffer(data, np.uint8).reshape(shape))
+
+            answers = await asyncio.gather(
+                *(_answer_image(ingress, request, route, data, work, served) for data in images), return_exceptions=True
+            )
+            for index, answer in enumerate(answers):
+                if isinstance(answer, Refusal):
+                    raise Refusal(answer.status, f"image {index}: {answer.detail}")
+                if isinstance(answer, BaseException):
+                    raise answer
+            records = [record for _, _, record in answers]
+            body, headers = protocol.encode_response(inference, records, served.class_names, records[0]["model_version"])
+            return Response(body, headers={**headers, VERSION_HEADER: served.name})

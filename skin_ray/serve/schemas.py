@@ -163,3 +163,83 @@ def document_keys(app: FastAPIOffline, rate_limited: bool) -> None:
     app.openapi = openapi
 
 
+
+
+# The Open Inference Protocol (KServe v2 REST), as its specification's text defines the shapes
+# (kserve/open-inference-protocol, specification/protocol/inference_rest.md). A parameter is a string, number or
+# boolean; a tensor's `data` is a JSON array, flat or nested, row-major.
+Parameters = dict[str, str | int | float | bool]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a dimension of any size")
+
+
+class ServerMetadataResponse(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadataResponse(BaseModel):
+    name: str
+    versions: list[str] | None = None
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: Parameters | None = Field(None, description="skin-ray's: class order, what a withheld answer holds")
+
+
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+
+
+class ModelReadyResponse(BaseModel):
+    name: str
+    ready: bool
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list | None = None  # absent when the tensor comes as binary data (binary_data_size)
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: Parameters | None = None
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: Parameters | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list | None = None  # absent when the tensor follows the JSON as binary data
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[ResponseOutput]
+
+
+class ProtocolErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, in a sentence")

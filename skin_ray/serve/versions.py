@@ -21,6 +21,7 @@ class ServedModel:
     name: str
     bundle: str | None  # as configured (None: the shipped model)
     image_size: int  # what uploads for it are decoded to
+    class_names: list[str]  # in the order of its probabilities
     backend: LoadedModel | RemoteModel
     batcher: Batcher
     drift: DriftWindow | None  # None: its bundle has no drift reference, or drift_window is 0
