@@ -52,6 +52,11 @@ def image_statistics(pixels: np.ndarray, megapixels: np.ndarray) -> dict[str, np
     }
 
 
+def one_image_statistics(pixels: np.ndarray, megapixels: float) -> dict[str, float]:
+    """`image_statistics` of one image (s, s, 3), as plain numbers (what an audit line holds)."""
+    return {name: float(values[0]) for name, values in image_statistics(pixels[None], np.array([megapixels])).items()}
+
+
 @dataclass(frozen=True)
 class Observations:
     """Images as columns: each statistic (NaN where an image has none, e.g. the Cancer probability of a refused

@@ -23,6 +23,7 @@ from skin_ray import storage
 from skin_ray.bundle import read_drift_reference, read_metadata
 from skin_ray.config import DriftSettings
 from skin_ray.drift import IMAGE_STATISTICS, RATES, STATISTICS, DriftReference, Observations, compare
+from skin_ray.record import OUT_OF_DISTRIBUTION
 
 AUDIT_SUFFIX = ".jsonl"
 RESULT_READERS = {".parquet": ray.data.read_parquet, ".csv": ray.data.read_csv, ".json": ray.data.read_json}
@@ -70,7 +71,7 @@ def result_observations(batch: dict[str, np.ndarray], model_version: str, positi
     """The observations of a batch of classify rows answered by `model_version` (one period)."""
     keep = [
         i for i, (version, reason) in enumerate(zip(batch["model_version"], batch["error_reason"], strict=True))
-        if version == model_version and (reason is None or reason == "out_of_distribution" or _is_missing(reason))
+        if version == model_version and (reason is None or reason == OUT_OF_DISTRIBUTION or _is_missing(reason))
     ]
     records = [{field: batch[field][i] for field in ("in_distribution", "ood_score", "cancer_probability", "uncertain", "label")}
                for i in keep]

@@ -969,6 +969,23 @@ def test_drift_gauges_and_the_offline_report_separate_shifted_streams_from_uncha
             period = summary["periods"][f"2026-01-{day:02d}"]
             drifted = {statistic for statistic, row in period["statistics"].items() if row["drifted"]}
             assert period["images"] == DRIFT_WINDOW and _as_expected(drifted, stream), (name, stream, period)
+    # Classify results (the same answers as rows of a classify job's Parquet schema): no time, no image statistics.
+    import pyarrow
+    import pyarrow.parquet
+
+    from skin_ray.classify import result_schema
+
+    generated = [line for line in lines if line["request_id"].startswith("generated-everyday")]
+    rows = [{column: line.get(column) for column in result_schema(["Cancer", "Non_Cancer"]).names} for line in generated]
+    (tmp_path / "rows").mkdir()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows, schema=result_schema(["Cancer", "Non_Cancer"])),
+                                tmp_path / "rows" / "part.parquet")
+    summary = drift_report(DriftSettings(source=str(tmp_path / "rows"), bundle=sources["generated"][0]))
+    (period,) = summary["periods"].values()
+    assert summary["kind"] == "classify results" and period["images"] == DRIFT_WINDOW
+    assert "brightness" not in period["statistics"] and _as_expected(
+        {name for name, row in period["statistics"].items() if row["drifted"]}, "everyday_photos_mixed_in"
+    )
 
 
 def _validated(model, document: dict) -> dict:

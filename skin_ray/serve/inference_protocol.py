@@ -32,7 +32,6 @@ EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT, PIXEL_INPUT = "image", "pixels"
 WITHHELD = -1.0
-DATATYPES = {"FP32": np.float32, "BOOL": np.bool_, "UINT8": np.uint8}
 OUTPUT_TYPES = {
     "cancer_probability": "FP32", "probabilities": "FP32", "label": "BYTES", "in_distribution": "BOOL",
     "ood_score": "FP32", "uncertain": "BOOL",
