@@ -89,12 +89,19 @@ def test_a_declared_length_over_the_limit_is_refused_unread():
     assert status == 413 and not exchange.app_called
 
 
-def test_a_replica_without_room_answers_503_before_reading_the_body():
+def test_a_replica_without_room_answers_503_without_the_app():
+    """A small body is read and dropped first, so the connection stays open (closing it with unread bytes resets
+    it, and the client can lose the answer); a large one is refused unread and the connection closed."""
     capacity = {("POST", "/predict"): RouteCapacity("the model is overloaded; retry shortly", full=lambda: True)}
-    exchange = Exchange(_guard(capacity=capacity), headers=[(b"content-length", b"500")], chunks=[b"x" * 500])
+    exchange = Exchange(_guard(capacity=capacity), headers=[(b"content-length", b"500")], chunks=[b"x" * 250] * 2)
     status, headers, answer = asyncio.run(exchange.run())
     assert status == 503 and headers["retry-after"] and "overloaded" in answer["detail"]
-    assert not exchange.app_called
+    assert not exchange.app_called and "connection" not in headers
+    large = str(RequestGuard.SMALL_BODY + 1).encode()
+    exchange = Exchange(RequestGuard(max_bytes=10**7, timeout_s=5, max_uploads=16, capacity=capacity),
+                        headers=[(b"content-length", large)], chunks=[b"x" * 10])
+    status, headers, _ = asyncio.run(exchange.run())
+    assert status == 503 and headers["connection"] == "close" and not exchange.app_called
     other = Exchange(_guard(capacity=capacity), path="/model", method="GET")
     assert asyncio.run(other.run())[0] == 200
 

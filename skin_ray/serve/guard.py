@@ -63,6 +63,10 @@ class RequestGuard:
 
     # An upload at network speed is over long before this; a younger one cannot be judged by its rate yet.
     GRACE_S = 0.25
+    # A body up to this size, refused for want of room, is read and dropped first (for at most a second): closing a
+    # connection with unread bytes makes the kernel reset it, and the client may then lose the 503 it was sent
+    # (seen with 24 concurrent /explain uploads of a few KB). A larger one is refused unread and the connection closed.
+    SMALL_BODY = 256 * 1024
 
     def __init__(
         self, max_bytes: int, timeout_s: float, max_uploads: int, keys: ApiKeys | None = None,
@@ -128,7 +132,9 @@ class RequestGuard:
             logger.info("%s %s by API key %r", scope["method"], path, caller)
         capacity = self.capacity.get(capacity_key(scope["method"], path))
         if capacity is not None and not capacity.has_room():
-            return await self._refuse(scope, send, 503, capacity.reason, closing=True)  # before its body is read
+            small = lengths and int(next(iter(lengths))) <= self.SMALL_BODY
+            read = small and await _discard_body(receive, timeout_s=1.0)
+            return await self._refuse(scope, send, 503, capacity.reason, closing=not read)
         with capacity.held() if capacity is not None else contextlib.nullcontext():
             return await self._bounded(app, scope, receive, send, lengths, codings)
 
@@ -211,6 +217,23 @@ class _Upload:
         received = message.result()
         self.received += len(received.get("body", b""))
         return received, None
+
+
+async def _discard_body(receive, timeout_s: float) -> bool:
+    """Read a request's body to its end and drop it; False if it does not end within `timeout_s`."""
+
+    async def to_the_end() -> bool:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            if not message.get("more_body", False):
+                return True
+
+    try:
+        return await asyncio.wait_for(to_the_end(), timeout_s)
+    except TimeoutError:
+        return False
 
 
 def _framing_problem(lengths: set[bytes], codings: list[bytes]) -> str | None:
