@@ -42,33 +42,32 @@ async def refuse(
     await error(status, detail, closing, headers, path)({"type": "http"}, None, send)
 
 
-def _path(request: Request) -> str:
-    """The request's path below the app's route prefix."""
-    root = request.scope.get("root_path", "")
-    path = request.url.path
+def route_path(scope) -> str:
+    """The request's path below the app's route prefix (Serve mounts an app under `route_prefix`)."""
+    path, root = scope["path"], scope.get("root_path", "")
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 async def _refusal(request: Request, exc: Refusal) -> JSONResponse:
-    return error(exc.status, exc.detail, path=_path(request))
+    return error(exc.status, exc.detail, path=route_path(request.scope))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A failure nobody foresaw is still the service's fault, not the caller's: JSON 503, retry."""
     logger.exception("unexpected failure answering %s", request.url.path)
-    return error(503, f"internal failure ({type(exc).__name__}); retry shortly", path=_path(request))
+    return error(503, f"internal failure ({type(exc).__name__}); retry shortly", path=route_path(request.scope))
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's and FastAPI's own refusals (a malformed multipart body, an unknown route) in the service's shape."""
     detail = f"malformed request body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)
-    return error(exc.status_code, detail, path=_path(request))
+    return error(exc.status_code, detail, path=route_path(request.scope))
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     fields = ", ".join(sorted({repr(".".join(map(str, problem["loc"][1:]))) for problem in exc.errors()}))
     return error(422, f"no file: send the image(s) as file parts (with a filename) of multipart field {fields}",
-                 path=_path(request))
+                 path=route_path(request.scope))
 
 
 # For FastAPI(exception_handlers=...): the most specific class that matches an exception answers it.

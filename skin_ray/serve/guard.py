@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 
 from skin_ray.api_keys import ApiKeys, RateLimit
-from skin_ray.serve.errors import refuse
+from skin_ray.serve.errors import refuse, route_path
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class RequestGuard:
         codings = [c.strip().lower() for name, value in headers if name == b"transfer-encoding" for c in value.split(b",")]
         if problem := _framing_problem(lengths, codings):
             return await self._refuse(scope, send, 400, problem, closing=True)
-        path = _route_path(scope)
+        path = route_path(scope)
         if self.keys is not None and path not in OPEN_ROUTES and not path.startswith(OPEN_PREFIXES):
             caller = self.keys.name_of(_presented_secret(headers))
             if caller is None:
@@ -140,7 +140,7 @@ class RequestGuard:
 
     async def _refuse(self, scope, send, status: int, detail: str, closing: bool = False, headers=None) -> None:
         """Answer `status` with `detail` from here, and say so to `on_refusal`."""
-        path = _route_path(scope)
+        path = route_path(scope)
         self.on_refusal(scope, path, status, detail)
         await refuse(send, status, detail, closing, headers, path)
 
@@ -262,12 +262,6 @@ def capacity_key(method: str, path: str) -> tuple[str, str]:
 
 
 _PROTOCOL_VERSION = re.compile(r"^(/v2/models/[^/]+)/versions/[^/]+(/infer)$")
-
-
-def _route_path(scope) -> str:
-    """The request's path below the app's route prefix (Serve mounts an app under `route_prefix`)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 def _presented_secret(headers) -> str:
