@@ -9,8 +9,8 @@ A bundle is a directory, local or under an `s3://` prefix:
     train_images.sha256
                     the content hash of every training image, one per line (optional): how `evaluate`
                     knows which of the images it scores the model has seen
-    input_gate.npz  the input gate's class means and precision matrix (optional; its method and threshold
-                    are in bundle.json, see skin_ray/safeguards.py)
+    input_gate.npz  the input gate's class means and precision matrix at each depth, its evidence range and head
+                    (optional; its method, threshold and figures are in bundle.json, see skin_ray/safeguards.py)
     drift_reference.npz
                     each drift statistic's values on the validation split (optional; the rates are in
                     bundle.json, see skin_ray/drift.py)
@@ -154,14 +154,15 @@ def _write_description(directory: str, metadata: BundleMetadata, gate: InputGate
         np.savez(Path(directory, GATE_FILE), **gate.arrays())
 
 
-def load_bundle(uri: str | None = None) -> Bundle:
-    """Load the bundle at `uri` (a local directory or S3 prefix); the shipped default when None."""
+def load_bundle(uri: str | None = None, safeguards: bool = True) -> Bundle:
+    """Load the bundle at `uri` (a local directory or S3 prefix); the shipped default when None. Without
+    `safeguards`, its input gate and drift reference are not read (for refitting them)."""
     uri = uri or DEFAULT_BUNDLE
     if storage.is_s3(uri):
         with tempfile.TemporaryDirectory() as local:
             storage.download_files(uri, BUNDLE_FILES, local)  # never what else the prefix holds
-            return _load_local(local, uri)
-    return _load_local(uri, uri)
+            return _load_local(local, uri, safeguards)
+    return _load_local(uri, uri, safeguards)
 
 
 def read_metadata(uri: str | None = None) -> BundleMetadata:
@@ -206,7 +207,7 @@ def _read_metadata(location: str, uri: str) -> BundleMetadata:
     return metadata
 
 
-def _load_local(directory: str, uri: str) -> Bundle:
+def _load_local(directory: str, uri: str, safeguards: bool) -> Bundle:
     metadata = _read_metadata(directory, uri)
     model = keras.saving.load_model(Path(directory, MODEL_FILE), compile=False, safe_mode=True)
     if list(model.input_shape[1:]) != metadata.input_size:
@@ -214,13 +215,17 @@ def _load_local(directory: str, uri: str) -> Bundle:
     digests_path = Path(directory, TRAIN_DIGESTS_FILE)
     train_digests = frozenset(digests_path.read_text().split()) if digests_path.is_file() else frozenset()
     gate = None
-    if metadata.input_gate is not None:
+    if safeguards and metadata.input_gate is not None:
         if not Path(directory, GATE_FILE).is_file():
             raise BundleError(f"{uri} describes an input gate but {GATE_FILE} is missing; `skin-ray fit-safeguards` refits it")
-        with np.load(Path(directory, GATE_FILE)) as arrays:
-            gate = InputGate(arrays["gate_means"], arrays["gate_precision"], metadata.input_gate["threshold"])
+        try:
+            with np.load(Path(directory, GATE_FILE)) as arrays:
+                gate = InputGate.from_arrays(arrays, metadata.input_gate["threshold"])
+        except (KeyError, ValueError, OSError) as exc:
+            raise BundleError(f"{uri}: its {GATE_FILE} does not hold this version's input gate ({exc}); "
+                              "`skin-ray fit-safeguards` refits it") from None
     drift = None
-    if metadata.drift_reference is not None:
+    if safeguards and metadata.drift_reference is not None:
         if not Path(directory, DRIFT_FILE).is_file():
             raise BundleError(
                 f"{uri} describes a drift reference but {DRIFT_FILE} is missing; `skin-ray fit-safeguards` refits it"

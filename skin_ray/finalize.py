@@ -5,17 +5,19 @@ description. Also re-deriving a bundle's split from its data, for commands that 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from skin_ray import safeguards
+from skin_ray import gate_images, safeguards
 from skin_ray.bundle import BundleMetadata, describe_bundle, load_bundle, write_safeguards
 from skin_ray.calibration import calibrate
 from skin_ray.config import FitSafeguardsSettings, ThresholdSettings
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, Split, discover, pixel_dataset, split_by_content
 from skin_ray.drift import DriftReference, Observations, image_statistics
-from skin_ray.predictor import analysis_function, member_cancer_probabilities
+from skin_ray.predictor import Analyser
 from skin_ray.preprocess import to_model_input
-from skin_ray.safeguards import InputGate
+from skin_ray.safeguards import GateInputs, InputGate
 
 
 def finalize_bundle(
@@ -31,61 +33,97 @@ def finalize_bundle(
     return metadata, gate, drift
 
 
+@dataclass(frozen=True)
+class SafeguardInputs:
+    """What the safeguards are fitted on once the network has seen the images."""
+
+    dermoscopy: GateInputs  # the training split's views
+    train_labels: np.ndarray  # their classes
+    groups: np.ndarray  # the training image each view comes from
+    outliers: GateInputs  # generated images that are not dermoscopy
+    kinds: np.ndarray  # their kinds
+    validation: GateInputs
+    is_cancer: np.ndarray  # validation truth
+    p_cancer: np.ndarray  # calibrated Cancer probability on validation
+    member_cancer: np.ndarray | None  # members' ones (None: a single network)
+    image: dict[str, np.ndarray]  # `image_statistics` of validation
+
+
 def fit_safeguards(model, train, validation, threshold: float) -> tuple[InputGate, dict, dict, DriftReference]:
     """The input gate and the uncertainty margin of a calibrated model, with their bundle.json descriptions,
     and the drift reference (skin_ray.drift) they give on validation; `train` and `validation` are the split's
-    `pixel_dataset`s.
+    `pixel_dataset`s."""
+    return fit_safeguards_on(safeguard_inputs(model, train, validation), threshold)
 
-    The gate's reference is the training split as the model saw it in training: every image, and every image
-    zoomed out onto skin as the augmentation does (without them, 14% of the validation images re-photographed
-    with a wider field were refused; with them 2.7%, at the price of letting more noise and flat images
-    through: benchmarks/ood.py). Its threshold and the margin come from the validation split.
+
+def safeguard_inputs(model, train, validation) -> SafeguardInputs:
+    """The model's view of the split's `pixel_dataset`s and of generated images, for `fit_safeguards_on`.
+
+    The gate's dermoscopy is the training split as the model saw it in training (every image, and every image
+    zoomed out onto skin as the augmentation does) and re-photographed (skin_ray.gate_images); what it is fitted
+    against is generated from the same seed every time. Its threshold and the margin come from the validation
+    split.
     """
     from skin_ray.model import RandomZoomOutOntoSkin
 
-    analyse = analysis_function(model)
     positive = CLASS_NAMES.index(POSITIVE_CLASS)
+    analyse = Analyser(model, positive)
     zoom_out = RandomZoomOutOntoSkin(probability=1.0, seed=0)
+    rng = np.random.default_rng(0)
+    views, labels, groups, lesions = [], [], [], []
+    for batch in train.iter_batches(batch_size=64):
+        images = to_model_input(batch["pixels"])
+        rephotographed = to_model_input(gate_images.rephotographed(batch["pixels"], rng))
+        for view in (images, np.clip(np.asarray(zoom_out(images, training=True)), 0, 1), rephotographed):
+            views.append(analyse(view).gate_inputs)
+            labels.append(batch["label"])
+            groups.append(np.arange(len(images)) + sum(len(part) for part in lesions))
+        lesions.append(batch["pixels"])
+    outliers, kinds = outlier_inputs(analyse, np.concatenate(lesions)[::16], model.input_shape[1])
+    p_cancer, members, inputs, image, truth = [], [], [], [], []
+    for batch in validation.iter_batches(batch_size=64):
+        analysis = analyse(to_model_input(batch["pixels"]))
+        p_cancer.append(analysis.probabilities[:, positive])
+        members.append(analysis.member_cancer)
+        inputs.append(analysis.gate_inputs)
+        image.append(image_statistics(batch["pixels"], batch["megapixels"]))
+        truth.append(batch["label"] == positive)
+    return SafeguardInputs(
+        GateInputs.concatenate(views), np.concatenate(labels), np.concatenate(groups), outliers, kinds,
+        GateInputs.concatenate(inputs), np.concatenate(truth), np.concatenate(p_cancer),
+        None if members[0] is None else np.concatenate(members),
+        {name: np.concatenate([part[name] for part in image]) for name in image[0]},
+    )
 
-    def features_of(dataset, zoomed_too: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-        labels, probabilities, features, statistics = [], [], [], []
-        for batch in dataset.iter_batches(batch_size=64):
-            images = to_model_input(batch["pixels"])
-            statistics.append(image_statistics(batch["pixels"], batch["megapixels"]))
-            views = [images]
-            if zoomed_too:
-                views.append(np.asarray(zoom_out(images, training=True)))
-            for view in views:
-                p, f = (np.asarray(t) for t in analyse(view))
-                labels.append(batch["label"])
-                probabilities.append(p[:, positive])
-                features.append(f)
-        statistics = {name: np.concatenate([part[name] for part in statistics]) for name in statistics[0]}
-        return np.concatenate(labels), np.concatenate(probabilities), np.concatenate(features), statistics
 
-    train_labels, _, train_features, _ = features_of(train, zoomed_too=True)
-    labels, p_cancer, features, image = features_of(validation)
-    members = member_cancer_probabilities(model, features, positive)
-    return fit_safeguards_on(train_features, train_labels, features, labels == positive, p_cancer, members, image, threshold)
+def outlier_inputs(analyse: Analyser, lesions: np.ndarray, size: int) -> tuple[GateInputs, np.ndarray]:
+    """The gate's inputs for the images of every kind in `gate_images.NOT_DERMOSCOPY` (generated from one seed,
+    `lesions` lent to the clinical photographs), through JPEG and the one preprocessing, and each one's kind."""
+    rng = np.random.default_rng(1)
+    parts, kinds = [], []
+    for kind, make in gate_images.NOT_DERMOSCOPY.items():
+        pixels = gate_images.model_pixels(make(rng, lesions), size)
+        parts.extend(analyse(to_model_input(pixels[start : start + 64])).gate_inputs for start in range(0, len(pixels), 64))
+        kinds.extend([kind] * len(pixels))
+    return GateInputs.concatenate(parts), np.array(kinds)
 
 
-def fit_safeguards_on(
-    train_features: np.ndarray, train_labels: np.ndarray, features: np.ndarray, is_cancer: np.ndarray,
-    p_cancer: np.ndarray, member_cancer: np.ndarray | None, image: dict[str, np.ndarray], threshold: float,
-) -> tuple[InputGate, dict, dict, DriftReference]:
-    """`fit_safeguards` once the network has seen the images: the training split's features and labels, and the
-    validation split's features, truth, calibrated Cancer probability, members' probabilities (None: a single
-    network) and `image_statistics`."""
-    gate = safeguards.fit_input_gate(train_features, train_labels, features)
-    disagree = safeguards.members_disagree(member_cancer, threshold, len(p_cancer))
-    y_true = np.asarray(is_cancer).astype(np.int64)
+def fit_safeguards_on(inputs: SafeguardInputs, threshold: float) -> tuple[InputGate, dict, dict, DriftReference]:
+    """`fit_safeguards` once the network has seen the images."""
+    gate, outlier_figures = safeguards.fit_input_gate(
+        inputs.dermoscopy, inputs.train_labels, inputs.groups, inputs.outliers, inputs.kinds, inputs.validation
+    )
+    p_cancer = inputs.p_cancer
+    disagree = safeguards.members_disagree(inputs.member_cancer, threshold, len(p_cancer))
+    y_true = np.asarray(inputs.is_cancer).astype(np.int64)
     margin = safeguards.uncertainty_margin(y_true, p_cancer, threshold, disagree)
-    scores = gate.scores(features)
+    scores = gate.scores(inputs.validation)
     drift = DriftReference.of(Observations.of_arrays(
         ood_score=scores, cancer_probability=p_cancer, refused=scores > gate.threshold,
-        uncertain=safeguards.is_uncertain(p_cancer, threshold, margin, disagree), cancer=p_cancer >= threshold, image=image,
+        uncertain=safeguards.is_uncertain(p_cancer, threshold, margin, disagree), cancer=p_cancer >= threshold,
+        image=inputs.image,
     ))
-    return gate, *safeguards.describe(gate, margin, y_true, p_cancer, threshold, disagree), drift
+    return gate, *safeguards.describe(gate, outlier_figures, margin, y_true, p_cancer, threshold, disagree), drift
 
 
 def _pixel_datasets(split: Split, model) -> tuple:
@@ -113,7 +151,7 @@ def bundle_split(metadata: BundleMetadata, uri: str, data: str | None = None) ->
 def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     """Fit the safeguards of an existing bundle on its own split and write them into it; the model file is
     left untouched."""
-    bundle = load_bundle(settings.bundle)
+    bundle = load_bundle(settings.bundle, safeguards=False)
     metadata = bundle.metadata
     split, _ = bundle_split(metadata, settings.bundle, settings.data)
     train, validation = _pixel_datasets(split, bundle.model)

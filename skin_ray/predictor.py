@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from skin_ray.bundle import Bundle, load_bundle
 from skin_ray.explain import Explainer
 from skin_ray.preprocess import decode_pixels, to_model_input
 from skin_ray.record import OUT_OF_DISTRIBUTION, RECORD_FIELDS, error_record
-from skin_ray.safeguards import is_uncertain, members_disagree
+from skin_ray.safeguards import GateInputs, image_evidence, is_uncertain, members_disagree
 
 
 @dataclass(frozen=True)
@@ -36,23 +37,46 @@ class Analysis:
     """What one forward pass gives for a batch."""
 
     probabilities: np.ndarray  # (n, classes), calibrated
-    features: np.ndarray  # (n, d): the classifier's input, what the input gate measures
+    features: np.ndarray  # (n, d): the classifier's input
     member_cancer: np.ndarray | None  # (n, members): each ensemble member's Cancer probability
+    gate_inputs: GateInputs  # what the input gate measures
 
 
 def analysis_function(model: keras.Model) -> tf.types.experimental.GenericFunction:
-    """A traced function: images -> (probabilities, the classifier's input features)."""
-    input_shape = model.input_shape[1:]
-    if isinstance(model, keras.Sequential):  # a loaded Sequential has no symbolic output: rebuild the chain
-        features = inputs = keras.Input(input_shape)
+    """A traced function: images -> (probabilities, the classifier's input features, `image_evidence`, and each
+    stage's output pooled to channel means and deviations: one array per depth, an ensemble's members side by side).
+
+    A stage's output is the input of a pooling layer; an ensemble's members each run once, their stages kept."""
+    inputs = keras.Input(model.input_shape[1:])
+    members = [layer for layer in model.layers if layer.name.startswith("member_")]
+    if members:
+        runs = [keras.Model(member.inputs, [member.output, *_stage_outputs(member)])(inputs) for member in members]
+        features = ops.concatenate([run[0] for run in runs], axis=-1)
+        stages = [[run[1 + depth] for run in runs] for depth in range(len(runs[0]) - 1)]
+    elif isinstance(model, keras.Sequential):  # a loaded Sequential has no symbolic graph: rebuild the chain
+        features, stages = inputs, []
         for layer in model.layers[:-1]:
+            if isinstance(layer, _POOLING):
+                stages.append([features])
             features = layer(features)
-        both = keras.Model(inputs, [model.layers[-1](features), features])
     else:
-        both = keras.Model(model.inputs, [model.output, model.layers[-1].input])
-    return tf.function(
-        lambda images: both(images, training=False), input_signature=[tf.TensorSpec([None, *input_shape], tf.float32)]
-    )
+        features, *outputs = keras.Model(model.inputs, [model.layers[-1].input, *_stage_outputs(model)])(inputs)
+        stages = [[output] for output in outputs]
+    pooled = [
+        ops.concatenate([statistic for x in depth for statistic in (ops.mean(x, axis=(1, 2)), ops.std(x, axis=(1, 2)))], axis=-1)
+        for depth in stages
+    ]
+    analysis = keras.Model(inputs, [model.layers[-1](features), features, image_evidence(inputs), *pooled])
+    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
+    return tf.function(lambda images: analysis(images, training=False), input_signature=signature)
+
+
+_POOLING = (keras.layers.MaxPooling2D, keras.layers.GlobalAveragePooling2D)
+
+
+def _stage_outputs(model: keras.Model) -> list:
+    """The symbolic outputs of `model`'s stages: the inputs of its pooling layers."""
+    return [layer.input for layer in model.layers if isinstance(layer, _POOLING)]
 
 
 def member_cancer_probabilities(model: keras.Model, features: np.ndarray, positive_index: int) -> np.ndarray | None:
@@ -76,11 +100,27 @@ def member_cancer_probabilities(model: keras.Model, features: np.ndarray, positi
     return probabilities[..., positive_index]
 
 
+class Analyser:
+    """A network's forward pass for a batch of preprocessed images, as an `Analysis`."""
+
+    def __init__(self, model: keras.Model, positive_index: int):
+        self.model, self.positive_index = model, positive_index
+        self.function = analysis_function(model)
+
+    def __call__(self, images: np.ndarray) -> Analysis:
+        if len(images) == 0:
+            images = np.zeros((0, *self.model.input_shape[1:]), np.float32)
+        outputs = self.function(tf.convert_to_tensor(images, dtype=tf.float32))
+        probabilities, features, evidence, *depths = (output.numpy() for output in outputs)
+        members = member_cancer_probabilities(self.model, features, self.positive_index)
+        return Analysis(probabilities, features, members, GateInputs(tuple(depths), evidence))
+
+
 class Predictor:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.metadata = bundle.metadata
-        self._analyse = analysis_function(bundle.model)
+        self.analyse = Analyser(bundle.model, self.metadata.positive_index)  # preprocessed images -> Analysis
 
     @classmethod
     def from_bundle(cls, uri: str | None = None) -> Predictor:
@@ -89,15 +129,6 @@ class Predictor:
     @property
     def model_version(self) -> str:
         return self.metadata.model_version
-
-    def analyse(self, images: np.ndarray) -> Analysis:
-        """Probabilities, features and members' probabilities for a batch of preprocessed images."""
-        if len(images) == 0:
-            classes, width = len(self.metadata.class_names), self.bundle.model.layers[-1].input.shape[-1]
-            return Analysis(np.zeros((0, classes), np.float32), np.zeros((0, width), np.float32), None)
-        probabilities, features = (t.numpy() for t in self._analyse(tf.convert_to_tensor(images, dtype=tf.float32)))
-        members = member_cancer_probabilities(self.bundle.model, features, self.metadata.positive_index)
-        return Analysis(probabilities, features, members)
 
     def decode_pixels(self, data: bytes) -> np.ndarray:
         """Image bytes as this bundle's input pixels: `skin_ray.preprocess.decode_pixels` at its input size."""
@@ -157,7 +188,7 @@ class Predictor:
         """`records` for an analysis already made of the images whose `errors` entry is empty."""
         p_cancer = analysis.probabilities[:, self.metadata.positive_index]
         gate, uncertainty = self.bundle.gate, self.metadata.uncertainty
-        scores = gate.scores(analysis.features) if gate else None
+        scores = gate.scores(analysis.gate_inputs) if gate else None
         disagree = members_disagree(analysis.member_cancer, self.metadata.threshold, len(p_cancer))
         uncertain = is_uncertain(p_cancer, self.metadata.threshold, uncertainty["margin"], disagree) if uncertainty else None
         records, row = [], 0
@@ -171,7 +202,7 @@ class Predictor:
             if record["in_distribution"] is False:
                 record.update(
                     error=f"{OUT_OF_DISTRIBUTION}: not like the dermoscopic images this model was trained on "
-                    f"(score {scores[row]:.0f}, accepted up to {gate.threshold:.0f}); no prediction is made",
+                    f"(score {scores[row]:.2f}, accepted up to {gate.threshold:.2f}); no prediction is made",
                     error_reason=OUT_OF_DISTRIBUTION,
                 )
             else:

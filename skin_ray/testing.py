@@ -1,7 +1,7 @@
-"""What the tests and the benchmarks share: generated images (a learnable two-class lesion set, photographs,
-documents, noise), free ports, a service's readiness and steady load, and where the real data lives.
+"""What the tests and the benchmarks share: generated images (a learnable two-class lesion set, kinds of image
+no input gate is fitted on), free ports, a service's readiness and steady load, and where the real data lives.
 
-Needs the `test` extra (httpx, scikit-image, pytest); nothing in the package imports it.
+Needs the `test` extra (httpx, pytest); nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from PIL import Image
 
 from skin_ray import metrics
 from skin_ray.config import Locations
+from skin_ray.gate_images import sample_photographs
 
 LOCATIONS = Locations.from_environment()
 REAL_DATA = LOCATIONS.data
@@ -142,82 +143,21 @@ def encode(image: Image.Image, fmt: str = "JPEG", **params) -> bytes:
     return buffer.getvalue()
 
 
-# Images that are not dermoscopic lesions, for the input gate's tests and benchmarks/ood.py. Each kind is
-# generated or ships with a package, so anyone can rebuild the same set.
-
-
-def sample_photographs(rng: np.random.Generator, crops_per_photo: int = 4) -> list[Image.Image]:
-    """scikit-image's bundled sample photographs (an astronaut, a cat, coffee, a rocket, coins, text, ...),
-    whole and as random square crops at several scales."""
+def never_fitted_kinds(rng: np.random.Generator) -> dict[str, list[Image.Image]]:
+    """Kinds of image that are not dermoscopy and that no gate is fitted on (skin_ray.gate_images has the ones it
+    is): scikit-image's microscopy and retina samples, and its small grey faces enlarged, with random crops."""
     import skimage.data
 
-    photos = []
-    for name in ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
-                 "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "rocket", "text"):
-        try:
-            pixels = np.asarray(getattr(skimage.data, name)())
-        except Exception:  # a sample that must be downloaded, offline
-            continue
-        photo = Image.fromarray(pixels.astype(np.uint8) if pixels.dtype != bool else pixels.astype(np.uint8) * 255).convert("RGB")
-        photos.append(photo)
-        for _ in range(crops_per_photo):
+    samples = [skimage.data.immunohistochemistry(), skimage.data.cell(), skimage.data.retina(), skimage.data.microaneurysms()]
+    microscopy = [Image.fromarray(pixels).convert("RGB") for pixels in samples]
+    for photo in list(microscopy):
+        for _ in range(6):
             side = int(min(photo.size) * rng.uniform(0.3, 0.9))
             x, y = rng.integers(0, photo.size[0] - side + 1), rng.integers(0, photo.size[1] - side + 1)
-            photos.append(photo.crop((x, y, x + side, y + side)))
-    return photos
-
-
-def documents(rng: np.random.Generator, count: int = 60) -> list[Image.Image]:
-    """Pages of text, user-interface screenshots and charts, drawn with Pillow."""
-    from PIL import ImageDraw
-
-    images = []
-    for i in range(count):
-        width, height = int(rng.integers(400, 1200)), int(rng.integers(300, 900))
-        image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(225, 256, 3)))
-        draw = ImageDraw.Draw(image)
-        kind = i % 3
-        if kind == 0:  # a page of text
-            for row in range(20, height - 20, int(rng.integers(14, 28))):
-                words = " ".join("".join(chr(c) for c in rng.integers(97, 123, rng.integers(2, 9))) for _ in range(30))
-                draw.text((20, row), words, fill=tuple(int(v) for v in rng.integers(0, 90, 3)))
-        elif kind == 1:  # a screenshot: a title bar, panels, buttons
-            draw.rectangle([0, 0, width, 30], fill=tuple(int(v) for v in rng.integers(30, 120, 3)))
-            for _ in range(int(rng.integers(4, 12))):
-                x, y = int(rng.integers(0, width - 60)), int(rng.integers(40, height - 30))
-                draw.rectangle([x, y, x + int(rng.integers(40, 300)), y + int(rng.integers(20, 120))],
-                               fill=tuple(int(v) for v in rng.integers(150, 256, 3)), outline=(90, 90, 90))
-                draw.text((x + 5, y + 5), "Button", fill=(0, 0, 0))
-        else:  # a bar chart
-            bars = int(rng.integers(4, 15))
-            for b in range(bars):
-                top = int(rng.uniform(0.1, 0.9) * height)
-                left = 40 + b * (width - 60) // bars
-                draw.rectangle(
-                    [left, top, left + (width - 60) // bars - 6, height - 30], fill=tuple(int(v) for v in rng.integers(0, 256, 3))
-                )
-            draw.line([(38, 10), (38, height - 28), (width - 10, height - 28)], fill=(0, 0, 0), width=2)
-        images.append(image)
-    return images
-
-
-def noise_and_flat(rng: np.random.Generator, count: int = 60) -> list[Image.Image]:
-    """Uniform and Gaussian noise, solid colours and gradients."""
-    images = []
-    for i in range(count):
-        size = (int(rng.integers(200, 800)), int(rng.integers(200, 800)))
-        kind = i % 4
-        if kind == 0:
-            pixels = rng.integers(0, 256, (size[1], size[0], 3))
-        elif kind == 1:
-            pixels = rng.normal(rng.uniform(60, 200), rng.uniform(10, 60), (size[1], size[0], 3))
-        elif kind == 2:
-            pixels = np.ones((size[1], size[0], 3)) * rng.integers(0, 256, 3)
-        else:
-            ramp = np.linspace(0, 1, size[0])[None, :, None]
-            pixels = rng.integers(0, 256, 3) * ramp + rng.integers(0, 256, 3) * (1 - ramp) + np.zeros((size[1], 1, 1))
-        images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
-    return images
+            microscopy.append(photo.crop((x, y, x + side, y + side)))
+    faces = [Image.fromarray((face * 255).astype(np.uint8)).convert("RGB").resize((200, 200), Image.Resampling.BICUBIC)
+             for face in skimage.data.lfw_subset()[rng.choice(200, 30, replace=False)]]
+    return {"microscopy and retina": microscopy, "faces": faces}
 
 
 def drift_streams(files: list[bytes], rng: np.random.Generator) -> dict[str, list[bytes]]:

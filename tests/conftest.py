@@ -145,7 +145,7 @@ def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
 
     from skin_ray.bundle import write_safeguards
     from skin_ray.drift import image_statistics
-    from skin_ray.finalize import fit_safeguards_on
+    from skin_ray.finalize import SafeguardInputs, fit_safeguards_on, outlier_inputs
     from skin_ray.predictor import Predictor
     from skin_ray.preprocess import decode_pixels, image_megapixels, to_model_input
     from skin_ray.testing import encode, guarded_bundle_lesions
@@ -158,11 +158,13 @@ def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
     predictor = Predictor.from_bundle(str(path))
     analysis = predictor.analyse(to_model_input(pixels))
     train, validation = slice(0, 160), slice(160, None)
+    outliers, kinds = outlier_inputs(predictor.analyse, pixels[train][::8], 170)
     image = image_statistics(pixels[validation], np.array([image_megapixels(data) for data in files[validation]]))
     metadata = predictor.metadata
-    gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards_on(
-        analysis.features[train], labels[train], analysis.features[validation], labels[validation] == 0,
-        analysis.probabilities[validation, 0], None, image, metadata.threshold,
+    inputs = SafeguardInputs(
+        analysis.gate_inputs.take(train), labels[train], np.arange(160), outliers, kinds, analysis.gate_inputs.take(validation),
+        labels[validation] == 0, analysis.probabilities[validation, 0], None, image,
     )
+    gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards_on(inputs, metadata.threshold)
     write_safeguards(metadata, gate, drift, str(path))
     return path

@@ -136,7 +136,7 @@ def test_shipped_default_bundle_holds_its_recorded_quality():
     meta = bundle.metadata
     assert meta.arch == "ensemble" and meta.class_names == ["Cancer", "Non_Cancer"]
     assert [member["training"]["epochs"] for member in meta.training["members"]] == [80, 80]
-    assert sum(f.stat().st_size for f in Path(DEFAULT_BUNDLE).iterdir()) < 12 * 2**20  # model 9.4 MiB, input gate 1 MiB
+    assert sum(f.stat().st_size for f in Path(DEFAULT_BUNDLE).iterdir()) < 16 * 2**20  # model 9.4 MiB, input gate 5.3 MiB
     assert meta.metrics["validation"]["roc_auc"] >= 0.95
     assert all(meta.metrics["validation"]["roc_auc"] > member["roc_auc"] for member in meta.training["members"])
     assert meta.metrics["validation"]["ece"] <= 0.03

@@ -19,9 +19,10 @@ from ray import serve
 from skin_ray.classify import classify, read_results
 from skin_ray.config import ClassifySettings, EvaluateSettings, ServeSettings
 from skin_ray.evaluate import evaluate
+from skin_ray.gate_images import documents
 from skin_ray.record import OUT_OF_DISTRIBUTION, RECORD_FIELDS
 from skin_ray.serve import app_builder
-from skin_ray.testing import documents, encode, free_port, lesion_image
+from skin_ray.testing import encode, free_port, lesion_image
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,8 @@ import pytest
 import yaml
 from ray import serve
 
-from skin_ray.testing import (
-    documents,
-    encode,
-    free_port,
-    lesion_image,
-    own_ray_environment,
-    round_lesion_photo,
-    steady_load,
-    wait_healthy,
-)
+from skin_ray.gate_images import documents
+from skin_ray.testing import encode, free_port, lesion_image, own_ray_environment, round_lesion_photo, steady_load, wait_healthy
 
 pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
 

@@ -25,7 +25,7 @@ class PredictionResponse(BaseModel):
         "bundle has no input gate"
     )
     ood_score: float | None = Field(
-        description="the input gate's score (Mahalanobis distance); refused above the bundle's threshold"
+        description="the input gate's score (log-odds that the image is not dermoscopy); refused above the bundle's threshold"
     )
     uncertain: bool | None = Field(
         description="true: close to the threshold or the ensemble's members disagree; a specialist should look"
