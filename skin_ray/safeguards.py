@@ -10,8 +10,8 @@ applied to every prediction by `Predictor.records`:
     al., 2018): early depths see texture and scale (a clinical photo's skin is not a dermatoscope's), the last
     what the classifier sees;
   - image evidence (`IMAGE_EVIDENCE`): colour saturation, grey pixels, the dermatoscope's dark rim, skin-tone
-    cover, flat synthetic regions, edges, white, contrast and shading, and how far they stray from the range of
-    dermoscopy.
+    cover, flat synthetic regions, edges, white, contrast, shading and a darker middle (the lesion a dermatoscope
+    frames), and how far they stray from the range of dermoscopy.
   A logistic head (`GateHead`) weighs them, fitted to tell the training split's images (as is, zoomed out as
   in training, re-photographed: skin_ray.gate_images) from generated images that are not dermoscopy (outlier
   exposure; Hendrycks et al., 2019). The Mahalanobis distances of the training images come from the other half
@@ -39,12 +39,12 @@ HEAD_L2 = 10.0  # ridge penalty of the head on standardised signals: a few stron
 EVIDENCE_RANGE = (0.005, 0.995)  # quantiles of the training images' evidence: the range dermoscopy stays in
 IMAGE_EVIDENCE = (
     "saturation", "grey_share", "dark_rim", "skin_share", "flat_share", "edge_share", "white_share", "detail",
-    "contrast", "shading",
+    "contrast", "shading", "darker_middle",
 )
 
 
 def image_evidence(images):
-    """(n, len(IMAGE_EVIDENCE)) statistics of model-input images ((n, s, s, 3) in [0, 1], s a multiple of 10).
+    """(n, len(IMAGE_EVIDENCE)) statistics of model-input images ((n, s, s, 3) in [0, 1]).
 
     In Keras operations, so the prediction path computes them inside the network's traced forward pass, and on
     the image halved (2x2 means): reductions across the three channels cost more than the rest together."""
@@ -56,17 +56,20 @@ def image_evidence(images):
     brightest, darkest = ops.max(images, axis=-1), ops.min(images, axis=-1)
     saturation = (brightest - darkest) / (brightest + 1e-3)
     yy, xx = (np.mgrid[0:size, 0:size] / (size - 1) - 0.5) ** 2
-    rim, middle = (xx + yy > 0.25).astype(np.float32), (xx + yy < 0.09).astype(np.float32)  # outside the circle; the middle
+    radius = xx + yy  # squared, from the centre
+    rim, ring, middle = (radius > 0.25), (radius > 0.09) & (radius <= 0.25), radius <= 0.09  # outside the circle; inside
+    mean_in = lambda values, area: ops.sum(values * area.astype(np.float32), axis=(1, 2)) / area.sum()  # noqa: E731
     red, green, blue = images[..., 0], images[..., 1], images[..., 2]
     skin = (red > green) & (green > blue) & (red - blue > 0.06) & (red > 0.2)  # a wide hue band, any skin tone
-    blocks = ops.reshape(brightest, (-1, size // 5, 5, size // 5, 5))
+    whole = brightest[:, : size - size % 5, : size - size % 5]  # whole blocks of 5 (10 pixels of the input)
+    blocks = ops.reshape(whole, (-1, size // 5, 5, size // 5, 5))
     laplacian = ops.abs(4 * brightest[:, 1:-1, 1:-1] - brightest[:, :-2, 1:-1] - brightest[:, 2:, 1:-1]
                         - brightest[:, 1:-1, :-2] - brightest[:, 1:-1, 2:])
-    fifths = ops.mean(ops.reshape(brightest, (-1, 5, size // 5, 5, size // 5)), axis=(2, 4))
+    fifths = ops.mean(ops.reshape(whole, (-1, 5, size // 5, 5, size // 5)), axis=(2, 4))
     return ops.stack([
         ops.mean(saturation, axis=(1, 2)),
         share(saturation < 0.08),
-        ops.sum(brightest * rim, axis=(1, 2)) / rim.sum() - ops.sum(brightest * middle, axis=(1, 2)) / middle.sum(),
+        mean_in(brightest, rim) - mean_in(brightest, middle),
         share(skin),
         share(ops.std(blocks, axis=(2, 4)) < 0.004),  # blocks of 10x10 pixels varying by about a grey level
         share(laplacian > 0.25),
@@ -74,6 +77,7 @@ def image_evidence(images):
         ops.mean(laplacian, axis=(1, 2)),
         ops.std(brightest, axis=(1, 2)),
         ops.std(fifths[:, 1:4, 1:4], axis=(1, 2)),  # uneven light across the middle: a body's curve, a lamp
+        mean_in(brightest, ring) - mean_in(brightest, middle),  # a lesion in the middle, as a dermatoscope frames it
     ], axis=1)
 
 

@@ -53,6 +53,8 @@ def test_image_evidence_tells_a_dermatoscope_field_from_flat_and_grey_images():
     assert named[0]["dark_rim"] < -0.5 and named[0]["skin_share"] > 0.7 and named[0]["flat_share"] < 0.3
     assert named[1]["grey_share"] == 1 and named[1]["flat_share"] == 1
     assert named[1]["contrast"] == 0 and named[1]["skin_share"] == 0
+    for size in (96, 33):  # any input size a bundle may have, not only multiples of 10
+        assert np.isfinite(np.asarray(safeguards.image_evidence(np.zeros((1, size, size, 3), np.float32)))).all()
 
 
 def test_uncertainty_margin_is_the_smallest_reaching_the_target_accuracy():
