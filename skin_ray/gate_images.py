@@ -43,13 +43,17 @@ def sample_photographs(rng: np.random.Generator, crops_per_photo: int = 4) -> li
         photos.append(Image.fromarray(pixels.astype(np.uint8) * (255 if pixels.dtype == bool else 1)).convert("RGB"))
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as file:
         photos.append(Image.open(file).convert("RGB"))
+    return photos + [crop for photo in photos for crop in random_crops(photo, rng, crops_per_photo)]
+
+
+def random_crops(photo: Image.Image, rng: np.random.Generator, count: int) -> list[Image.Image]:
+    """`count` square crops of `photo`, each 30-90% of its short side, anywhere in it."""
     crops = []
-    for photo in photos:
-        for _ in range(crops_per_photo):
-            side = int(min(photo.size) * rng.uniform(0.3, 0.9))
-            x, y = rng.integers(0, photo.size[0] - side + 1), rng.integers(0, photo.size[1] - side + 1)
-            crops.append(photo.crop((x, y, x + side, y + side)))
-    return photos + crops
+    for _ in range(count):
+        side = int(min(photo.size) * rng.uniform(0.3, 0.9))
+        x, y = rng.integers(0, photo.size[0] - side + 1), rng.integers(0, photo.size[1] - side + 1)
+        crops.append(photo.crop((x, y, x + side, y + side)))
+    return crops
 
 
 def documents(rng: np.random.Generator, count: int = 60) -> list[Image.Image]:

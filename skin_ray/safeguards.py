@@ -26,6 +26,7 @@ applied to every prediction by `Predictor.records`:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,10 +120,15 @@ class ClassDistance:
         # float32 halves the bundle's share; thresholds are set with what is stored.
         return cls(means.astype(np.float32), np.linalg.inv(covariance).astype(np.float32))
 
+    @functools.cached_property
+    def _precision64(self) -> np.ndarray:
+        """The stored precision widened once, not on every batch (the widest is 1,024 x 1,024)."""
+        return self.precision.astype(np.float64)
+
     def __call__(self, features: np.ndarray) -> np.ndarray:
         classes, width = self.means.shape
         centred = (features[:, None, :].astype(np.float64) - self.means[None]).reshape(-1, width)
-        return ((centred @ self.precision.astype(np.float64)) * centred).sum(axis=1).reshape(-1, classes).min(axis=1)
+        return ((centred @ self._precision64) * centred).sum(axis=1).reshape(-1, classes).min(axis=1)
 
 
 @dataclass(frozen=True)
@@ -163,16 +169,8 @@ class InputGate:
     head: GateHead
     threshold: float  # largest accepted score
 
-    def signals(self, inputs: GateInputs) -> np.ndarray:
-        """What the head weighs: the log distance at each depth, how far the evidence strays out of its range
-        (in spreads, summed over the statistics), and the evidence itself."""
-        low, high, spread = self.evidence_range
-        outside = (np.maximum(low - inputs.evidence, 0) + np.maximum(inputs.evidence - high, 0)) / spread
-        distances = [np.log(distance(features) + 1e-9) for distance, features in zip(self.depths, inputs.depths, strict=True)]
-        return np.column_stack([*distances, np.log1p(outside.sum(axis=1)), inputs.evidence])
-
     def scores(self, inputs: GateInputs) -> np.ndarray:
-        return self.head(self.signals(inputs))
+        return self.head(_signals(self.depths, self.evidence_range, inputs))
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {"evidence_range": self.evidence_range, "head_centre": self.head.centre, "head_scale": self.head.scale,
@@ -200,16 +198,14 @@ def fit_input_gate(
     depths = tuple(ClassDistance.fit(features, labels) for features in dermoscopy.depths)
     spread = np.subtract(*np.quantile(dermoscopy.evidence, [0.75, 0.25], axis=0)) + 1e-3
     evidence_range = np.stack([*np.quantile(dermoscopy.evidence, EVIDENCE_RANGE, axis=0), spread])
-    unfitted = GateHead(np.zeros(1), np.ones(1), np.zeros(1))
-    measure = InputGate(depths, evidence_range, unfitted, np.inf).signals
     # Each half of the training images measured by distances fitted on the other half, as new images are.
     half = np.isin(groups, np.unique(groups)[::2])
     inside = np.empty((len(dermoscopy), len(depths) + 1 + dermoscopy.evidence.shape[1]))
     for rows in (half, ~half):
         other = dermoscopy.take(~rows)
         fold = tuple(ClassDistance.fit(features, labels[~rows]) for features in other.depths)
-        inside[rows] = InputGate(fold, evidence_range, unfitted, np.inf).signals(dermoscopy.take(rows))
-    outside, accepted = measure(outliers), measure(validation)
+        inside[rows] = _signals(fold, evidence_range, dermoscopy.take(rows))
+    outside, accepted = _signals(depths, evidence_range, outliers), _signals(depths, evidence_range, validation)
     beyond = _beyond_one_distance(inside, len(depths) + 1)
 
     def head_and_threshold(fitted_on: np.ndarray) -> tuple[GateHead, float]:
@@ -227,6 +223,15 @@ def fit_input_gate(
             "refused_left_out": float(np.mean(left_out(outside[own]) > left_out_threshold)),
         }
     return InputGate(depths, evidence_range, head, threshold), figures
+
+
+def _signals(depths: tuple[ClassDistance, ...], evidence_range: np.ndarray, inputs: GateInputs) -> np.ndarray:
+    """What the gate's head weighs: the log distance at each depth, how far the evidence strays out of its range
+    (in spreads, summed over the statistics), and the evidence itself."""
+    low, high, spread = evidence_range
+    outside = (np.maximum(low - inputs.evidence, 0) + np.maximum(inputs.evidence - high, 0)) / spread
+    distances = [np.log(distance(features) + 1e-9) for distance, features in zip(depths, inputs.depths, strict=True)]
+    return np.column_stack([*distances, np.log1p(outside.sum(axis=1)), inputs.evidence])
 
 
 def _beyond_one_distance(inside: np.ndarray, distances: int, per_signal: int = 100) -> np.ndarray:

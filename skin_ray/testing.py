@@ -20,7 +20,7 @@ from PIL import Image
 
 from skin_ray import metrics
 from skin_ray.config import Locations
-from skin_ray.gate_images import sample_photographs
+from skin_ray.gate_images import random_crops, sample_photographs
 
 LOCATIONS = Locations.from_environment()
 REAL_DATA = LOCATIONS.data
@@ -149,12 +149,8 @@ def never_fitted_kinds(rng: np.random.Generator) -> dict[str, list[Image.Image]]
     import skimage.data
 
     samples = [skimage.data.immunohistochemistry(), skimage.data.cell(), skimage.data.retina(), skimage.data.microaneurysms()]
-    microscopy = [Image.fromarray(pixels).convert("RGB") for pixels in samples]
-    for photo in list(microscopy):
-        for _ in range(6):
-            side = int(min(photo.size) * rng.uniform(0.3, 0.9))
-            x, y = rng.integers(0, photo.size[0] - side + 1), rng.integers(0, photo.size[1] - side + 1)
-            microscopy.append(photo.crop((x, y, x + side, y + side)))
+    photos = [Image.fromarray(pixels).convert("RGB") for pixels in samples]
+    microscopy = photos + [crop for photo in photos for crop in random_crops(photo, rng, 6)]
     faces = [Image.fromarray((face * 255).astype(np.uint8)).convert("RGB").resize((200, 200), Image.Resampling.BICUBIC)
              for face in skimage.data.lfw_subset()[rng.choice(200, 30, replace=False)]]
     return {"microscopy and retina": microscopy, "faces": faces}
