@@ -221,3 +221,40 @@ def test_every_refusal_is_told_with_the_request_s_id(given):
     asyncio.run(Exchange(guard, headers=[*headers, (b"content-length", b"5000")], chunks=[b"x" * 5000]).run())
     [(request_id, status)] = refusals
     assert status == 413 and (request_id == given.decode()[:128] if given else len(request_id) == 32)
+
+
+def test_an_upload_not_read_yet_keeps_its_place_before_an_older_one_trickling_bytes():
+    """Past `max_uploads`, the upload cut is the old one sending a few bytes, not the young one whose body the
+    loaded replica has not read yet (both wait for their client; the young one has received nothing)."""
+    guard = RequestGuard(max_bytes=1000, timeout_s=10, max_uploads=2)
+    headers = [(b"content-length", b"100")]
+
+    async def exchange(chunks: asyncio.Queue) -> int:
+        sent = []
+
+        async def app(scope, receive, send):
+            while (message := await receive())["type"] != "http.disconnect" and message.get("more_body"):
+                pass
+            if message["type"] != "http.disconnect":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
+        await guard.middleware(app)(scope, chunks.get, send)
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    async def scenario():
+        trickling, not_read, arriving = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+        trickling.put_nowait({"type": "http.request", "body": b"x" * 5, "more_body": True})
+        first = asyncio.create_task(exchange(trickling))
+        await asyncio.sleep(1.0)
+        second = asyncio.create_task(exchange(not_read))
+        await asyncio.sleep(0.3)
+        arriving.put_nowait({"type": "http.request", "body": b"x" * 100, "more_body": False})
+        third = await exchange(arriving)
+        not_read.put_nowait({"type": "http.request", "body": b"x" * 100, "more_body": False})
+        return await first, await second, third
+
+    assert asyncio.run(scenario()) == (408, 200, 200)

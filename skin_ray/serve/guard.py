@@ -55,7 +55,7 @@ class RequestGuard:
     An upload is refused with 413 past `max_bytes` (by Content-Length before anything is read, else by
     counting as chunks arrive, so it is never buffered), and cut with 408 when its body has not arrived
     within `timeout_s`. Beyond `max_uploads` bodies in progress, each new upload cuts the slowest (bytes so
-    far over age) of those older than GRACE_S that wait for their client, so a client sending a byte a
+    far, credited one segment, over age) of those older than GRACE_S that wait for their client, so a client sending a byte a
     second loses its place to any client sending at network speed, and slow senders do not pile up in the
     replica's request slots (`max_ongoing_requests`) that normal clients need. The new upload is admitted
     either way: refusing it would hand the slots to whoever holds them.
@@ -63,6 +63,9 @@ class RequestGuard:
 
     # An upload at network speed is over long before this; a younger one cannot be judged by its rate yet.
     GRACE_S = 0.25
+    # Uploads are ranked by the rate they would have with one more TCP segment: a body not yet read at all
+    # (a loaded event loop, not a slow client) then ranks by its age, behind an older one trickling bytes.
+    CREDIT_BYTES = 1460
     # A body up to this size, refused for want of room, is read and dropped first (for at most a second): closing a
     # connection with unread bytes makes the kernel reset it, and the client may then lose the 503 it was sent
     # (seen with 24 concurrent /explain uploads of a few KB). A larger one is refused unread and the connection closed.
@@ -188,7 +191,7 @@ class RequestGuard:
         now = asyncio.get_running_loop().time()
         judged = [upload for upload in self._uploads if upload.waiting and now - upload.started >= self.GRACE_S]
         if judged:
-            slowest = min(judged, key=lambda upload: upload.received / (now - upload.started))
+            slowest = min(judged, key=lambda upload: (upload.received + self.CREDIT_BYTES) / (now - upload.started))
             slowest.cut.set()
             self._uploads.discard(slowest)
 
