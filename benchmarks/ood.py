@@ -30,7 +30,7 @@ from robustness import CONDITIONS  # noqa: E402  (this script's folder is on the
 
 from skin_ray import storage  # noqa: E402
 from skin_ray.config import Locations  # noqa: E402
-from skin_ray.finalize import _pixel_datasets, bundle_split, safeguard_inputs  # noqa: E402
+from skin_ray.finalize import bundle_split, safeguard_inputs, split_pixel_datasets  # noqa: E402
 from skin_ray.gate_images import NOT_DERMOSCOPY, model_pixels  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import to_model_input  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     if gate is None:
         raise SystemExit(f"{predictor.bundle.uri} has no input gate; run `skin-ray fit-safeguards` on it first")
     split, _ = bundle_split(metadata, predictor.bundle.uri, args.data)
-    inputs = safeguard_inputs(model, *_pixel_datasets(split, model))
+    inputs = safeguard_inputs(model, *split_pixel_datasets(split, model))
     members = max(1, sum(layer.name.startswith("member_") for layer in model.layers))
     before = PreviousGate(inputs.dermoscopy, inputs.train_labels, inputs.groups, inputs.validation, members)
     _, fit_figures = fit_input_gate(

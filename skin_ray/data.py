@@ -168,7 +168,7 @@ def image_dataset(images: LabelledImages, size: int = IMAGE_SIZE) -> ray.data.Da
 
 
 def pixel_dataset(
-    images: LabelledImages, size: int = IMAGE_SIZE, decode_once: bool = True, shuffle: bool = False
+    images: LabelledImages, size: int = IMAGE_SIZE, decode_once: bool = True, shuffle: bool = False, in_order: bool = False
 ) -> ray.data.Dataset:
     """A Ray Dataset of `path`, `label`, `pixels` (uint8, the model input but its last step) and `sha256`:
     what training and calibration read. Every image must decode (`split_by_content` leaves out those that
@@ -176,9 +176,12 @@ def pixel_dataset(
 
     `decode_once` decodes every image once into Ray's object store (which spills to disk what memory cannot
     hold: 87 KB an image), so each pass reads pixels without decoding again; otherwise each pass decodes
-    the files again. With `shuffle`, each pass visits the images in a new order.
+    the files again. With `shuffle`, each pass visits the images in a new order; `in_order`, in `images`' order
+    (Ray Data otherwise yields blocks as they finish).
     """
     paths = _paths_and_labels(images)
+    # The dataset's own copy of the DataContext, which what derives from it shares: the process's stays as it is.
+    paths.context.execution_options.preserve_order = in_order
     if shuffle and not decode_once:
         paths = paths.random_shuffle()  # paths are cheaper to move than pixels
     pixels = paths.map_batches(load_pixels, batch_size=32, fn_kwargs={"size": size}).drop_columns(["error"])

@@ -25,7 +25,7 @@ def finalize_bundle(
 ) -> tuple[BundleMetadata, InputGate, DriftReference]:
     """Calibrate `model` in place, choose its threshold by `rule`, fit its safeguards and drift reference,
     describe the bundle: what `save_bundle` then writes. Each split is decoded once, for all of them."""
-    train, validation = _pixel_datasets(split, model)
+    train, validation = split_pixel_datasets(split, model)
     threshold, bundle_metrics = calibrate(model, validation, rule)
     gate, input_gate, uncertainty, drift = fit_safeguards(model, train, validation, threshold)
     metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training, source)
@@ -126,15 +126,12 @@ def fit_safeguards_on(inputs: SafeguardInputs, threshold: float) -> tuple[InputG
     return gate, *safeguards.describe(gate, outlier_figures, margin, y_true, p_cancer, threshold, disagree), drift
 
 
-def _pixel_datasets(split: Split, model) -> tuple:
+def split_pixel_datasets(split: Split, model) -> tuple:
     """The split's training and validation images decoded (once) to `model`'s input size, in the split's order:
     the gate's zoomed-out views are drawn in sequence, so another order fitted another gate (the shipped bundle's
     threshold moved 1.5% between two fits before)."""
-    import ray
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     size = model.input_shape[1]
-    return pixel_dataset(split.train, size), pixel_dataset(split.validation, size)
+    return pixel_dataset(split.train, size, in_order=True), pixel_dataset(split.validation, size, in_order=True)
 
 
 def bundle_split(metadata: BundleMetadata, uri: str, data: str | None = None) -> tuple[Split, str]:
@@ -154,7 +151,7 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     bundle = load_bundle(settings.bundle, safeguards=False)
     metadata = bundle.metadata
     split, _ = bundle_split(metadata, settings.bundle, settings.data)
-    train, validation = _pixel_datasets(split, bundle.model)
+    train, validation = split_pixel_datasets(split, bundle.model)
     gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards(
         bundle.model, train, validation, metadata.threshold
     )
