@@ -31,7 +31,7 @@ from robustness import CONDITIONS  # noqa: E402  (this script's folder is on the
 from skin_ray import storage  # noqa: E402
 from skin_ray.config import Locations  # noqa: E402
 from skin_ray.finalize import bundle_split, safeguard_inputs, split_pixel_datasets  # noqa: E402
-from skin_ray.gate_images import NOT_DERMOSCOPY, model_pixels  # noqa: E402
+from skin_ray.gate_images import NOT_DERMOSCOPY, images_of, model_pixels  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import to_model_input  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
     validation = [Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB") for path in split.validation.paths]
     rng = np.random.default_rng(7)
     lesions = model_pixels(validation[:64], metadata.image_size)
-    kinds = {kind: make(rng, lesions) for kind, make in NOT_DERMOSCOPY.items()}
+    kinds = {kind: images_of(kind, 7, lesions) for kind in NOT_DERMOSCOPY}
     kinds.update(never_fitted_kinds(rng))
     kinds["validation images, heavily blurred"] = [image.filter(ImageFilter.GaussianBlur(12)) for image in validation[:200]]
     side = validation[0].size[0] // 4

@@ -97,12 +97,10 @@ def safeguard_inputs(model, train, validation) -> SafeguardInputs:
 
 
 def outlier_inputs(analyse: Analyser, lesions: np.ndarray, size: int) -> tuple[GateInputs, np.ndarray]:
-    """The gate's inputs for the images of every kind in `gate_images.NOT_DERMOSCOPY` (generated from one seed,
+    """The gate's inputs for the images of every kind in `gate_images.NOT_DERMOSCOPY` (generated from seed 1,
     `lesions` lent to the clinical photographs), through JPEG and the one preprocessing, and each one's kind."""
-    rng = np.random.default_rng(1)
     parts, kinds = [], []
-    for kind, make in gate_images.NOT_DERMOSCOPY.items():
-        pixels = gate_images.model_pixels(make(rng, lesions), size)
+    for kind, pixels in gate_images.not_dermoscopy_pixels(size, lesions, seed=1).items():
         parts.extend(analyse(to_model_input(pixels[start : start + 64])).gate_inputs for start in range(0, len(pixels), 64))
         kinds.extend([kind] * len(pixels))
     return GateInputs.concatenate(parts), np.array(kinds)

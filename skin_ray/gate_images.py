@@ -10,6 +10,7 @@ refuses is not only what it was shown.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 
@@ -80,6 +81,7 @@ def documents(rng: np.random.Generator, count: int = 60) -> list[Image.Image]:
 
 def charts(rng: np.random.Generator, count: int = 60) -> list[Image.Image]:
     """Line plots, scatter plots, bar and pie charts and heat maps, rendered by matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     images = []
@@ -99,9 +101,9 @@ def charts(rng: np.random.Generator, count: int = 60) -> list[Image.Image]:
         else:
             axes.imshow(rng.normal(size=(20, 20)).cumsum(0), cmap=str(rng.choice(["viridis", "magma", "coolwarm", "gray"])))
         axes.set_title(f"figure {i}")
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        images.append(Image.open(buffer).convert("RGB"))
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        images.append(Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB"))
     return images
 
 
@@ -167,7 +169,8 @@ def clinical_photographs(rng: np.random.Generator, lesions: np.ndarray, count: i
     images = []
     for i in range(count):
         width, height = int(rng.integers(600, 1400)), int(rng.integers(450, 1050))
-        yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+        yy, xx = np.ogrid[0:height, 0:width]
+        yy, xx = yy / max(height, width), xx / max(height, width)
         tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.95, 1.05, 3)
         direction = rng.uniform(0, 2 * np.pi)
         curve = (xx - 0.5) ** 2 + (yy - 0.4) ** 2
@@ -220,6 +223,29 @@ NOT_DERMOSCOPY: dict[str, Callable[[np.random.Generator, np.ndarray], list[Image
     "noise and flat colours": lambda rng, lesions: noise_and_flat(rng),
     "clinical photographs of skin": clinical_photographs,
 }
+BORROWS_LESIONS = frozenset({"clinical photographs of skin"})
+
+
+def images_of(kind: str, seed: int, lesions: np.ndarray) -> list[Image.Image]:
+    """The images of `kind` (of NOT_DERMOSCOPY) from a generator of its own, seeded by `seed` and the kind's place:
+    each kind's images are the same whichever kinds are drawn with it."""
+    return NOT_DERMOSCOPY[kind](np.random.default_rng([seed, list(NOT_DERMOSCOPY).index(kind)]), lesions)
+
+
+def not_dermoscopy_pixels(size: int, lesions: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Every kind's `images_of` as `model_pixels` at `size`; a kind that borrows no lesions is drawn once per
+    process (a process fitting several gates, as the tests do, draws them once)."""
+    return {
+        kind: model_pixels(images_of(kind, seed, lesions), size) if kind in BORROWS_LESIONS else _drawn_pixels(kind, seed, size)
+        for kind in NOT_DERMOSCOPY
+    }
+
+
+@functools.lru_cache(maxsize=16)
+def _drawn_pixels(kind: str, seed: int, size: int) -> np.ndarray:
+    pixels = model_pixels(images_of(kind, seed, np.empty((0, size, size, 3), np.uint8)), size)
+    pixels.flags.writeable = False  # shared by every caller
+    return pixels
 
 
 def model_pixels(images: list[Image.Image], size: int) -> np.ndarray:

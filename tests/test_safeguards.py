@@ -8,7 +8,7 @@ import pytest
 from skin_ray import metrics, safeguards, storage
 from skin_ray.bundle import read_metadata
 from skin_ray.data import discover, split_by_content
-from skin_ray.gate_images import NOT_DERMOSCOPY, documents, model_pixels
+from skin_ray.gate_images import NOT_DERMOSCOPY, documents, images_of, model_pixels
 from skin_ray.predictor import OUT_OF_DISTRIBUTION, Predictor
 from skin_ray.preprocess import preprocess_image, to_model_input
 from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, never_fitted_kinds
@@ -106,7 +106,7 @@ REFUSED_AT_LEAST = {
 def not_dermoscopy() -> dict[str, list]:
     rng = np.random.default_rng(7)
     lesions = np.stack([np.asarray(lesion_image("Non_Cancer", rng, size=170)) for _ in range(8)])
-    return {**{kind: make(rng, lesions) for kind, make in NOT_DERMOSCOPY.items()}, **never_fitted_kinds(rng)}
+    return {**{kind: images_of(kind, 7, lesions) for kind in NOT_DERMOSCOPY}, **never_fitted_kinds(rng)}
 
 
 @pytest.mark.parametrize("kind", list(REFUSED_AT_LEAST))
