@@ -233,8 +233,8 @@ def images_of(kind: str, seed: int, lesions: np.ndarray) -> list[Image.Image]:
 
 
 def not_dermoscopy_pixels(size: int, lesions: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Every kind's `images_of` as `model_pixels` at `size`; a kind that borrows no lesions is drawn once per
-    process (a process fitting several gates, as the tests do, draws them once)."""
+    """Every kind's `images_of` as `model_pixels` at `size`. A kind that borrows no lesions is drawn once per
+    process and kept: drawing them all takes ~25 s, and a process may fit several gates (the tests fit a dozen)."""
     return {
         kind: model_pixels(images_of(kind, seed, lesions), size) if kind in BORROWS_LESIONS else _drawn_pixels(kind, seed, size)
         for kind in NOT_DERMOSCOPY

@@ -55,10 +55,10 @@ class RequestGuard:
     An upload is refused with 413 past `max_bytes` (by Content-Length before anything is read, else by
     counting as chunks arrive, so it is never buffered), and cut with 408 when its body has not arrived
     within `timeout_s`. Beyond `max_uploads` bodies in progress, each new upload cuts the slowest (bytes so
-    far, credited one segment, over age) of those older than GRACE_S that wait for their client, so a client sending a byte a
-    second loses its place to any client sending at network speed, and slow senders do not pile up in the
-    replica's request slots (`max_ongoing_requests`) that normal clients need. The new upload is admitted
-    either way: refusing it would hand the slots to whoever holds them.
+    far plus CREDIT_BYTES, over age) of those older than GRACE_S that wait for their client, so a client
+    sending a byte a second loses its place to any client sending at network speed, and slow senders do not
+    pile up in the replica's request slots (`max_ongoing_requests`) that normal clients need. The new upload
+    is admitted either way: refusing it would hand the slots to whoever holds them.
     """
 
     # An upload at network speed is over long before this; a younger one cannot be judged by its rate yet.
