@@ -62,8 +62,8 @@ def test_two_workers_stay_identical_and_learn(trained, lesion_tree, tmp_path):
     recomputed = metrics.summary(y_true, p_cancer, bundle.metadata.threshold)
     assert recomputed["roc_auc"] == pytest.approx(outcome.metrics["validation"]["roc_auc"], abs=1e-6)
     # evaluate scores the same images alike. Image by image, not by AUC: this network's Cancer probabilities
-    # saturate (half of them 0.99999994), and evaluate's batches differ from this one by a float32 ulp, which
-    # breaks ties and so moves the AUC.
+    # saturate (24 distinct values among the 49 in one run here, many at 0.99999994), and evaluate's batches
+    # differ from this one by a float32 ulp, which breaks ties and so moves the AUC.
     evaluated = evaluate(EvaluateSettings(data=str(lesion_tree), bundle=outcome.bundle_uri, split="validation",
                                           report=str(tmp_path)))
     scored = {row["path"]: row for row in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
