@@ -18,8 +18,9 @@ SECRET, OTHER = "s3cret-for-the-clinic-0001", "another-secret-of-the-lab-02"
 class Exchange:
     """One request through the guard to an app that reads the whole body: what was answered, what the app read."""
 
-    def __init__(self, guard: RequestGuard, path="/predict", method="POST", headers=(), chunks=(b"",)):
+    def __init__(self, guard: RequestGuard, path="/predict", method="POST", headers=(), chunks=(b"",), arrivals=None):
         self.guard, self.path, self.method, self.headers, self.chunks = guard, path, method, list(headers), list(chunks)
+        self.arrivals = arrivals  # an asyncio.Queue of body messages the test puts in as the client sends them
         self.read, self.app_called, self.sent = 0, False, []
 
     async def app(self, scope, receive, send):
@@ -38,6 +39,8 @@ class Exchange:
         chunks = list(self.chunks)
 
         async def receive():
+            if self.arrivals is not None:
+                return await self.arrivals.get()
             if not chunks:
                 return {"type": "http.disconnect"}
             return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
@@ -229,31 +232,18 @@ def test_an_upload_not_read_yet_keeps_its_place_before_an_older_one_trickling_by
     guard = RequestGuard(max_bytes=1000, timeout_s=10, max_uploads=2)
     headers = [(b"content-length", b"100")]
 
-    async def exchange(chunks: asyncio.Queue) -> int:
-        sent = []
-
-        async def app(scope, receive, send):
-            while (message := await receive())["type"] != "http.disconnect" and message.get("more_body"):
-                pass
-            if message["type"] != "http.disconnect":
-                await send({"type": "http.response.start", "status": 200, "headers": []})
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
-        await guard.middleware(app)(scope, chunks.get, send)
-        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+    async def status(arrivals: asyncio.Queue) -> int:
+        return (await Exchange(guard, headers=headers, arrivals=arrivals).run())[0]
 
     async def scenario():
         trickling, not_read, arriving = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
         trickling.put_nowait({"type": "http.request", "body": b"x" * 5, "more_body": True})
-        first = asyncio.create_task(exchange(trickling))
+        first = asyncio.create_task(status(trickling))
         await asyncio.sleep(1.0)
-        second = asyncio.create_task(exchange(not_read))
+        second = asyncio.create_task(status(not_read))
         await asyncio.sleep(0.3)
         arriving.put_nowait({"type": "http.request", "body": b"x" * 100, "more_body": False})
-        third = await exchange(arriving)
+        third = await status(arriving)
         not_read.put_nowait({"type": "http.request", "body": b"x" * 100, "more_body": False})
         return await first, await second, third
 
