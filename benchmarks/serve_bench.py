@@ -49,6 +49,7 @@ PEERS = Locations.from_environment().peers
 IMAGES = Locations.from_environment().data / "Cancer"  # the folder the peers measure with
 LOADGEN = PEERS / "loadgen.py"
 SHIPPED = "skin-ray serve (shipped: fused, HAProxy)"
+FLOAT32 = "skin-ray serve --runtime float32 (its Keras network, as the peers run it)"
 NO_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
 
 
@@ -221,6 +222,7 @@ def servers(model: str | None, workdir: Path) -> dict[str, tuple[Callable[[int],
     return {
         "plain FastAPI + uvicorn, one predict per request": (lambda port: plain_command(model, port, workdir), {}),
         SHIPPED: (skin_ray_serve(), {}),
+        FLOAT32: (skin_ray_serve("--runtime", "float32"), {}),
         "skin-ray serve --layout split": (skin_ray_serve("--layout", "split"), {}),
         "skin-ray serve, Ray's default proxy": (skin_ray_serve(), NO_FAST_PATH),
         "serve run deployments/serve_config.yaml": (lambda port: serve_run_command(port, workdir), SERVE_ENVIRONMENT),
@@ -276,17 +278,23 @@ def peer_rows(args, workdir: Path, peers: str) -> dict[str, dict]:
 
 
 def run_peers(args, workdir: Path) -> dict:
-    """The peers, then `skin-ray serve` with the same client."""
+    """The peers, then `skin-ray serve` as shipped and with its Keras network (the model the peers run), with the
+    same client; skin-ray's ratio to the best peer at each concurrency."""
     rows = peer_rows(args, workdir, args.peers_only)
-    port = free_port()
-    command, env = servers(args.bundle, workdir)[SHIPPED]
-    with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
-        rows[SHIPPED] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
-    best = max(
-        (name for name in rows if not name.startswith("skin-ray")), key=lambda name: rows[name][args.concurrency[-1]]["rps"]
-    )
-    print(table(rows, args.concurrency, rows[best][args.concurrency[-1]]["rps"], f"best peer ({best})"))
-    return {"servers": rows, "best_peer": best}
+    for name in (SHIPPED, FLOAT32):
+        port = free_port()
+        command, env = servers(args.bundle, workdir)[name]
+        with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
+            rows[name] = load(f"http://127.0.0.1:{port}/predict", args.concurrency, args.seconds)
+    peers = [name for name in rows if not name.startswith("skin-ray")]
+    best = {c: max(peers, key=lambda name: rows[name][c]["rps"]) for c in args.concurrency}
+    last = args.concurrency[-1]
+    print(table(rows, args.concurrency, rows[best[last]][last]["rps"], f"best peer ({best[last]})"))
+    ratios = {name: {c: round(rows[name][c]["rps"] / rows[best[c]][c]["rps"], 3) for c in args.concurrency}
+              for name in (SHIPPED, FLOAT32)}
+    for name, by_level in ratios.items():
+        print(f"{name}: " + ", ".join(f"c={c}: {ratio:.2f}x the best peer ({best[c]})" for c, ratio in by_level.items()))
+    return {"servers": rows, "best_peer": best, "over_best_peer": ratios}
 
 
 def run_protocol(args, workdir: Path) -> dict:

@@ -14,6 +14,9 @@ A bundle is a directory, local or under an `s3://` prefix:
     drift_reference.npz
                     each drift statistic's values on the validation split (optional; the rates are in
                     bundle.json, see skin_ray/drift.py)
+    analysis.onnx   the analysis pass exported for a faster runtime (optional; written by `skin-ray optimize`,
+                    which records in bundle.json the runtime, its digest, the CPU features it needs and how
+                    closely it matched the Keras network on the validation split, see skin_ray/optimize.py)
 
 Loading refuses bundles of another format or preprocessing recipe, and uses Keras safe mode, so a bundle
 cannot run arbitrary code.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,8 +51,9 @@ METADATA_FILE = "bundle.json"
 TRAIN_DIGESTS_FILE = "train_images.sha256"
 GATE_FILE = "input_gate.npz"
 DRIFT_FILE = "drift_reference.npz"
+ANALYSIS_FILE = "analysis.onnx"
 # All a bundle may hold: what loading fetches.
-BUNDLE_FILES = (MODEL_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, GATE_FILE, DRIFT_FILE)
+BUNDLE_FILES = (MODEL_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, GATE_FILE, DRIFT_FILE, ANALYSIS_FILE)
 DEFAULT_BUNDLE = str(Path(__file__).parent / "bundles" / "default")
 
 
@@ -76,6 +81,7 @@ class BundleMetadata:
     input_gate: dict | None = None  # method, threshold, validation figures; None: no gate
     uncertainty: dict | None = None  # method, margin, validation figures; None: no flag
     drift_reference: dict | None = None  # method, rates, sizes; None: nothing to compare drift with
+    runtime: dict | None = None  # name, digests, CPU features, validation figures; None: the Keras network only
 
     @property
     def positive_index(self) -> int:
@@ -124,6 +130,8 @@ class Bundle:
     train_digests: frozenset[str] = frozenset()  # empty when the bundle does not record them
     gate: InputGate | None = None
     drift: DriftReference | None = None
+    model_sha256: str = ""  # of model.keras as loaded: a runtime records the model it was exported from
+    analysis_graph: bytes | None = None  # analysis.onnx, when bundle.json names a runtime
 
 
 def save_bundle(
@@ -142,6 +150,14 @@ def write_safeguards(metadata: BundleMetadata, gate: InputGate, drift: DriftRefe
     """Rewrite an existing bundle's bundle.json, input gate and drift reference; its model file stays as it is."""
     with tempfile.TemporaryDirectory() as staging:
         _write_description(staging, metadata, gate, drift)
+        storage.upload_dir(staging, uri)
+
+
+def write_runtime(metadata: BundleMetadata, graph: bytes, uri: str) -> None:
+    """Add an exported analysis graph to an existing bundle, with the bundle.json describing it (`metadata.runtime`)."""
+    with tempfile.TemporaryDirectory() as staging:
+        Path(staging, ANALYSIS_FILE).write_bytes(graph)
+        _write_description(staging, metadata, None, None)
         storage.upload_dir(staging, uri)
 
 
@@ -199,6 +215,8 @@ def _read_metadata(location: str, uri: str) -> BundleMetadata:
     if raw.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{uri} has bundle format {raw.get('format_version')}, this version reads {FORMAT_VERSION}")
     metadata = BundleMetadata(**raw)
+    if metadata.runtime is not None:
+        _check_runtime(metadata.runtime, uri)
     if metadata.preprocessing != preprocessing_id(metadata.image_size):
         raise BundleError(
             f"{uri} was trained with preprocessing {metadata.preprocessing!r}, this version has "
@@ -207,8 +225,30 @@ def _read_metadata(location: str, uri: str) -> BundleMetadata:
     return metadata
 
 
+RUNTIME_FIELDS = {"name": str, "sha256": str, "model_sha256": str, "cpu_features": list, "validation": dict, "bounds": dict}
+
+
+def _check_runtime(runtime, uri: str) -> None:
+    """Refuse a bundle.json whose `runtime` is not what `skin-ray optimize` writes (its fields are compared with
+    files and this CPU's flags, so their types and sizes are checked first)."""
+    from skin_ray.onnx_analysis import CPU_FEATURE
+
+    if not isinstance(runtime, dict):
+        raise BundleError(f"{uri}: its bundle.json's runtime is not an object; `skin-ray optimize` rewrites it")
+    problems = [name for name, kind in RUNTIME_FIELDS.items() if not isinstance(runtime.get(name), kind)]
+    if not problems:
+        features = runtime["cpu_features"]
+        if len(features) > 16 or not all(isinstance(f, str) and CPU_FEATURE.fullmatch(f) for f in features):
+            problems.append("cpu_features")
+        problems += [name for name in ("sha256", "model_sha256") if not re.fullmatch(r"[0-9a-f]{64}", runtime[name])]
+    if problems:
+        raise BundleError(f"{uri}: its bundle.json's runtime is malformed ({', '.join(problems)}); "
+                          "`skin-ray optimize` rewrites it")
+
+
 def _load_local(directory: str, uri: str, safeguards: bool) -> Bundle:
     metadata = _read_metadata(directory, uri)
+    model_bytes = Path(directory, MODEL_FILE).read_bytes()
     model = keras.saving.load_model(Path(directory, MODEL_FILE), compile=False, safe_mode=True)
     if list(model.input_shape[1:]) != metadata.input_size:
         raise BundleError(f"{uri}: its network takes {model.input_shape[1:]} inputs, its bundle.json says {metadata.input_size}")
@@ -231,4 +271,7 @@ def _load_local(directory: str, uri: str, safeguards: bool) -> Bundle:
                 f"{uri} describes a drift reference but {DRIFT_FILE} is missing; `skin-ray fit-safeguards` refits it"
             )
         drift = _drift_reference(Path(directory, DRIFT_FILE).read_bytes(), metadata, uri)
-    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests, gate=gate, drift=drift)
+    graph_path = Path(directory, ANALYSIS_FILE)
+    graph = graph_path.read_bytes() if metadata.runtime is not None and graph_path.is_file() else None
+    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests, gate=gate, drift=drift,
+                  model_sha256=hashlib.sha256(model_bytes).hexdigest(), analysis_graph=graph)

@@ -55,12 +55,12 @@ RESULT_COLUMNS = tuple(result_schema(class_names=()).names)
 class Classifier:
     """A Ray Data actor: loads the bundle once, then predicts every batch it is given."""
 
-    def __init__(self, bundle: str | None, explain: str | None):
+    def __init__(self, bundle: str | None, runtime: str, explain: str | None):
         from skin_ray.predictor import Predictor
         from skin_ray.runtime import limit_tensorflow_threads
 
         limit_tensorflow_threads()
-        self.predictor = Predictor.from_bundle(bundle)
+        self.predictor = Predictor.from_bundle(bundle, runtime)
         self.schema = result_schema(self.predictor.metadata.class_names)
         self.explain = explain
 
@@ -114,7 +114,7 @@ def build_pipeline(paths: list[str], settings: ClassifySettings) -> ray.data.Dat
         files.map_batches(load_images, batch_size=settings.batch_size, fn_kwargs=decoding, num_cpus=0.5)
         .map_batches(
             Classifier,
-            fn_constructor_args=(settings.bundle, settings.explain),
+            fn_constructor_args=(settings.bundle, settings.runtime, settings.explain),
             batch_size=settings.batch_size,
             compute=ray.data.ActorPoolStrategy(size=settings.workers),
             num_cpus=settings.cpus_per_actor,

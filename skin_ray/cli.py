@@ -21,6 +21,7 @@ from skin_ray.config import (
     EvaluateSettings,
     ExplainSettings,
     FitSafeguardsSettings,
+    OptimizeSettings,
     PredictSettings,
     ServeSettings,
     TrainSettings,
@@ -131,6 +132,16 @@ def _run_fit_safeguards(args) -> int:
     return 0
 
 
+def _run_optimize(args) -> int:
+    from skin_ray.optimize import optimize_bundle
+    from skin_ray.runtime import init_ray
+
+    settings = _settings_from(args, OptimizeSettings)
+    init_ray(verbose=args.verbose, address=args.address)
+    _result({"bundle": settings.bundle, "runtime": optimize_bundle(settings)})
+    return 0
+
+
 def _run_evaluate(args) -> int:
     from skin_ray.evaluate import evaluate
     from skin_ray.runtime import init_ray
@@ -168,7 +179,7 @@ def _run_predict(args) -> int:
 
     settings = _settings_from(args, PredictSettings)
     paths = _image_paths(settings.images)
-    predictor = Predictor.from_bundle(settings.bundle)
+    predictor = Predictor.from_bundle(settings.bundle, settings.runtime)
     chunk = 32  # bounds memory for long argument lists
     failed = 0
     for start in range(0, len(paths), chunk):
@@ -191,7 +202,7 @@ def _run_explain(args) -> int:
 
     settings = _settings_from(args, ExplainSettings)
     paths = _image_paths(settings.images)
-    predictor = Predictor.from_bundle(settings.bundle)
+    predictor = Predictor.from_bundle(settings.bundle, settings.runtime)
     output = Path(settings.output)
     output.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -354,6 +365,13 @@ COMMANDS = {
         FitSafeguardsSettings, _run_fit_safeguards,
         "fit a bundle's input gate, uncertainty margin and drift reference on its own split (for older bundles)",
         ("bundle",), "Train and ensemble fit them when they make a bundle; this adds them to a bundle made before.",
+    ),
+    "optimize": Command(
+        OptimizeSettings, _run_optimize, "give a bundle a faster runtime (ONNX Runtime), checked against its Keras "
+        "network on its validation split", ("bundle",),
+        "Exports the bundle's forward pass to analysis.onnx and records in bundle.json how far it moves the "
+        "probabilities, labels, gate and uncertainty flags on the validation split; refused beyond the bounds. "
+        "Needs the `optimize` extra (tf2onnx). Every command then runs it unless given --runtime float32.",
     ),
     "evaluate": Command(EvaluateSettings, _run_evaluate, "metrics and plots of a bundle on a labelled image tree", ("data",)),
     "predict": Command(

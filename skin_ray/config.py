@@ -25,6 +25,7 @@ Arch = Literal["default", "plain", "seed"]
 OutputFormat = Literal["parquet", "csv", "jsonl"]
 Layout = Literal["fused", "split"]
 EvaluationSplit = Literal["all", "validation"]
+Runtime = Literal["auto", "float32"]
 
 PRIMARY_VERSION = "default"  # the name of a served bundle given without one
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -33,6 +34,13 @@ VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 def _bundle_field(description: str = "bundle directory or s3:// prefix (default: the shipped model)"):
     # `model` was this parameter's name before 0.2; Serve configs written then still load.
     return Field(None, description=description, validation_alias=AliasChoices("bundle", "model"))
+
+
+def _runtime_field():
+    return Field(
+        "auto", description="auto: the faster runtime `skin-ray optimize` validated for the bundle, where this machine "
+        "can run it (else the Keras network, said once); float32: the bundle's Keras network itself, the reference",
+    )
 
 
 class Settings(BaseModel):
@@ -145,6 +153,13 @@ class FitSafeguardsSettings(Settings):
     data: str | None = Field(None, description="the bundle's labelled image tree, if it moved since it was trained")
 
 
+class OptimizeSettings(Settings):
+    """`skin-ray optimize`."""
+
+    bundle: str = Field(description="bundle directory or s3:// prefix, rewritten in place (bundle.json, analysis.onnx)")
+    data: str | None = Field(None, description="the bundle's labelled image tree, if it moved since it was trained")
+
+
 class EvaluateSettings(Settings):
     """`skin-ray evaluate`."""
 
@@ -155,6 +170,7 @@ class EvaluateSettings(Settings):
     split: EvaluationSplit = Field(
         "all", description="validation: only the images the bundle's content-hash split held out from its training"
     )
+    runtime: Runtime = _runtime_field()
 
 
 class PredictSettings(Settings):
@@ -164,6 +180,7 @@ class PredictSettings(Settings):
         min_length=1, description="image files or folders (searched recursively); local or s3:// (a prefix ends in /)"
     )
     bundle: str | None = _bundle_field()
+    runtime: Runtime = _runtime_field()
 
 
 class ExplainSettings(PredictSettings):
@@ -178,6 +195,7 @@ class ClassifySettings(Settings):
     source: str = Field(description="directory or s3://bucket/prefix, searched recursively for images")
     output: str = Field(description="directory or s3:// prefix for the results")
     bundle: str | None = _bundle_field()
+    runtime: Runtime = _runtime_field()
     format: OutputFormat = Field("parquet", description="parquet, csv or jsonl")
     batch_size: int = Field(32, ge=1, description="images per model call")
     workers: int = Field(2, ge=1, description="classifier actors; each loads the model once")
@@ -226,6 +244,7 @@ class ServeSettings(Settings):
         {}, description="NAME[=PERCENT],...: versions sent a copy of that share (default 100) of the /predict requests "
         "after their answer; compared with the answer and counted, never returned",
     )
+    runtime: Runtime = _runtime_field()
     layout: Layout = Field(
         "fused",
         description="fused: one deployment decodes, batches and predicts (fastest on one node); split: Ingress "

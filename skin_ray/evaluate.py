@@ -29,7 +29,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     not flagged uncertain. With `report`, every image's prediction record goes to predictions.jsonl.
     """
     data, split = settings.data, settings.split
-    predictor = Predictor.from_bundle(settings.bundle)
+    predictor = Predictor.from_bundle(settings.bundle, settings.runtime)
     meta = predictor.metadata
     validation_fraction = meta.training.get("validation_fraction")
     if split == "validation" and validation_fraction is None:
@@ -69,6 +69,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         "seen_in_training": seen,
         "split": split,
         "model_version": meta.model_version,
+        "runtime": predictor.analyse.runtime,
         "data": data,
     }
     if split == "validation":

@@ -5,6 +5,7 @@ description. Also re-deriving a bundle's split from its data, for commands that 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from skin_ray.drift import DriftReference, Observations, image_statistics
 from skin_ray.predictor import Analyser
 from skin_ray.preprocess import to_model_input
 from skin_ray.safeguards import GateInputs, InputGate
+
+logger = logging.getLogger(__name__)
 
 
 def finalize_bundle(
@@ -153,5 +156,9 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards(
         bundle.model, train, validation, metadata.threshold
     )
+    if metadata.runtime is not None:
+        logger.warning("%s: its runtime was validated against the safeguards replaced now; `skin-ray optimize` validates "
+                       "it again, until then every command runs the Keras network", settings.bundle)
+        metadata.runtime = None
     write_safeguards(metadata, gate, drift, settings.bundle)
     return metadata

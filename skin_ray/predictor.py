@@ -4,12 +4,14 @@
 `Predictor.records` is the one place where a batch of images (some of which failed to decode) becomes one
 prediction record per image, the same fields in every path. The model is called through one traced
 `tf.function` with a batch-agnostic signature: Keras 3 `model.predict` pays ~150 ms of fixed overhead per
-call on a 2-core machine, which would dominate small batches.
+call on a 2-core machine, which would dominate small batches; or, when the bundle carries a validated faster
+runtime (skin_ray.onnx_analysis) and this machine can run it, through that (`analyser_for`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,9 +22,14 @@ from keras import ops
 
 from skin_ray.bundle import Bundle, load_bundle
 from skin_ray.explain import Explainer
+from skin_ray.onnx_analysis import RUNTIME, Forward, missing_cpu_features, onnx_forward
 from skin_ray.preprocess import decode_pixels, to_model_input
 from skin_ray.record import OUT_OF_DISTRIBUTION, RECORD_FIELDS, error_record
 from skin_ray.safeguards import GateInputs, image_evidence, is_uncertain, members_disagree
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_RUNTIME = "keras-float32"  # the bundle's Keras network itself: what every other runtime is checked against
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,24 @@ class Prediction:
     label: str
     cancer_probability: float
     probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """What a bundle decides of each image of an analysis (None where the bundle has no gate or margin)."""
+
+    p_cancer: np.ndarray
+    cancer: np.ndarray  # p_cancer >= the bundle's threshold
+    ood_score: np.ndarray | None
+    refused: np.ndarray | None  # by the input gate
+    uncertain: np.ndarray | None
+
+    @staticmethod
+    def concatenate(parts: list[Decisions]) -> Decisions:
+        return Decisions(*(
+            None if getattr(parts[0], name) is None else np.concatenate([getattr(part, name) for part in parts])
+            for name in Decisions.__dataclass_fields__
+        ))
 
 
 @dataclass(frozen=True)
@@ -100,31 +125,89 @@ def member_cancer_probabilities(model: keras.Model, features: np.ndarray, positi
     return probabilities[..., positive_index]
 
 
-class Analyser:
-    """A network's forward pass for a batch of preprocessed images, as an `Analysis`."""
+def keras_forward(model: keras.Model) -> Forward:
+    """`analysis_function(model)` on numpy arrays: the reference runtime."""
+    function = analysis_function(model)
+    return lambda images: [output.numpy() for output in function(tf.convert_to_tensor(images, dtype=tf.float32))]
 
-    def __init__(self, model: keras.Model, positive_index: int):
-        self.model, self.positive_index = model, positive_index
-        self.function = analysis_function(model)
+
+class Analyser:
+    """A network's forward pass for a batch of preprocessed images, as an `Analysis`, run by `forward` (the
+    Keras network itself when None) and named by `runtime`."""
+
+    def __init__(self, model: keras.Model, positive_index: int, forward: Forward | None = None, runtime: str = REFERENCE_RUNTIME):
+        self.model, self.positive_index, self.runtime = model, positive_index, runtime
+        self.forward = forward or keras_forward(model)
 
     def __call__(self, images: np.ndarray) -> Analysis:
         if len(images) == 0:
             images = np.zeros((0, *self.model.input_shape[1:]), np.float32)
-        outputs = self.function(tf.convert_to_tensor(images, dtype=tf.float32))
-        probabilities, features, evidence, *depths = (output.numpy() for output in outputs)
+        probabilities, features, evidence, *depths = self.forward(images)
         members = member_cancer_probabilities(self.model, features, self.positive_index)
         return Analysis(probabilities, features, members, GateInputs(tuple(depths), evidence))
 
 
+def analyser_for(bundle: Bundle, runtime: str = "auto") -> Analyser:
+    """The analyser of `bundle`: its recorded runtime (`runtime="auto"`) when this machine can run it, else
+    the Keras network, saying once per process and bundle why; `runtime="float32"` asks for the Keras network."""
+    from skin_ray.runtime import forward_threads
+
+    positive_index = bundle.metadata.positive_index
+    recorded = bundle.metadata.runtime
+    if runtime == "float32" or recorded is None:
+        return Analyser(bundle.model, positive_index)
+    try:
+        return Analyser(bundle.model, positive_index, onnx_forward(_usable_graph(bundle), forward_threads()), RUNTIME)
+    except RuntimeUnavailable as exc:
+        _say_once(f"{bundle.uri}: running its Keras network (float32) instead of {recorded['name']}: {exc}")
+        return Analyser(bundle.model, positive_index)
+
+
+class RuntimeUnavailable(Exception):
+    pass
+
+
+def _usable_graph(bundle: Bundle) -> bytes:
+    """The bundle's analysis graph, if this version and machine can run the runtime its bundle.json records;
+    RuntimeUnavailable says why not."""
+    import hashlib
+
+    recorded = bundle.metadata.runtime
+    if recorded["name"] != RUNTIME:
+        raise RuntimeUnavailable(f"this version of skin-ray runs {RUNTIME}, not {recorded['name']}")
+    if missing := missing_cpu_features(recorded["cpu_features"]):
+        raise RuntimeUnavailable(f"this CPU lacks {', '.join(missing)}")
+    if recorded["model_sha256"] != bundle.model_sha256:
+        raise RuntimeUnavailable("its analysis graph was exported from another model.keras; `skin-ray optimize` exports it anew")
+    if bundle.analysis_graph is None or hashlib.sha256(bundle.analysis_graph).hexdigest() != recorded["sha256"]:
+        raise RuntimeUnavailable("its analysis graph is missing or not the one validated; `skin-ray optimize` exports it anew")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise RuntimeUnavailable("onnxruntime is not installed") from None
+    return bundle.analysis_graph
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        logger.warning(message)
+
+
 class Predictor:
-    def __init__(self, bundle: Bundle):
+    """A bundle's predictions, its network run by `analyser` (by default the runtime `analyser_for` chooses)."""
+
+    def __init__(self, bundle: Bundle, analyser: Analyser | None = None, runtime: str = "auto"):
         self.bundle = bundle
         self.metadata = bundle.metadata
-        self.analyse = Analyser(bundle.model, self.metadata.positive_index)  # preprocessed images -> Analysis
+        self.analyse = analyser or analyser_for(bundle, runtime)  # preprocessed images -> Analysis
 
     @classmethod
-    def from_bundle(cls, uri: str | None = None) -> Predictor:
-        return cls(load_bundle(uri))
+    def from_bundle(cls, uri: str | None = None, runtime: str = "auto") -> Predictor:
+        return cls(load_bundle(uri), runtime=runtime)
 
     @property
     def model_version(self) -> str:
@@ -184,13 +267,21 @@ class Predictor:
         """The record of an image that could not be read: `error` ("reason: detail") and no prediction."""
         return error_record(error, self.metadata.threshold, self.model_version)
 
+    def decide(self, analysis: Analysis) -> Decisions:
+        """The label, the gate's and the margin's decisions on each image of `analysis`."""
+        p_cancer = analysis.probabilities[:, self.metadata.positive_index]
+        threshold, gate, uncertainty = self.metadata.threshold, self.bundle.gate, self.metadata.uncertainty
+        scores = gate.scores(analysis.gate_inputs) if gate else None
+        disagree = members_disagree(analysis.member_cancer, threshold, len(p_cancer))
+        return Decisions(
+            p_cancer, p_cancer >= threshold, scores, None if gate is None else scores > gate.threshold,
+            is_uncertain(p_cancer, threshold, uncertainty["margin"], disagree) if uncertainty else None,
+        )
+
     def to_records(self, analysis: Analysis, errors: Sequence[str]) -> list[dict]:
         """`records` for an analysis already made of the images whose `errors` entry is empty."""
-        p_cancer = analysis.probabilities[:, self.metadata.positive_index]
-        gate, uncertainty = self.bundle.gate, self.metadata.uncertainty
-        scores = gate.scores(analysis.gate_inputs) if gate else None
-        disagree = members_disagree(analysis.member_cancer, self.metadata.threshold, len(p_cancer))
-        uncertain = is_uncertain(p_cancer, self.metadata.threshold, uncertainty["margin"], disagree) if uncertainty else None
+        decisions = self.decide(analysis)
+        scores, gate = decisions.ood_score, self.bundle.gate
         records, row = [], 0
         for error in errors:
             if error:
@@ -198,7 +289,7 @@ class Predictor:
                 continue
             record = {**dict.fromkeys(RECORD_FIELDS), "threshold": self.metadata.threshold, "model_version": self.model_version}
             if gate:
-                record.update(in_distribution=bool(scores[row] <= gate.threshold), ood_score=float(scores[row]))
+                record.update(in_distribution=not decisions.refused[row], ood_score=float(scores[row]))
             if record["in_distribution"] is False:
                 record.update(
                     error=f"{OUT_OF_DISTRIBUTION}: not like the dermoscopic images this model was trained on "
@@ -210,7 +301,7 @@ class Predictor:
                 record.update(
                     label=prediction.label, cancer_probability=prediction.cancer_probability,
                     probabilities=prediction.probabilities,
-                    uncertain=None if uncertain is None else bool(uncertain[row]),
+                    uncertain=None if decisions.uncertain is None else bool(decisions.uncertain[row]),
                     member_probabilities=None if analysis.member_cancer is None else analysis.member_cancer[row].tolist(),
                 )
             records.append(record)

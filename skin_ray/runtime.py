@@ -180,13 +180,19 @@ def limit_tensorflow_threads(intra_op: int | None = None) -> None:
     """
     import tensorflow as tf
 
-    intra_op = intra_op or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)) or (os.cpu_count() or 1)
+    intra_op = intra_op or forward_threads()
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
         # Two inter-op threads: collective ops of MultiWorkerMirroredStrategy wait on one while the other computes.
         tf.config.threading.set_inter_op_parallelism_threads(int(os.environ.get("TF_NUM_INTEROP_THREADS", 0)) or 2)
     except RuntimeError:
         logger.debug("TensorFlow already initialised; thread pools unchanged")
+
+
+def forward_threads() -> int:
+    """Threads one forward pass may use, whatever runs it (TensorFlow's intra-op pool, ONNX Runtime's):
+    TF_NUM_INTRAOP_THREADS when set, else every core of this node."""
+    return int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)) or (os.cpu_count() or 1)
 
 
 def configure_output(verbose: bool) -> None:

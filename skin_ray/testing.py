@@ -112,6 +112,15 @@ def guarded_bundle_lesions(seed: int = 3, count: int = 280) -> tuple[np.ndarray,
     return labels, [lesion_image(("Cancer", "Non_Cancer")[label], rng) for label in labels]
 
 
+def generated_validation(size: int, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Generated lesions of the kind the tests' guarded bundle is fitted on (another seed: not the same ones) as
+    `size`-pixel model input, and which are Cancer: the tests' stand-in for a bundle's validation split."""
+    from skin_ray.preprocess import decode_pixels, to_model_input
+
+    labels, images = guarded_bundle_lesions(seed)
+    return to_model_input(np.stack([decode_pixels(encode(image), size) for image in images])), labels == 0
+
+
 def write_lesion_tree(root: Path, per_class: int, seed: int = 0, split_folders: bool = False) -> Path:
     """ROOT/<class>/[Training|Testing/]*.jpg with `per_class` images of each class."""
     rng = np.random.default_rng(seed)

@@ -127,11 +127,28 @@ def small_input_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def optimized_bundle(untrained_bundle, tmp_path_factory) -> Path:
+    """A copy of the untrained bundle carrying its faster runtime, accepted on generated lesions."""
+    import shutil
+
+    from skin_ray.bundle import load_bundle
+    from skin_ray.optimize import add_runtime
+    from skin_ray.testing import generated_validation
+
+    path = tmp_path_factory.mktemp("optimized") / "untrained"
+    shutil.copytree(untrained_bundle, path)
+    images, is_cancer = generated_validation(170)
+    add_runtime(load_bundle(str(path)), str(path), [(images, is_cancer)])
+    return path
+
+
+@pytest.fixture(scope="session")
 def shipped():
-    """A Predictor of the shipped bundle, loaded once for the session."""
+    """A Predictor of the shipped bundle's Keras network (the reference its recorded figures describe), loaded once
+    for the session."""
     from skin_ray.predictor import Predictor
 
-    return Predictor.from_bundle()
+    return Predictor.from_bundle(runtime="float32")
 
 
 @pytest.fixture(scope="session")

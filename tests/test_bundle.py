@@ -15,7 +15,9 @@ from skin_ray import metrics
 from skin_ray.bundle import DEFAULT_BUNDLE, METADATA_FILE, MODEL_FILE, BundleError, load_bundle, read_metadata, save_bundle
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.model import NUM_CLASSES, make_model
-from skin_ray.predictor import Predictor
+from skin_ray.onnx_analysis import RUNTIME
+from skin_ray.optimize import beyond_bounds, compare_decisions
+from skin_ray.predictor import Decisions, Predictor
 from skin_ray.preprocess import preprocessing_id
 from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, threshold_miss_rates
 
@@ -136,7 +138,8 @@ def test_shipped_default_bundle_holds_its_recorded_quality():
     meta = bundle.metadata
     assert meta.arch == "ensemble" and meta.class_names == ["Cancer", "Non_Cancer"]
     assert [member["training"]["epochs"] for member in meta.training["members"]] == [80, 80]
-    assert sum(f.stat().st_size for f in Path(DEFAULT_BUNDLE).iterdir()) < 16 * 2**20  # model 9.4 MiB, input gate 5.3 MiB
+    # model 9.4 MiB, its ONNX Runtime graph 9.2 MiB, input gate 5.3 MiB
+    assert sum(f.stat().st_size for f in Path(DEFAULT_BUNDLE).iterdir()) < 26 * 2**20
     assert meta.metrics["validation"]["roc_auc"] >= 0.95
     assert all(meta.metrics["validation"]["roc_auc"] > member["roc_auc"] for member in meta.training["members"])
     assert meta.metrics["validation"]["ece"] <= 0.03
@@ -148,22 +151,28 @@ def test_shipped_default_bundle_holds_its_recorded_quality():
 
 @pytest.fixture(scope="module")
 def shipped_validation(ray_session):
-    """The shipped bundle's Cancer probabilities on its validation split, re-derived from the real data."""
-    predictor = Predictor.from_bundle()
+    """The shipped bundle's Cancer probabilities on its validation split, re-derived from the real data by its Keras
+    network, and the decisions of both that network and the runtime the bundle carries."""
+    predictor = Predictor.from_bundle(runtime="float32")
+    runtime = Predictor(predictor.bundle)
+    assert runtime.analyse.runtime == RUNTIME
     split = split_by_content(discover(str(REAL_DATA)), predictor.metadata.training["validation_fraction"])
     assert split.fingerprint == predictor.metadata.data["fingerprint"]
     assert predictor.bundle.train_digests == frozenset(split.train_digests)  # what evaluate's overlap check reads
-    y_true, p_cancer = [], []
+    y_true, decisions = [], {predictor: [], runtime: []}
     for batch in image_dataset(split.validation).iter_batches(batch_size=128):
         y_true.append(batch["label"] == predictor.metadata.positive_index)
-        p_cancer.append(predictor.cancer_probabilities(batch["image"]))
-    return predictor, np.concatenate(y_true), np.concatenate(p_cancer)
+        for which, decided in decisions.items():
+            decided.append(which.decide(which.analyse(batch["image"])))
+    reference, by_runtime = (Decisions.concatenate(decided) for decided in decisions.values())
+    return predictor, np.concatenate(y_true), reference, by_runtime
 
 
 @needs_real_data
 def test_shipped_bundle_reproduces_its_validation_metrics(shipped_validation):
     """Re-score the validation split: the recorded figures hold."""
-    predictor, y_true, p_cancer = shipped_validation
+    predictor, y_true, reference, _ = shipped_validation
+    p_cancer = reference.p_cancer
     recorded = predictor.metadata.metrics["validation"]
     summary = metrics.summary(y_true, p_cancer, predictor.metadata.threshold)
     assert summary["n"] == recorded["n"]
@@ -172,9 +181,20 @@ def test_shipped_bundle_reproduces_its_validation_metrics(shipped_validation):
 
 
 @needs_real_data
+def test_shipped_runtime_stays_within_its_recorded_bounds_on_the_validation_split(shipped_validation):
+    """The runtime the shipped bundle carries, run here, against its Keras network: within the bounds it was accepted
+    on, and as close as recorded (another CPU's kernels may round differently: a tenth of the bound's slack)."""
+    predictor, y_true, reference, by_runtime = shipped_validation
+    recorded = predictor.metadata.runtime
+    figures = compare_decisions(y_true, reference, by_runtime)
+    assert beyond_bounds(figures, recorded["bounds"]) == [], figures
+    slack = 0.1 * recorded["bounds"]["max_abs_dp"]
+    assert figures["max_abs_dp"] <= recorded["validation"]["max_abs_dp"] + slack, (figures, recorded["validation"])
+@needs_real_data
 def test_threshold_rule_keeps_its_sensitivity_on_unseen_halves_of_the_real_validation_split(shipped_validation):
     """Chosen on a random half of the shipped model's validation scores and checked on the other half, the
     lower-bound rule's threshold falls short of the target sensitivity far less often than the exact fit's."""
-    _, y_true, p_cancer = shipped_validation
+    _, y_true, reference, _ = shipped_validation
+    p_cancer = reference.p_cancer
     rates = threshold_miss_rates(y_true, p_cancer, 0.9, trials=400)
     assert rates["exact_fit"] > 0.3 and rates["lower_bound"] < rates["exact_fit"] / 3, rates

@@ -18,6 +18,7 @@ REQUIRED = {
     "distill": ["TEACHER", "--output", "OUT"],
     "ensemble": ["A", "B", "--output", "OUT"],
     "fit-safeguards": ["BUNDLE"],
+    "optimize": ["BUNDLE"],
     "evaluate": ["DATA"],
     "predict": ["IMAGE"],
     "explain": ["IMAGE", "--output", "OUT"],

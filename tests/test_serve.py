@@ -191,9 +191,10 @@ def test_batches_form_under_concurrent_load(service, client, jpeg):
 
 
 @pytest.fixture(scope="module")
-def split_service(service, untrained_bundle):
-    """The same app in the split layout (Ingress -> SkinModel), beside the fused one."""
-    settings = ServeSettings(bundle=str(untrained_bundle), layout="split", max_batch_size=16, batch_wait_timeout_s=0.05)
+def split_service(service, optimized_bundle):
+    """The same app in the split layout (Ingress -> SkinModel), beside the fused one, its bundle carrying the faster
+    runtime."""
+    settings = ServeSettings(bundle=str(optimized_bundle), layout="split", max_batch_size=16, batch_wait_timeout_s=0.05)
     serve.run(app_builder(settings), name="split", route_prefix="/split")
     yield f"{service}/split"
     serve.delete("split")
@@ -201,12 +202,16 @@ def split_service(service, untrained_bundle):
 
 @pytest.mark.ray  # its service fixture is chosen at run time, so the fixture-based mark cannot see it
 @pytest.mark.parametrize("layout", ["fused", "split"])
-def test_served_probabilities_equal_the_predictor_on_the_same_files(request, untrained_bundle, layout):
-    """Batching, the uint8 hop and the threads change nothing: each answer is Predictor's on that file."""
+def test_served_probabilities_equal_the_predictor_on_the_same_files(request, layout):
+    """Batching, the uint8 hop and the threads change nothing: each answer is Predictor's on that file, by the same
+    runtime (the Keras network fused, the bundle's faster runtime split)."""
     url = request.getfixturevalue("service" if layout == "fused" else "split_service")
+    bundle = request.getfixturevalue("untrained_bundle" if layout == "fused" else "optimized_bundle")
     rng = np.random.default_rng(11)
     files = [encode(lesion_image(("Cancer", "Non_Cancer")[i % 2], rng, size=150 + 10 * i), "JPEG") for i in range(12)]
-    predictor = Predictor.from_bundle(str(untrained_bundle))
+    predictor = Predictor.from_bundle(str(bundle))
+    assert httpx.get(f"{url}/model").json()["runtime_in_use"] == predictor.analyse.runtime
+    assert predictor.analyse.runtime == ("keras-float32" if layout == "fused" else "onnxruntime-float32")
     expected = predictor.predict_arrays(np.stack([preprocess_image(data) for data in files]))[:, 0]
 
     async def concurrently():  # so that the files share batches
@@ -223,7 +228,7 @@ def test_a_swap_to_a_bundle_of_another_input_size_is_refused(small_input_bundle,
     """A split layout's Ingress decodes to the size of the SkinModel bundle it started with, so a swap there may
     not change it."""
     with pytest.raises(ValueError, match="deploy the app anew to change the input size"):
-        swap_in_place(LoadedModel(str(small_input_bundle)), str(untrained_bundle))
+        swap_in_place(LoadedModel(str(small_input_bundle), "auto"), str(untrained_bundle))
 
 
 def test_docs_work_offline(client):
@@ -324,7 +329,7 @@ def test_reconfigure_swaps_the_model_without_downtime(service, client, untrained
         if layout == "fused":
             app = Ingress.options(name="SwapIngress", user_config={"bundle": str(bundle)}).bind(settings)
         else:
-            model = SkinModel.options(name="SwapModel", user_config={"bundle": str(bundle)}).bind(str(untrained_bundle))
+            model = SkinModel.options(name="SwapModel", user_config={"bundle": str(bundle)}).bind(str(untrained_bundle), "auto")
             app = Ingress.options(name="SwapIngress").bind(settings, {"default": model})
         serve.run(app, name="swap", route_prefix="/swap")
 

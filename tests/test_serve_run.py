@@ -20,6 +20,7 @@ import yaml
 from ray import serve
 
 from skin_ray.gate_images import documents
+from skin_ray.onnx_analysis import RUNTIME
 from skin_ray.testing import encode, free_port, lesion_image, own_ray_environment, round_lesion_photo, steady_load, wait_healthy
 
 pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
@@ -81,6 +82,7 @@ def test_serve_run_with_the_shipped_config(ray_session, tmp_path):
         response = httpx.post(f"{url}/predict", files={"file": ("x.jpg", _photo(tmp_path).read_bytes(), "image/jpeg")})
         assert response.status_code == 200, response.text
         assert response.json()["label"] in ("Cancer", "Non_Cancer")
+        assert httpx.get(f"{url}/model").json()["runtime_in_use"] == RUNTIME  # the shipped bundle carries one
     finally:
         _stop(process)
 
@@ -328,5 +330,6 @@ def test_upload_page_in_headless_chromium(cli_service, tmp_path):
 def test_ctrl_c_stops_the_service_cleanly(cli_service):
     url, process = cli_service
     assert httpx.get(f"{url}/healthz").status_code == 200
+    assert httpx.get(f"{url}/model").json()["runtime_in_use"] == RUNTIME
     assert _stop(process) == 0
     assert "stopping" in _output(process)

@@ -14,12 +14,13 @@ from skin_ray.serve.errors import Refusal
 
 logger = logging.getLogger(__name__)
 
-# What GET /model shows of bundle.json: the bundle's version, classes, threshold, figures and input; not its
-# `training` and `data` sections, which name storage paths, member bundles and the training data's location.
+# What GET /model shows of bundle.json: the bundle's version, classes, threshold, figures, input and the runtime
+# it carries; not its `training` and `data` sections, which name storage paths, member bundles and the training
+# data's location. `runtime_in_use` adds what this replica runs (`keras-float32` where it fell back).
 PUBLIC_METADATA = (
     "model_version", "arch", "class_names", "positive_class", "threshold", "target_sensitivity", "metrics",
     "input_size", "preprocessing", "format_version", "created", "package_version", "input_gate", "uncertainty",
-    "drift_reference",
+    "drift_reference", "runtime",
 )
 
 
@@ -31,17 +32,18 @@ class LoadedModel:
     a thread of their own, so a batch of predictions never queues behind them; they share the cores instead.
     """
 
-    def __init__(self, bundle: str | None):
+    def __init__(self, bundle: str | None, runtime: str):
         from skin_ray.predictor import Predictor
         from skin_ray.runtime import limit_tensorflow_threads
 
         limit_tensorflow_threads()
-        self.predictor = Predictor.from_bundle(bundle)
+        self.runtime = runtime  # the setting; `predictor.analyse.runtime` is what runs
+        self.predictor = Predictor.from_bundle(bundle, runtime)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="skin-ray-model")
         self._explaining = ThreadPoolExecutor(1, thread_name_prefix="skin-ray-explain")
         height, width, channels = self.predictor.metadata.input_size
         self.predictor.predict_pixels(np.zeros((1, height, width, channels), np.uint8))  # trace before traffic
-        logger.info("loaded model %s", self.predictor.model_version)
+        logger.info("loaded model %s (%s)", self.predictor.model_version, self.predictor.analyse.runtime)
 
     @property
     def uri(self) -> str:
@@ -62,7 +64,7 @@ class LoadedModel:
     async def metadata(self) -> dict:
         """What a caller needs of the bundle's description (PUBLIC_METADATA): not where it was trained from."""
         described = asdict(self.predictor.metadata)
-        return {name: described[name] for name in PUBLIC_METADATA}
+        return {**{name: described[name] for name in PUBLIC_METADATA}, "runtime_in_use": self.predictor.analyse.runtime}
 
 
 def swap_in_place(running: LoadedModel, bundle: str) -> LoadedModel:
@@ -74,7 +76,7 @@ def swap_in_place(running: LoadedModel, bundle: str) -> LoadedModel:
     if size != running_size:
         raise ValueError(f"{bundle} takes {size}-pixel images, the running bundle {running_size}: "
                          "deploy the app anew to change the input size")
-    return LoadedModel(bundle)
+    return LoadedModel(bundle, running.runtime)
 
 
 class RemoteModel:

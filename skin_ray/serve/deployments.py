@@ -71,8 +71,8 @@ def model_deployment_name(version: str, primary: bool) -> str:
 class SkinModel:
     """The split layout's model replica: holds one version's bundle and predicts the batches Ingress replicas send."""
 
-    def __init__(self, bundle: str | None):
-        self.model = LoadedModel(bundle)
+    def __init__(self, bundle: str | None, runtime: str):
+        self.model = LoadedModel(bundle, runtime)
 
     async def predict(self, pixels: np.ndarray) -> list[dict]:
         return await self.model.predict(pixels)
@@ -155,7 +155,7 @@ class Ingress:
         from skin_ray.bundle import read_drift_reference, read_metadata
 
         if self.model_handles is None:
-            backend = LoadedModel(bundle)
+            backend = LoadedModel(bundle, settings.runtime)
             metadata, reference = backend.predictor.metadata, backend.predictor.bundle.drift
         elif name in self.model_handles and self.args.versions()[name] == bundle:
             backend = RemoteModel(self.model_handles[name])
@@ -346,7 +346,7 @@ def app_builder(args: ServeSettings) -> serve.Application:
         return ingress.bind(args)
     model = SkinModel.options(**drained, **_replicas(args, MODEL_TARGET_ONGOING_REQUESTS))
     models = {
-        name: model.options(name=model_deployment_name(name, index == 0)).bind(bundle)
+        name: model.options(name=model_deployment_name(name, index == 0)).bind(bundle, args.runtime)
         for index, (name, bundle) in enumerate(args.versions().items())
     }
     return ingress.bind(args, models)

@@ -83,6 +83,9 @@ class ModelResponse(BaseModel, extra="allow"):
     class_names: list[str]
     input_size: list[int]
     threshold: float
+    runtime_in_use: str = Field(
+        description="what runs the network: keras-float32 (the reference) or the bundle's validated runtime"
+    )
     versions: dict[str, VersionShare]
 
 

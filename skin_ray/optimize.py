@@ -1,0 +1,120 @@
+"""`skin-ray optimize`: give a bundle the faster runtime of skin_ray.onnx_analysis, once it is shown on the
+bundle's own validation split to decide as the Keras network does.
+
+The Keras network stays the reference: its threshold, uncertainty margin and input gate were fitted on its
+outputs, and a runtime is accepted only while it changes none of their decisions beyond `BOUNDS` (so nothing is
+re-derived for it); one that would is refused with its figures, and the bundle keeps only the Keras network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+
+from skin_ray import metrics
+from skin_ray.bundle import ANALYSIS_FILE, Bundle, load_bundle, write_runtime
+from skin_ray.config import OptimizeSettings
+from skin_ray.finalize import bundle_split, split_pixel_datasets
+from skin_ray.onnx_analysis import OPSET, RUNTIME, export_analysis, onnx_forward
+from skin_ray.predictor import Analyser, Decisions, Predictor
+from skin_ray.preprocess import to_model_input
+
+logger = logging.getLogger(__name__)
+
+# How far a runtime may move from the Keras network on the validation split: the 95% interval of the paired
+# ROC AUC difference, the largest change of a Cancer probability, and the share of images whose label, gate
+# decision or uncertainty flag changes.
+BOUNDS = {
+    "auc_difference": 0.005,
+    "max_abs_dp": 1e-3,
+    "labels_differ": 0.005,
+    "refusals_differ": 0.005,
+    "uncertain_differ": 0.005,
+}
+CPU_FEATURES: list[str] = []  # ONNX Runtime's float32 kernels choose among SSE, AVX2 and AVX-512 as they run
+
+
+class RuntimeRefused(ValueError):
+    """The runtime moved the bundle's decisions beyond `BOUNDS`."""
+
+
+def optimize_bundle(settings: OptimizeSettings) -> dict:
+    """Export the bundle's analysis pass, compare it with the Keras network on the bundle's validation split and,
+    within `BOUNDS`, write it and its figures into the bundle; return bundle.json's `runtime`."""
+    bundle = load_bundle(settings.bundle)
+    split, _ = bundle_split(bundle.metadata, settings.bundle, settings.data)
+    _, validation = split_pixel_datasets(split, bundle.model)
+    positive = bundle.metadata.positive_index
+    batches = ((to_model_input(batch["pixels"]), batch["label"] == positive) for batch in validation.iter_batches(batch_size=64))
+    return add_runtime(bundle, settings.bundle, batches)
+
+
+def add_runtime(bundle: Bundle, uri: str, validation: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """`optimize_bundle` on `validation`: batches of preprocessed images and whether each is Cancer."""
+    from skin_ray.runtime import forward_threads
+
+    graph = export_analysis(bundle.model)
+    reference = Predictor(bundle, runtime="float32")
+    forward = onnx_forward(graph, forward_threads())
+    candidate = Predictor(bundle, Analyser(bundle.model, bundle.metadata.positive_index, forward, RUNTIME))
+    truth, decided, decided_by_candidate = [], [], []
+    for images, is_cancer in validation:
+        truth.append(is_cancer)
+        decided.append(reference.decide(reference.analyse(images)))
+        decided_by_candidate.append(candidate.decide(candidate.analyse(images)))
+    figures = compare_decisions(
+        np.concatenate(truth), Decisions.concatenate(decided), Decisions.concatenate(decided_by_candidate)
+    )
+    if exceeded := beyond_bounds(figures):
+        raise RuntimeRefused(f"{RUNTIME} moved {uri}'s decisions on its validation split beyond the bounds "
+                             f"({'; '.join(exceeded)}); the bundle keeps running its Keras network")
+    bundle.metadata.runtime = describe_runtime(graph, bundle.model_sha256, figures)
+    write_runtime(bundle.metadata, graph, uri)
+    logger.info("%s now runs %s: %s", uri, RUNTIME, figures)
+    return bundle.metadata.runtime
+
+
+def describe_runtime(graph: bytes, model_sha256: str, figures: dict) -> dict:
+    """bundle.json's `runtime`: what runs `graph`, what it was exported from, what it needs and its `figures`."""
+    from importlib.metadata import version
+
+    return {
+        "name": RUNTIME, "file": ANALYSIS_FILE, "sha256": hashlib.sha256(graph).hexdigest(), "model_sha256": model_sha256,
+        "cpu_features": CPU_FEATURES, "opset": OPSET,
+        "made_with": {package: version(package) for package in ("tf2onnx", "onnxruntime")},
+        "validation": figures, "bounds": BOUNDS,
+    }
+
+
+def compare_decisions(is_cancer: np.ndarray, reference: Decisions, candidate: Decisions) -> dict:
+    """How `candidate`'s decisions on images differ from `reference`'s (the Keras network's): the figures `BOUNDS`
+    limits, the two ROC AUCs and ECEs, and the 99th percentile of the change in Cancer probability."""
+    dp = np.abs(candidate.p_cancer.astype(np.float64) - reference.p_cancer)
+    low, high = metrics.roc_auc_difference_interval(is_cancer, candidate.p_cancer, reference.p_cancer)
+    figures = {
+        "n": len(dp),
+        "roc_auc": {
+            "float32": metrics.roc_auc(is_cancer, reference.p_cancer), "runtime": metrics.roc_auc(is_cancer, candidate.p_cancer)
+        },
+        "auc_difference_interval": [low, high],
+        "auc_difference": max(abs(low), abs(high)),
+        "ece": {"float32": metrics.expected_calibration_error(is_cancer, reference.p_cancer),
+                "runtime": metrics.expected_calibration_error(is_cancer, candidate.p_cancer)},
+        "max_abs_dp": float(dp.max()),
+        "p99_abs_dp": float(np.quantile(dp, 0.99)),
+        "labels_differ": float(np.mean(candidate.cancer != reference.cancer)),
+    }
+    if reference.refused is not None:
+        figures["refusals_differ"] = float(np.mean(candidate.refused != reference.refused))
+        figures["max_abs_ood_score_difference"] = float(np.abs(candidate.ood_score - reference.ood_score).max())
+    if reference.uncertain is not None:
+        figures["uncertain_differ"] = float(np.mean(candidate.uncertain != reference.uncertain))
+    return figures
+
+
+def beyond_bounds(figures: dict, bounds: dict = BOUNDS) -> list[str]:
+    """"name figure > bound" for each figure beyond its bound (a figure the bundle has no part for is not checked)."""
+    return [f"{name} {figures[name]:.3g} > {bound:g}" for name, bound in bounds.items() if figures.get(name, 0) > bound]
