@@ -6,6 +6,8 @@
     python benchmarks/serve_bench.py --audit       (the shipped service plain, with drift windows, with drift and audit)
     python benchmarks/serve_bench.py --explain-load (/predict's latency alone and beside 32 /explain clients)
     python benchmarks/serve_bench.py --protocol    (the Open Inference Protocol's binary path against /predict, PyTriton)
+    python benchmarks/serve_bench.py --cpu-by-process --concurrency 64
+                                                 (CPU per image of each process of the shipped service under load)
     python benchmarks/serve_bench.py --versions [--baseline-checkout DIR] --concurrency 16 64
                                                  (one bundle, two at 90/10, one with a 100% shadow)
 
@@ -424,6 +426,50 @@ def run_explain_load(args, images: list[bytes], workdir: Path, explainers: int =
     return result
 
 
+# Which process a command line belongs to, first match wins: Ray names its workers after their actor class.
+PROCESS_KINDS = (
+    ("Ingress replica", "ServeReplica"), ("Serve controller", "ServeController"), ("Serve proxy", "ProxyActor"),
+    ("HAProxy", "haproxy"), ("GCS", "gcs_server"), ("raylet", "raylet"), ("dashboard", "dashboard/dashboard.py"),
+    ("dashboard agent", "dashboard/agent.py"), ("runtime env agent", "runtime_env/agent"), ("log monitor", "log_monitor"),
+    ("autoscaler monitor", "autoscaler/_private/monitor"), ("skin-ray serve (driver)", "skin-ray serve"),
+    ("other Ray workers", "ray::"),
+)
+
+
+def cpu_seconds_by_kind() -> dict[str, float]:
+    """User and system CPU seconds so far of every process on the machine that is one of PROCESS_KINDS."""
+    import psutil
+
+    seconds: dict[str, float] = {}
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmdline, times = " ".join(process.info["cmdline"] or []), process.info["cpu_times"]
+        kind = next((kind for kind, marker in PROCESS_KINDS if marker in cmdline), None)
+        if kind and times:
+            seconds[kind] = seconds.get(kind, 0.0) + times.user + times.system
+    return seconds
+
+
+def run_cpu_by_process(args, workdir: Path) -> dict:
+    """The shipped service under the peers' client at the last --concurrency: CPU milliseconds per image answered
+    of each kind of process (PROCESS_KINDS), and the share of the machine's CPU time they add up to. The client
+    (a process of its own, gone when its CPU time would be read) is not counted."""
+    clients = args.concurrency[-1]
+    port = free_port()
+    command, env = servers(args.bundle, workdir)[SHIPPED]
+    with Server(command(port), f"http://127.0.0.1:{port}/healthz", env):
+        load(f"http://127.0.0.1:{port}/predict", [clients], 5)  # warm-up
+        before, started = cpu_seconds_by_kind(), time.perf_counter()
+        level = load(f"http://127.0.0.1:{port}/predict", [clients], args.seconds)[clients]
+        after, elapsed = cpu_seconds_by_kind(), time.perf_counter() - started
+    images = level["rps"] * args.seconds
+    per_image = {kind: round(1000 * (after[kind] - before.get(kind, 0.0)) / images, 2) for kind in after}
+    per_image = dict(sorted(per_image.items(), key=lambda item: -item[1]))
+    busy = sum(after[kind] - before.get(kind, 0.0) for kind in after) / (elapsed * (os.cpu_count() or 1))
+    print(f"{clients} clients, {level['rps']} img/s: CPU ms per image " + ", ".join(f"{k} {v}" for k, v in per_image.items())
+          + f"; these processes used {busy:.0%} of the machine's CPU time")
+    return {"clients": clients, "images_per_s": level["rps"], "cpu_ms_per_image": per_image, "machine_share": round(busy, 3)}
+
+
 def run_versions(args, workdir: Path, rounds: int = 2) -> dict:
     """`skin-ray serve` with one bundle, with two (the same bundle twice) split 90/10, and with one plus a 100%
     shadow, in alternating rounds at each concurrency; with --baseline-checkout, the one-bundle service of that
@@ -470,6 +516,7 @@ def main() -> None:
     )
     parser.add_argument("--versions", action="store_true", help="one bundle against two at 90/10 and a 100%% shadow")
     parser.add_argument("--protocol", action="store_true", help="the Open Inference Protocol's binary path, /predict, PyTriton")
+    parser.add_argument("--cpu-by-process", action="store_true", help="CPU per image of each process of the shipped service")
     parser.add_argument("--baseline-checkout", help="with --versions: also the one-bundle service of this checkout")
     args = parser.parse_args()
     if not LOADGEN.is_file() or not IMAGES.is_dir():
@@ -487,6 +534,8 @@ def main() -> None:
         report = run_versions(args, workdir)
     elif args.protocol:
         report = run_protocol(args, workdir)
+    elif args.cpu_by_process:
+        report = run_cpu_by_process(args, workdir)
     else:
         report = run_peers(args, workdir) if args.peers else run_layouts(args, images, workdir)
     print(json.dumps({"benchmark": "serve", "seconds": args.seconds, "cpus": os.cpu_count(), **report}))

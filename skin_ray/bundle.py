@@ -226,13 +226,12 @@ def _read_metadata(location: str, uri: str) -> BundleMetadata:
 
 
 RUNTIME_FIELDS = {"name": str, "sha256": str, "model_sha256": str, "cpu_features": list, "validation": dict, "bounds": dict}
+CPU_FEATURE = re.compile(r"[a-z0-9_]{1,32}")  # a flag as /proc/cpuinfo names it
 
 
 def _check_runtime(runtime, uri: str) -> None:
     """Refuse a bundle.json whose `runtime` is not what `skin-ray optimize` writes (its fields are compared with
     files and this CPU's flags, so their types and sizes are checked first)."""
-    from skin_ray.onnx_analysis import CPU_FEATURE
-
     if not isinstance(runtime, dict):
         raise BundleError(f"{uri}: its bundle.json's runtime is not an object; `skin-ray optimize` rewrites it")
     problems = [name for name, kind in RUNTIME_FIELDS.items() if not isinstance(runtime.get(name), kind)]

@@ -11,7 +11,6 @@ only onnxruntime.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 
 import numpy as np
@@ -63,6 +62,4 @@ def missing_cpu_features(required: list[str]) -> list[str]:
         flags = []
     return [feature for feature in required if feature not in flags]
 
-
-CPU_FEATURE = re.compile(r"[a-z0-9_]{1,32}")
 

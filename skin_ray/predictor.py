@@ -147,9 +147,10 @@ class Analyser:
         return Analysis(probabilities, features, members, GateInputs(tuple(depths), evidence))
 
 
-def analyser_for(bundle: Bundle, runtime: str = "auto") -> Analyser:
-    """The analyser of `bundle`: its recorded runtime (`runtime="auto"`) when this machine can run it, else
-    the Keras network, saying once per process and bundle why; `runtime="float32"` asks for the Keras network."""
+def analyser_for(bundle: Bundle, runtime: str = "auto", threads: int | None = None) -> Analyser:
+    """The analyser of `bundle`: its recorded runtime (`runtime="auto"`) when this machine can run it, on `threads`
+    threads (default `forward_threads()`), else the Keras network, saying once per process and bundle why;
+    `runtime="float32"` asks for the Keras network."""
     from skin_ray.runtime import forward_threads
 
     positive_index = bundle.metadata.positive_index
@@ -157,7 +158,7 @@ def analyser_for(bundle: Bundle, runtime: str = "auto") -> Analyser:
     if runtime == "float32" or recorded is None:
         return Analyser(bundle.model, positive_index)
     try:
-        return Analyser(bundle.model, positive_index, onnx_forward(_usable_graph(bundle), forward_threads()), RUNTIME)
+        return Analyser(bundle.model, positive_index, onnx_forward(_usable_graph(bundle), threads or forward_threads()), RUNTIME)
     except RuntimeUnavailable as exc:
         _say_once(f"{bundle.uri}: running its Keras network (float32) instead of {recorded['name']}: {exc}")
         return Analyser(bundle.model, positive_index)
@@ -200,14 +201,14 @@ def _say_once(message: str) -> None:
 class Predictor:
     """A bundle's predictions, its network run by `analyser` (by default the runtime `analyser_for` chooses)."""
 
-    def __init__(self, bundle: Bundle, analyser: Analyser | None = None, runtime: str = "auto"):
+    def __init__(self, bundle: Bundle, analyser: Analyser | None = None, runtime: str = "auto", threads: int | None = None):
         self.bundle = bundle
         self.metadata = bundle.metadata
-        self.analyse = analyser or analyser_for(bundle, runtime)  # preprocessed images -> Analysis
+        self.analyse = analyser or analyser_for(bundle, runtime, threads)  # preprocessed images -> Analysis
 
     @classmethod
-    def from_bundle(cls, uri: str | None = None, runtime: str = "auto") -> Predictor:
-        return cls(load_bundle(uri), runtime=runtime)
+    def from_bundle(cls, uri: str | None = None, runtime: str = "auto", threads: int | None = None) -> Predictor:
+        return cls(load_bundle(uri), runtime=runtime, threads=threads)
 
     @property
     def model_version(self) -> str:

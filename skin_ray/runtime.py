@@ -189,10 +189,10 @@ def limit_tensorflow_threads(intra_op: int | None = None) -> None:
         logger.debug("TensorFlow already initialised; thread pools unchanged")
 
 
-def forward_threads() -> int:
+def forward_threads(sharing: int = 1) -> int:
     """Threads one forward pass may use, whatever runs it (TensorFlow's intra-op pool, ONNX Runtime's):
-    TF_NUM_INTRAOP_THREADS when set, else every core of this node."""
-    return int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)) or (os.cpu_count() or 1)
+    TF_NUM_INTRAOP_THREADS when set, else this node's cores divided among the `sharing` processes computing at once."""
+    return int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)) or max(1, (os.cpu_count() or 1) // sharing)
 
 
 def configure_output(verbose: bool) -> None:
