@@ -171,7 +171,18 @@ def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_pat
         json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["data"]["train"].values()
     )
 
-    # fit-safeguards gives a bundle made before safeguards existed its own, leaving the model file as it is.
+    # optimize gives it the faster runtime, checked against its network on its own validation split.
+    result = skin_ray_cli("optimize", str(tmp_path / "bundle"), ray_address=address)
+    assert result.returncode == 0, result.stderr
+    runtime = json.loads(result.stdout)["runtime"]
+    assert runtime["validation"]["labels_differ"] == 0 and runtime["validation"]["n"] == sum(
+        json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["data"]["validation"].values()
+    )
+    assert json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["runtime"] == runtime
+    assert (tmp_path / "bundle" / runtime["file"]).is_file()
+
+    # fit-safeguards gives a bundle made before safeguards existed its own, leaving the model file as it is, and
+    # drops the runtime validated against the safeguards it replaces.
     model_bytes = (tmp_path / "bundle" / "model.keras").read_bytes()
     older = {**json.loads((tmp_path / "bundle" / METADATA_FILE).read_text()), "input_gate": None, "uncertainty": None}
     (tmp_path / "bundle" / METADATA_FILE).write_text(json.dumps(older))
@@ -182,6 +193,8 @@ def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_pat
     assert refitted["input_gate"]["validation_tpr"] == 0.95 and refitted["uncertainty"]["margin"] >= 0
     assert (tmp_path / "bundle" / GATE_FILE).is_file() and (tmp_path / "bundle" / "model.keras").read_bytes() == model_bytes
     assert json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["input_gate"] == refitted["input_gate"]
+    assert json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["runtime"] is None
+    assert "`skin-ray optimize` validates it again" in result.stderr
 
 
 def test_train_cli_rejects_a_batch_that_does_not_split(tmp_path):
