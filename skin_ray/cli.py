@@ -1,4 +1,5 @@
-"""The `skin-ray` command line: train, distill, ensemble, evaluate, predict, explain, serve, classify, drift."""
+"""The `skin-ray` command line: train, distill, ensemble, fit-safeguards, optimize, evaluate, predict, explain, serve,
+classify, drift."""
 
 from __future__ import annotations
 

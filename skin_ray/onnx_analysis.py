@@ -1,11 +1,12 @@
 """The analysis pass (skin_ray.predictor.analysis_function) exported to ONNX and run by ONNX Runtime: the faster
 runtime a bundle can carry, validated against the Keras network by `skin-ray optimize` (skin_ray.optimize).
 
-Measured on the shipped bundle (2 threads, AVX2 CPU): 1.6-1.8x the images per second of the traced Keras
-function, within 2.1e-4 of its Cancer probabilities; OpenVINO was as fast but weighs 180 MB beside ONNX
-Runtime's 78 MB (README, "Runtimes"). The ONNX file is data, not code: ONNX Runtime runs the operators of its
-own build and nothing the file names beyond them. Exporting needs tf2onnx (the `optimize` extra); running needs
-only onnxruntime.
+Measured on the shipped bundle (2 threads, batch 32, an AVX2 CPU): 1.45x the images per second of the traced
+Keras function, within 2.1e-4 of its Cancer probabilities; OpenVINO was as fast but weighs 180 MB beside ONNX
+Runtime's 78 MB (README, "Runtimes"). The ONNX file holds operators and weights, no Python: ONNX Runtime runs
+the operators of its own build and refuses a graph naming others. Like model.keras it is trusted as far as the
+bundle is: its digest in bundle.json says it is the graph `optimize` validated, not who wrote it. Exporting
+needs tf2onnx (the `optimize` extra); running needs only onnxruntime.
 """
 
 from __future__ import annotations
