@@ -190,6 +190,8 @@ def test_shipped_runtime_stays_within_its_recorded_bounds_on_the_validation_spli
     assert beyond_bounds(figures, recorded["bounds"]) == [], figures
     slack = 0.1 * recorded["bounds"]["max_abs_dp"]
     assert figures["max_abs_dp"] <= recorded["validation"]["max_abs_dp"] + slack, (figures, recorded["validation"])
+
+
 @needs_real_data
 def test_threshold_rule_keeps_its_sensitivity_on_unseen_halves_of_the_real_validation_split(shipped_validation):
     """Chosen on a random half of the shipped model's validation scores and checked on the other half, the
