@@ -62,6 +62,23 @@ def test_a_runtime_that_moves_decisions_is_refused(guarded_bundle, lesions):
     assert any(problem.startswith("max_abs_dp") for problem in beyond_bounds(figures)), figures
 
 
+def _probabilities_only(p_cancer: np.ndarray) -> Decisions:
+    return Decisions(p_cancer, p_cancer >= 0.5, None, None, None)
+
+
+def test_ties_broken_by_rounding_are_not_a_change_of_ranking():
+    """A saturated network's outputs one float32 step apart rank as equal; a real reordering still counts."""
+    rng = np.random.default_rng(0)
+    is_cancer = np.arange(60) % 2 == 0
+    saturated = np.where(rng.random(60) < 0.5, np.float32(1.0), np.float32(0.25))
+    rounded = np.where(rng.random(60) < 0.5, np.nextafter(saturated, np.float32(0)), saturated)
+    figures = compare_decisions(is_cancer, _probabilities_only(saturated), _probabilities_only(rounded))
+    assert figures["auc_difference"] == 0 and 0 < figures["max_abs_dp"] < 1e-7, figures
+    reordered = saturated + np.float32(1e-4) * is_cancer
+    figures = compare_decisions(is_cancer, _probabilities_only(saturated), _probabilities_only(reordered))
+    assert any(problem.startswith("auc_difference") for problem in beyond_bounds(figures)), figures
+
+
 def _edited(path, tmp_path, edit):
     copy = tmp_path / "bundle"
     shutil.copytree(path, copy)
