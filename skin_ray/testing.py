@@ -112,12 +112,12 @@ def guarded_bundle_lesions(seed: int = 3, count: int = 280) -> tuple[np.ndarray,
     return labels, [lesion_image(("Cancer", "Non_Cancer")[label], rng) for label in labels]
 
 
-def generated_validation(size: int, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def generated_validation(size: int, count: int, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Generated lesions of the kind the tests' guarded bundle is fitted on (another seed: not the same ones) as
     `size`-pixel model input, and which are Cancer: the tests' stand-in for a bundle's validation split."""
     from skin_ray.preprocess import decode_pixels, to_model_input
 
-    labels, images = guarded_bundle_lesions(seed)
+    labels, images = guarded_bundle_lesions(seed, count)
     return to_model_input(np.stack([decode_pixels(encode(image), size) for image in images])), labels == 0
 
 

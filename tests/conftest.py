@@ -137,7 +137,7 @@ def optimized_bundle(untrained_bundle, tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("optimized") / "untrained"
     shutil.copytree(untrained_bundle, path)
-    images, is_cancer = generated_validation(170)
+    images, is_cancer = generated_validation(170, count=96)
     add_runtime(load_bundle(str(path)), str(path), [(images, is_cancer)])
     return path
 

@@ -20,7 +20,7 @@ from skin_ray.testing import generated_validation
 
 @pytest.fixture(scope="module")
 def lesions():
-    return generated_validation(170)
+    return generated_validation(170, count=96)
 
 
 def _decisions(predictor: Predictor, images: np.ndarray) -> Decisions:
