@@ -45,6 +45,16 @@ OPTIMIZER_FILE = "optimizer.npz"
 STATE_FILE = "state.json"
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every Ray Train worker is given: the recipe (a DistillSettings when a teacher's soft targets join the
+    labels) and what the driver derived from the split."""
+
+    recipe: TrainingRecipe
+    class_weights: list[float]
+    steps_per_epoch: int
+
+
 @dataclass
 class TrainOutcome:
     bundle_uri: str
@@ -94,17 +104,13 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
     steps_per_epoch = rows_per_worker // (settings.batch_size // settings.workers)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(split.train)} training images are fewer than one batch per worker")
-    loop_config = {
-        **settings.model_dump(),
-        "class_weights": (len(split.train) / (len(counts) * np.maximum(counts, 1))).tolist(),
-        "steps_per_epoch": steps_per_epoch,
-    }
+    plan = WorkerPlan(settings, (len(split.train) / (len(counts) * np.maximum(counts, 1))).tolist(), steps_per_epoch)
     _wait_for_resources(settings)
     progress = ProgressLines(settings.epochs, settings.max_failures)
     storage_fs, storage_path = storage.pyarrow_filesystem(os.path.expanduser(settings.storage_path))
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.workers,
             resources_per_worker={"CPU": settings.cpus_per_worker},
@@ -246,13 +252,15 @@ def _wait_for_resources(settings: TrainSettings) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker. MultiWorkerMirroredStrategy keeps the replicas' weights identical."""
+    """Runs on every Ray Train worker (`config` holds the WorkerPlan). MultiWorkerMirroredStrategy keeps the
+    replicas' weights identical."""
     context = ray.train.get_context()
     limit_tensorflow_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     import tensorflow as tf
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    _run_epochs(_make_training(config, strategy, context.get_world_rank()), config, context)
+    plan: WorkerPlan = config["plan"]
+    _run_epochs(_make_training(plan, strategy, context.get_world_rank()), plan.recipe, context)
 
 
 class _Training(NamedTuple):
@@ -265,7 +273,7 @@ class _Training(NamedTuple):
     weight_divergence: Any  # () -> largest relative difference between the workers' weights (0.0 in sync)
 
 
-def _make_training(config: dict, strategy, rank: int) -> _Training:
+def _make_training(plan: WorkerPlan, strategy, rank: int) -> _Training:
     """The network and AdamW (warm-up, then cosine decay) in the strategy's scope, and the class-weighted
     training step: the recipe, apart from the loop that runs it."""
     import keras
@@ -273,25 +281,28 @@ def _make_training(config: dict, strategy, rank: int) -> _Training:
 
     from skin_ray.model import make_augmenter, make_model
 
-    keras.utils.set_random_seed(config["seed"])
-    global_batch, epochs, steps = config["batch_size"], config["epochs"], config["steps_per_epoch"]
+    recipe = plan.recipe
+    keras.utils.set_random_seed(recipe.seed)
+    global_batch, epochs, steps = recipe.batch_size, recipe.epochs, plan.steps_per_epoch
     with strategy.scope():
         # The precision applies to the layers built now, the network's; the augmentation stays in float32.
         # The weights are float32 either way, so the bundle's network (skin_ray.finalize) is the usual one.
-        keras.config.set_dtype_policy(config["precision"])
-        model = make_model(config["arch"], config["input_size"])
+        keras.config.set_dtype_policy(recipe.precision)
+        model = make_model(recipe.arch, recipe.input_size)
         keras.config.set_dtype_policy("float32")
         schedule = keras.optimizers.schedules.CosineDecay(
-            config["learning_rate"] / 20, decay_steps=epochs * steps, alpha=0.01,
-            warmup_target=config["learning_rate"], warmup_steps=min(2 * steps, epochs * steps // 4),
+            recipe.learning_rate / 20, decay_steps=epochs * steps, alpha=0.01,
+            warmup_target=recipe.learning_rate, warmup_steps=min(2 * steps, epochs * steps // 4),
         )
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config["weight_decay"])
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay)
         optimizer.build(model.trainable_variables)
     # Outside the scope: each worker augments its own shard with its own random stream, and holds the
     # teacher (frozen: only read) whole.
-    augmenter = make_augmenter(seed=config["seed"] * 1000 + rank)
-    teacher = load_bundle(config["teacher"]).model if config.get("teacher") else None
-    class_weights = tf.constant(config["class_weights"], tf.float32)
+    augmenter = make_augmenter(seed=recipe.seed * 1000 + rank)
+    distilling = isinstance(recipe, DistillSettings)
+    teacher = load_bundle(recipe.teacher).model if distilling else None
+    temperature, teacher_weight = (recipe.temperature, recipe.teacher_weight) if distilling else (1.0, 0.0)
+    class_weights = tf.constant(plan.class_weights, tf.float32)
 
     @tf.function
     def step(pixels, labels):
@@ -302,8 +313,7 @@ def _make_training(config: dict, strategy, rank: int) -> _Training:
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
                 per_example = training_loss(
-                    labels, probabilities, class_weights, teacher_probabilities,
-                    config.get("temperature", 1.0), config.get("teacher_weight", 0.0),
+                    labels, probabilities, class_weights, teacher_probabilities, temperature, teacher_weight,
                 )
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             gradients = tape.gradient(loss, model.trainable_variables)
@@ -360,12 +370,12 @@ def training_loss(labels, probabilities, class_weights, teacher_probabilities=No
     return per_example * tf.gather(class_weights, labels)
 
 
-def _run_epochs(training: _Training, config: dict, context) -> None:
+def _run_epochs(training: _Training, recipe: TrainingRecipe, context) -> None:
     """Epochs from the last checkpoint on: every worker trains on its shard; rank 0 then validates,
     checkpoints and reports, the others report their training figures."""
     import tensorflow as tf
 
-    global_batch, rank = config["batch_size"], context.get_world_rank()
+    global_batch, rank = recipe.batch_size, context.get_world_rank()
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -376,7 +386,7 @@ def _run_epochs(training: _Training, config: dict, context) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     validation = ray.train.get_dataset_shard("validation")
     per_worker_batch = global_batch // context.get_world_size()
-    for epoch in range(start_epoch, config["epochs"]):
+    for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
         losses, correct = [], 0.0
         for batch in train_shard.iter_batches(

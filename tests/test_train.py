@@ -233,11 +233,13 @@ def test_mixed_precision_trains_a_bfloat16_network_whose_weights_are_the_float32
     import keras
     import tensorflow as tf
 
-    from skin_ray.train import _make_training, _model_from_checkpoint, _save
+    from skin_ray.train import WorkerPlan, _make_training, _model_from_checkpoint, _save
 
-    config = {**TrainSettings(data="unused", output="unused", arch=arch, workers=1, batch_size=4, epochs=1,
-                              precision="mixed_bfloat16").model_dump(), "class_weights": [1.0, 1.0], "steps_per_epoch": 1}
-    training = _make_training(config, tf.distribute.get_strategy(), rank=0)
+    recipe = TrainSettings(
+        data="unused", output="unused", arch=arch, workers=1, batch_size=4, epochs=1, precision="mixed_bfloat16"
+    )
+    plan = WorkerPlan(recipe, class_weights=[1.0, 1.0], steps_per_epoch=1)
+    training = _make_training(plan, tf.distribute.get_strategy(), rank=0)
     assert keras.config.dtype_policy().name == "float32"  # set back for whatever is built next
     computing = {layer.compute_dtype for layer in training.model.layers if layer.weights}
     assert computing == {"bfloat16", "float32"}
@@ -250,7 +252,7 @@ def test_mixed_precision_trains_a_bfloat16_network_whose_weights_are_the_float32
     assert in_training.dtype == np.float32
 
     _save(training.model, training.optimizer, str(tmp_path), history=[])
-    served = _model_from_checkpoint(arch, config["input_size"], str(tmp_path))
+    served = _model_from_checkpoint(arch, recipe.input_size, str(tmp_path))
     assert {layer.compute_dtype for layer in served.layers} == {"float32"}
     # bfloat16 keeps about 3 significant digits through the network; the float32 one is the same function.
     np.testing.assert_allclose(served.predict(to_model_input(pixels), verbose=0), in_training, atol=0.05)
