@@ -33,17 +33,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 import skin_ray
 from skin_ray import storage
 from skin_ray.data import POSITIVE_CLASS
 from skin_ray.drift import DriftReference
-from skin_ray.model import ShadesOfGray  # noqa: F401  (registers the custom layer for loading)
 from skin_ray.preprocess import IMAGE_SIZE, preprocessing_id
 from skin_ray.safeguards import InputGate
+
+if TYPE_CHECKING:  # Keras is imported where a model is loaded: reading a bundle's description needs no TensorFlow
+    import keras
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
@@ -247,6 +249,10 @@ def _check_runtime(runtime, uri: str) -> None:
 
 def _load_local(directory: str, uri: str, safeguards: bool) -> Bundle:
     metadata = _read_metadata(directory, uri)
+    import keras
+
+    from skin_ray.model import ShadesOfGray  # noqa: F401  (registers the custom layer for loading)
+
     model_bytes = Path(directory, MODEL_FILE).read_bytes()
     model = keras.saving.load_model(Path(directory, MODEL_FILE), compile=False, safe_mode=True)
     if list(model.input_shape[1:]) != metadata.input_size:

@@ -79,7 +79,7 @@ class Classifier:
 
     def _overlays(self, batch: dict[str, np.ndarray], records: list[dict]) -> list[str | None]:
         """Write a Grad-CAM overlay for every image with a label; return where each went (None: no label)."""
-        from skin_ray.explain import overlay_png
+        from skin_ray.overlay import overlay_png
 
         labelled = [i for i, record in enumerate(records) if record["label"] is not None]
         cancer = np.array([records[i]["label"] == self.predictor.metadata.positive_class for i in labelled], dtype=bool)

@@ -197,7 +197,7 @@ def _run_explain(args) -> int:
     from pathlib import Path
 
     from skin_ray import storage
-    from skin_ray.explain import explanation
+    from skin_ray.overlay import explanation
     from skin_ray.predictor import Predictor
     from skin_ray.preprocess import ImageDecodeError, to_model_input
 

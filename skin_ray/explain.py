@@ -4,23 +4,15 @@ For each network (each member of an ensemble) the map is the ReLU of its last co
 channels weighted by the mean gradient of the predicted label's log-odds over them; an ensemble's map is
 its members' average. The maps cover the model's input, the centre square of the photo, so an overlay puts
 them back onto that square of the whole photo. Only networks ending in global average pooling (`default`,
-`plain` and their ensembles) can be explained; `seed` flattens its last stage and is refused.
+`plain` and their ensembles) can be explained; `seed` flattens its last stage and is refused. Drawing a map
+over its photo is skin_ray.overlay's (which needs no TensorFlow, as the split layout's Ingress draws them).
 """
 
 from __future__ import annotations
 
-import base64
-import io
-from pathlib import Path
-
 import keras
 import numpy as np
 import tensorflow as tf
-from PIL import Image
-
-from skin_ray.preprocess import decode_photo
-
-OVERLAY_MAX_SIDE = 512  # the overlay is for looking at, not for measuring
 
 
 class Explainer:
@@ -55,37 +47,3 @@ def _global_pooling(network: keras.Model) -> keras.layers.Layer:
         if isinstance(layer, keras.layers.GlobalAveragePooling2D):
             return layer
     raise ValueError(f"{network.name} has no global average pooling stage; Grad-CAM explains `default` and `plain` networks")
-
-
-def overlay_png(data: bytes, heatmap: np.ndarray) -> tuple[bytes, list[int]]:
-    """The photo in `data` (at most OVERLAY_MAX_SIDE pixels a side) with `heatmap` laid over the centre
-    square the model saw, as PNG bytes, and that square's box in the photo's own pixels."""
-    from matplotlib import colormaps
-
-    photo, scale = decode_photo(data, OVERLAY_MAX_SIDE)
-    width, height = photo.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    peak = float(heatmap.max())
-    strength = heatmap / peak if peak > 0 else heatmap
-    resized = np.asarray(Image.fromarray(strength.astype(np.float32)).resize((side, side), Image.Resampling.BILINEAR))
-    colours = colormaps["inferno"](resized)[..., :3] * 255
-    alpha = 0.55 * np.clip(resized, 0, 1)[..., None]
-    pixels = np.asarray(photo, dtype=np.float64).copy()
-    square = pixels[top : top + side, left : left + side]
-    pixels[top : top + side, left : left + side] = (1 - alpha) * square + alpha * colours
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.round().astype(np.uint8)).save(buffer, "PNG")
-    box = [round(v / scale) for v in (left, top, left + side, top + side)]
-    return buffer.getvalue(), box
-
-
-def explanation(data: bytes, heatmap: np.ndarray, label: str, overlay_path: Path | None = None) -> dict:
-    """An image's explanation: the label it explains, the raw map, the box of the photo it covers and the
-    overlay, written to `overlay_path` when given (`overlay`: that path), else inline (`overlay_png`: base64)."""
-    png, box = overlay_png(data, heatmap)
-    described = {"label": label, "map": np.round(heatmap, 6).tolist(), "crop_box": box}
-    if overlay_path is None:
-        return {**described, "overlay_png": base64.b64encode(png).decode()}
-    overlay_path.write_bytes(png)
-    return {**described, "overlay": str(overlay_path)}

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skin_ray.explain import Explainer, explanation
+from skin_ray.explain import Explainer
 from skin_ray.model import make_model
+from skin_ray.overlay import explanation
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
 from skin_ray.testing import round_lesion_photo

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,6 +223,25 @@ def test_served_probabilities_equal_the_predictor_on_the_same_files(request, lay
 
     served = [response.json()["cancer_probability"] for response in asyncio.run(concurrently())]
     np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+SPLIT_INGRESS_IMPORTS = """
+import sys
+from skin_ray.bundle import read_drift_reference, read_metadata
+from skin_ray.config import ServeSettings
+from skin_ray.serve import app_builder
+app_builder(ServeSettings(layout="split"))
+read_metadata(None), read_drift_reference(None)
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules} & {"keras", "tensorflow", "onnxruntime", "ray"})))
+"""
+
+
+def test_the_split_layouts_ingress_runs_without_tensorflow():
+    """What the split layout's Ingress imports and reads (the app, the bundle's description and drift reference)
+    loads neither TensorFlow nor a runtime: decoding replicas stay small and start fast."""
+    result = subprocess.run([sys.executable, "-c", SPLIT_INGRESS_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ray"], result.stdout  # Ray Serve is there: the check sees what was imported
 
 
 def test_a_swap_to_a_bundle_of_another_input_size_is_refused(small_input_bundle, untrained_bundle):

@@ -17,7 +17,7 @@ from ray.serve.exceptions import BackPressureError
 from skin_ray.api_keys import ApiKeys, RateLimit
 from skin_ray.config import ServeSettings
 from skin_ray.drift import DriftWindow, one_image_statistics
-from skin_ray.explain import explanation
+from skin_ray.overlay import explanation
 from skin_ray.preprocess import ImageDecodeError, decode_pixels, image_megapixels
 from skin_ray.serve import telemetry
 from skin_ray.serve.audit import AuditLog, ImageExchange
