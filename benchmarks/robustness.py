@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from skin_ray import metrics, storage  # noqa: E402
+from skin_ray import classifier_stats, storage  # noqa: E402
 from skin_ray.calibration import content_fold, crossfit_ece  # noqa: E402
 from skin_ray.config import Locations  # noqa: E402
 from skin_ray.data import discover, split_by_content  # noqa: E402
@@ -111,15 +111,15 @@ def main() -> None:
             raise SystemExit(f"{args.data} is not the data {predictor.model_version} was trained on")
         y_true = np.array(split.validation.labels) == predictor.metadata.positive_index
         p_cancer = {name: score(predictor, data) for name, data in inputs.items()}
-        auc = {name: metrics.roc_auc(y_true, p) for name, p in p_cancer.items()}
+        auc = {name: classifier_stats.roc_auc(y_true, p) for name, p in p_cancer.items()}
         report = {
             "model": predictor.model_version,
             "n": len(y_true),
             "roc_auc": {name: round(value, 4) for name, value in auc.items()},
-            "roc_auc_ci95": {name: rounded(metrics.roc_auc_interval(y_true, p)) for name, p in p_cancer.items()},
+            "roc_auc_ci95": {name: rounded(classifier_stats.roc_auc_interval(y_true, p)) for name, p in p_cancer.items()},
             "ratio_to_as_is": {name: round(value / auc["as_is"], 3) for name, value in auc.items() if name != "as_is"},
-            "ece_as_is": round(metrics.expected_calibration_error(y_true, p_cancer["as_is"]), 4),
-            "ece_crossfit_as_is": round(crossfit_ece(y_true.astype(int), metrics.log_odds(p_cancer["as_is"]), folds), 4),
+            "ece_as_is": round(classifier_stats.expected_calibration_error(y_true, p_cancer["as_is"]), 4),
+            "ece_crossfit_as_is": round(crossfit_ece(y_true.astype(int), classifier_stats.log_odds(p_cancer["as_is"]), folds), 4),
         }
         if first_model is None:
             first_model, first_split, first_scores = predictor.model_version, split, p_cancer
@@ -127,11 +127,11 @@ def main() -> None:
             report["minus_first_model"] = {
                 "model": first_model,
                 "roc_auc_difference_ci95": {
-                    name: rounded(metrics.roc_auc_difference_interval(y_true, p, first_scores[name]))
+                    name: rounded(classifier_stats.roc_auc_difference_interval(y_true, p, first_scores[name]))
                     for name, p in p_cancer.items()
                 },
                 "ece_difference_ci95_as_is": rounded(
-                    metrics.ece_difference_interval(y_true, p_cancer["as_is"], first_scores["as_is"])
+                    classifier_stats.ece_difference_interval(y_true, p_cancer["as_is"], first_scores["as_is"])
                 ),
             }
         print(json.dumps(report), flush=True)

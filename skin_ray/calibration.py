@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from skin_ray import metrics
+from skin_ray import classifier_stats
 from skin_ray.config import ThresholdSettings
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS
 from skin_ray.preprocess import to_model_input
@@ -25,16 +25,16 @@ def calibrate(model, validation, rule: ThresholdSettings) -> tuple[float, dict]:
     network = tf.function(lambda images: model(images, training=False))
     forward = lambda pixels: network(to_model_input(pixels))  # noqa: E731
     y_true, p_raw = score_dataset(forward, validation, column="pixels")
-    gap = metrics.log_odds(p_raw)
-    scale, offset = metrics.fit_platt(y_true, gap)
+    gap = classifier_stats.log_odds(p_raw)
+    scale, offset = classifier_stats.fit_platt(y_true, gap)
     _fold_platt_into_classifier(model, scale, offset)
     _, p_cancer = score_dataset(forward, validation, column="pixels")
-    threshold, threshold_rule = metrics.threshold_keeping_sensitivity(
+    threshold, threshold_rule = classifier_stats.threshold_keeping_sensitivity(
         y_true, p_cancer, rule.target_sensitivity, rule.sensitivity_confidence
     )
-    summary = metrics.summary(y_true, p_cancer, threshold)
+    summary = classifier_stats.summary(y_true, p_cancer, threshold)
     summary.update(
-        ece_uncalibrated=metrics.expected_calibration_error(y_true, p_raw),
+        ece_uncalibrated=classifier_stats.expected_calibration_error(y_true, p_raw),
         ece_crossfit=crossfit_ece(y_true, gap, _content_folds(validation)),
     )
     return threshold, {
@@ -80,6 +80,6 @@ def crossfit_ece(y_true: np.ndarray, gap: np.ndarray, folds: np.ndarray) -> floa
     both ways."""
     out_of_fold = np.empty(len(y_true))
     for fold in (0, 1):
-        scale, offset = metrics.fit_platt(y_true[folds != fold], gap[folds != fold])
-        out_of_fold[folds == fold] = metrics.sigmoid(scale * gap[folds == fold] + offset)
-    return metrics.expected_calibration_error(y_true, out_of_fold)
+        scale, offset = classifier_stats.fit_platt(y_true[folds != fold], gap[folds != fold])
+        out_of_fold[folds == fold] = classifier_stats.sigmoid(scale * gap[folds == fold] + offset)
+    return classifier_stats.expected_calibration_error(y_true, out_of_fold)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow
 
-from skin_ray import metrics
+from skin_ray import classifier_stats
 from skin_ray.config import EvaluateSettings
 from skin_ray.data import discover, image_dataset, in_validation
 from skin_ray.predictor import Predictor
@@ -63,7 +63,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     y_true = np.concatenate(y_true).astype(np.int64)
     p_cancer = np.concatenate(p_cancer)
     summary = {
-        **metrics.summary(y_true, p_cancer, meta.threshold),
+        **classifier_stats.summary(y_true, p_cancer, meta.threshold),
         **_safeguard_figures(records),
         "errors": errors,
         "seen_in_training": seen,
@@ -123,7 +123,7 @@ def write_report(y_true: np.ndarray, p_cancer: np.ndarray, summary: dict, report
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.8, 5))
-    fpr, tpr = metrics.roc_curve(y_true, p_cancer)
+    fpr, tpr = classifier_stats.roc_curve(y_true, p_cancer)
     ax.plot(fpr, tpr, label=f"ROC AUC {summary['roc_auc']:.3f}")
     ax.plot([0, 1], [0, 1], "k:", linewidth=1)
     ax.scatter([1 - summary["specificity"]], [summary["sensitivity"]], color="red", zorder=3, label=f"threshold {threshold:.3f}")
@@ -141,7 +141,7 @@ def write_report(y_true: np.ndarray, p_cancer: np.ndarray, summary: dict, report
     save(fig, ax, f"Confusion at threshold {threshold:.3f}", "confusion.png")
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    predicted, observed, counts = metrics.reliability(y_true, p_cancer)
+    predicted, observed, counts = classifier_stats.reliability(y_true, p_cancer)
     ax.plot([0, 1], [0, 1], "k:", linewidth=1)
     ax.plot(predicted, observed, "o-", label=f"ECE {summary['ece']:.3f}")
     for x, y, n in zip(predicted, observed, counts, strict=True):

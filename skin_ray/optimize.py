@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from skin_ray import metrics
+from skin_ray import classifier_stats
 from skin_ray.bundle import ANALYSIS_FILE, Bundle, load_bundle, write_runtime
 from skin_ray.config import OptimizeSettings
 from skin_ray.finalize import bundle_split, split_pixel_datasets
@@ -98,14 +98,17 @@ def compare_decisions(is_cancer: np.ndarray, reference: Decisions, candidate: De
     a probability within `ROUNDING_NOISE` of the reference's as the reference's."""
     dp = np.abs(candidate.p_cancer.astype(np.float64) - reference.p_cancer)
     ranked = np.where(dp <= ROUNDING_NOISE, reference.p_cancer, candidate.p_cancer)
-    low, high = metrics.roc_auc_difference_interval(is_cancer, ranked, reference.p_cancer)
+    low, high = classifier_stats.roc_auc_difference_interval(is_cancer, ranked, reference.p_cancer)
     figures = {
         "n": len(dp),
-        "roc_auc": {"float32": metrics.roc_auc(is_cancer, reference.p_cancer), "runtime": metrics.roc_auc(is_cancer, ranked)},
+        "roc_auc": {
+            "float32": classifier_stats.roc_auc(is_cancer, reference.p_cancer),
+            "runtime": classifier_stats.roc_auc(is_cancer, ranked),
+        },
         "auc_difference_interval": [low, high],
         "auc_difference": max(abs(low), abs(high)),
-        "ece": {"float32": metrics.expected_calibration_error(is_cancer, reference.p_cancer),
-                "runtime": metrics.expected_calibration_error(is_cancer, candidate.p_cancer)},
+        "ece": {"float32": classifier_stats.expected_calibration_error(is_cancer, reference.p_cancer),
+                "runtime": classifier_stats.expected_calibration_error(is_cancer, candidate.p_cancer)},
         "max_abs_dp": float(dp.max()),
         "p99_abs_dp": float(np.quantile(dp, 0.99)),
         "labels_differ": float(np.mean(candidate.cancer != reference.cancer)),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skin_ray import metrics
+from skin_ray import classifier_stats
 
 GATE_TPR = 0.95  # share of in-distribution (validation) images the gate must let through
 CERTAIN_ACCURACY = 0.95  # accuracy the predictions not flagged uncertain must reach on validation
@@ -150,7 +150,7 @@ class GateHead:
         penalty = HEAD_L2 * np.diag(np.r_[np.ones(design.shape[1] - 1), 0.0])  # the intercept goes free
         coefficients = np.zeros(design.shape[1])
         for _ in range(iterations):
-            p = metrics.sigmoid(design @ coefficients)
+            p = classifier_stats.sigmoid(design @ coefficients)
             hessian = design.T @ (design * (weight * p * (1 - p))[:, None]) + penalty
             step = np.linalg.solve(hessian, design.T @ (weight * (p - target)) + penalty @ coefficients)
             coefficients -= step
@@ -250,17 +250,17 @@ def _beyond_one_distance(inside: np.ndarray, distances: int, per_signal: int = 1
 
 def uncertainty_margin(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, members_disagree: np.ndarray) -> float:
     """The smallest log-odds margin around the threshold leaving certain predictions CERTAIN_ACCURACY accurate."""
-    distance = np.abs(metrics.log_odds(p_cancer) - metrics.log_odds(threshold))
+    distance = np.abs(classifier_stats.log_odds(p_cancer) - classifier_stats.log_odds(threshold))
     correct = (p_cancer >= threshold) == (y_true == 1)
     for margin in np.unique(np.concatenate([[0.0], distance])):
         certain = (distance >= margin) & ~members_disagree
         if certain.any() and correct[certain].mean() >= CERTAIN_ACCURACY:
-            return metrics.below(margin, distance)  # a cut between two cases, not at one
+            return classifier_stats.below(margin, distance)  # a cut between two cases, not at one
     return float(distance.max())
 
 
 def is_uncertain(p_cancer: np.ndarray, threshold: float, margin: float, members_disagree: np.ndarray) -> np.ndarray:
-    return (np.abs(metrics.log_odds(p_cancer) - metrics.log_odds(threshold)) < margin) | members_disagree
+    return (np.abs(classifier_stats.log_odds(p_cancer) - classifier_stats.log_odds(threshold)) < margin) | members_disagree
 
 
 def members_disagree(member_cancer: np.ndarray | None, threshold: float, count: int) -> np.ndarray:

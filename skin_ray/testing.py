@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skin_ray import metrics
+from skin_ray import classifier_stats
 from skin_ray.config import Locations
 from skin_ray.gate_images import random_crops, sample_photographs
 
@@ -189,8 +189,8 @@ def threshold_miss_rates(y_true: np.ndarray, p_cancer: np.ndarray, target: float
     for _ in range(trials):
         half = rng.permutation(len(y_true)) < len(y_true) // 2
         chosen = {
-            "exact_fit": metrics.threshold_for_sensitivity(y_true[half], p_cancer[half], target),
-            "lower_bound": metrics.threshold_keeping_sensitivity(y_true[half], p_cancer[half], target, 0.95)[0],
+            "exact_fit": classifier_stats.threshold_for_sensitivity(y_true[half], p_cancer[half], target),
+            "lower_bound": classifier_stats.threshold_keeping_sensitivity(y_true[half], p_cancer[half], target, 0.95)[0],
         }
         other = p_cancer[~half & y_true]
         for rule, threshold in chosen.items():

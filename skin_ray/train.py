@@ -30,7 +30,7 @@ import ray
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
-from skin_ray import metrics, storage
+from skin_ray import classifier_stats, storage
 from skin_ray.bundle import load_bundle, save_bundle
 from skin_ray.calibration import score_dataset
 from skin_ray.config import DistillSettings, TrainingRecipe, TrainSettings
@@ -409,7 +409,7 @@ def _run_epochs(training: _Training, recipe: TrainingRecipe, context) -> None:
             continue
         started = time.perf_counter()
         y_true, p_cancer = score_dataset(training.forward, validation, column="pixels")
-        summary = metrics.summary(y_true, p_cancer, 0.5)
+        summary = classifier_stats.summary(y_true, p_cancer, 0.5)
         best_auc = max(best_auc, summary["roc_auc"])
         epoch_metrics.update(
             val_accuracy=summary["accuracy"], val_auc=summary["roc_auc"], val_ece=summary["ece"], best_val_auc=best_auc,

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from skin_ray import metrics
+from skin_ray import classifier_stats
 from skin_ray.bundle import DEFAULT_BUNDLE, METADATA_FILE, MODEL_FILE, BundleError, load_bundle, read_metadata, save_bundle
 from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.model import NUM_CLASSES, make_model
@@ -174,7 +174,7 @@ def test_shipped_bundle_reproduces_its_validation_metrics(shipped_validation):
     predictor, y_true, reference, _ = shipped_validation
     p_cancer = reference.p_cancer
     recorded = predictor.metadata.metrics["validation"]
-    summary = metrics.summary(y_true, p_cancer, predictor.metadata.threshold)
+    summary = classifier_stats.summary(y_true, p_cancer, predictor.metadata.threshold)
     assert summary["n"] == recorded["n"]
     for name in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
         assert summary[name] == pytest.approx(recorded[name], abs=1e-4), name

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import ray
 
-from skin_ray import metrics
+from skin_ray import classifier_stats
 from skin_ray.bundle import BundleMetadata, save_bundle
 from skin_ray.config import EnsembleSettings
 from skin_ray.data import discover, image_dataset, split_by_content
@@ -51,7 +51,7 @@ def test_ensemble_output_is_the_softmax_of_the_mean_member_logit():
     images = np.random.default_rng(0).random((4, 170, 170, 3), dtype=np.float32)
     p_members = [member(images).numpy()[:, 0] for member in members]
     p_ensemble = make_ensemble(members)(images).numpy()[:, 0]
-    expected = metrics.sigmoid(np.mean([metrics.log_odds(p) for p in p_members], axis=0))
+    expected = classifier_stats.sigmoid(np.mean([classifier_stats.log_odds(p) for p in p_members], axis=0))
     np.testing.assert_allclose(p_ensemble, expected, rtol=1e-4)
     assert not np.allclose(p_members[0], p_members[1], rtol=1e-2)  # two different opinions were averaged
 
@@ -77,13 +77,16 @@ def test_cli_writes_a_calibrated_bundle_of_its_members(ray_session, lesion_tree,
     # Its probabilities are the members' mean log-odds through the recorded Platt calibration...
     rows = image_dataset(lesion_split.validation).take_all()
     images = np.stack([row["image"] for row in rows])
-    mean_log_odds = np.mean([metrics.log_odds(Predictor.from_bundle(m).cancer_probabilities(images)) for m in members], axis=0)
+    mean_log_odds = np.mean(
+        [classifier_stats.log_odds(Predictor.from_bundle(m).cancer_probabilities(images)) for m in members], axis=0
+    )
     platt = meta.metrics["calibration"]
     p_cancer = ensemble.cancer_probabilities(images)
-    np.testing.assert_allclose(p_cancer, metrics.sigmoid(platt["platt_scale"] * mean_log_odds + platt["platt_offset"]), rtol=1e-3)
+    calibrated = classifier_stats.sigmoid(platt["platt_scale"] * mean_log_odds + platt["platt_offset"])
+    np.testing.assert_allclose(p_cancer, calibrated, rtol=1e-3)
     # ...and its recorded figures are what it scores on the validation split, at the target sensitivity.
     y_true = np.array([row["label"] == 0 for row in rows], dtype=int)
-    recomputed = metrics.summary(y_true, p_cancer, meta.threshold)
+    recomputed = classifier_stats.summary(y_true, p_cancer, meta.threshold)
     for name in ("roc_auc", "sensitivity", "ece"):
         assert recomputed[name] == pytest.approx(printed[name], abs=1e-6), name
     assert recomputed["sensitivity"] >= 0.8

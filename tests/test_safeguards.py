@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from skin_ray import metrics, safeguards, storage
+from skin_ray import classifier_stats, safeguards, storage
 from skin_ray.bundle import read_metadata
 from skin_ray.data import discover, split_by_content
 from skin_ray.gate_images import NOT_DERMOSCOPY, documents, images_of, model_pixels
@@ -64,7 +64,7 @@ def test_uncertainty_margin_is_the_smallest_reaching_the_target_accuracy():
     log_odds = np.where(y_true == 1, 1.0, -1.0) * rng.uniform(0, 4, 4000)
     noisy = np.abs(log_odds) < 1.0
     log_odds[noisy] *= rng.choice([-1.0, 1.0], noisy.sum())
-    p_cancer = metrics.sigmoid(log_odds)
+    p_cancer = classifier_stats.sigmoid(log_odds)
     none = np.zeros(len(y_true), dtype=bool)
     margin = safeguards.uncertainty_margin(y_true, p_cancer, 0.5, none)
     flagged = safeguards.is_uncertain(p_cancer, 0.5, margin, none)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import ray
 
-from skin_ray import metrics, safeguards
+from skin_ray import classifier_stats, safeguards
 from skin_ray.bundle import load_bundle
 from skin_ray.calibration import calibrate
 from skin_ray.config import DistillSettings, EvaluateSettings, ThresholdSettings, TrainSettings
@@ -59,7 +59,7 @@ def test_two_workers_stay_identical_and_learn(trained, lesion_tree, tmp_path):
     rows = image_dataset(split.validation, bundle.metadata.image_size).take_all()
     y_true = np.array([row["label"] == 0 for row in rows], dtype=int)
     p_cancer = predictor.cancer_probabilities(np.stack([row["image"] for row in rows]))
-    recomputed = metrics.summary(y_true, p_cancer, bundle.metadata.threshold)
+    recomputed = classifier_stats.summary(y_true, p_cancer, bundle.metadata.threshold)
     assert recomputed["roc_auc"] == pytest.approx(outcome.metrics["validation"]["roc_auc"], abs=1e-6)
     # evaluate scores the same images alike. Image by image, not by AUC: this network's Cancer probabilities
     # saturate (24 distinct values among the 49 in one run here, many at 0.99999994), and evaluate's batches

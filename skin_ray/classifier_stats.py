@@ -1,4 +1,4 @@
-"""Binary classification metrics on the Cancer probability, in plain numpy.
+"""Statistics of a binary classifier's quality on the Cancer probability, in plain numpy (named apart from Ray Serve's `metrics`).
 
 Conventions: `y_true` is 1 for Cancer (the positive class) and 0 otherwise; `p_cancer` is the model's
 Cancer probability; a case is called Cancer when `p_cancer >= threshold`.
