@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from skin_ray.config import Locations
+from skin_ray.testing import Locations
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -29,14 +29,16 @@ from PIL import Image, ImageFilter
 from robustness import CONDITIONS  # noqa: E402  (this script's folder is on the path)
 
 from skin_ray import storage  # noqa: E402
-from skin_ray.config import Locations  # noqa: E402
 from skin_ray.finalize import bundle_split, safeguard_inputs, split_pixel_datasets  # noqa: E402
 from skin_ray.gate_images import NOT_DERMOSCOPY, images_of, model_pixels  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import to_model_input  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
 from skin_ray.safeguards import GATE_TPR, ClassDistance, GateInputs, fit_input_gate  # noqa: E402
-from skin_ray.testing import never_fitted_kinds  # noqa: E402
+from skin_ray.testing import (
+    Locations,  # noqa: E402
+    never_fitted_kinds,  # noqa: E402
+)
 
 
 def wilson(share: float, n: int) -> list[float]:

@@ -33,12 +33,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from skin_ray import classifier_stats, storage  # noqa: E402
 from skin_ray.calibration import content_fold, crossfit_ece  # noqa: E402
-from skin_ray.config import Locations  # noqa: E402
 from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import to_model_input  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
-from skin_ray.testing import encode  # noqa: E402
+from skin_ray.testing import (
+    Locations,  # noqa: E402
+    encode,  # noqa: E402
+)
 
 PHOTO_SIZE = (1600, 1200)
 LESION_FRACTION = 0.4

@@ -43,8 +43,10 @@ import numpy as np
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from skin_ray.config import Locations  # noqa: E402
-from skin_ray.testing import free_port  # noqa: E402
+from skin_ray.testing import (
+    Locations,  # noqa: E402
+    free_port,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = Locations.from_environment().peers

@@ -26,8 +26,11 @@ import numpy as np
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from skin_ray.config import Locations  # noqa: E402
-from skin_ray.testing import own_ray_environment, wait_healthy  # noqa: E402
+from skin_ray.testing import (  # noqa: E402
+    Locations,  # noqa: E402
+    own_ray_environment,
+    wait_healthy,
+)
 
 HEAD = (
     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"

@@ -33,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from skin_ray.config import Locations  # noqa: E402
+from skin_ray.testing import Locations  # noqa: E402
 
 REAL_DATA = Locations.from_environment().data
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -374,25 +373,3 @@ class ServeSettings(Settings):
     def weights(self) -> dict[str, float]:
         """The share of requests each version answers: --traffic, or all to the primary."""
         return {name: share for name, share in self.traffic.items() if share} or {next(iter(self.versions())): 100.0}
-
-
-_SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside a checkout of this repository
-
-
-class Locations(BaseModel):
-    """Where the tests and benchmarks find what does not ship with the package. Each field is overridden by
-    the environment variable SKIN_RAY_<FIELD>, e.g. SKIN_RAY_DATA=/data/skin_isic."""
-
-    data: Path = Field(
-        _SHARED / "datasets" / "skin_isic",
-        description="the labelled ISIC images (Cancer/, Non_Cancer/): real-data tests skip and benchmarks fall "
-        "back to generated images without them",
-    )
-    kuberay_schemas: Path = Field(
-        _SHARED / "schemas" / "kuberay", description="KubeRay's CRD schemas: the manifest validation test skips without them"
-    )
-    peers: Path = Field(_SHARED / "peers", description="the peer-server harness that `serve_bench.py --peers` runs")
-
-    @classmethod
-    def from_environment(cls) -> Locations:
-        return cls(**{name: os.environ[var] for name in cls.model_fields if (var := f"SKIN_RAY_{name.upper()}") in os.environ})

@@ -17,10 +17,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import BaseModel, Field
 
 from skin_ray import classifier_stats
-from skin_ray.config import Locations
 from skin_ray.gate_images import random_crops, sample_photographs
+
+_SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside a checkout of this repository
+
+
+class Locations(BaseModel):
+    """Where the tests and benchmarks find what does not ship with the package. Each field is overridden by
+    the environment variable SKIN_RAY_<FIELD>, e.g. SKIN_RAY_DATA=/data/skin_isic."""
+
+    data: Path = Field(
+        _SHARED / "datasets" / "skin_isic",
+        description="the labelled ISIC images (Cancer/, Non_Cancer/): real-data tests skip and benchmarks fall "
+        "back to generated images without them",
+    )
+    kuberay_schemas: Path = Field(
+        _SHARED / "schemas" / "kuberay", description="KubeRay's CRD schemas: the manifest validation test skips without them"
+    )
+    peers: Path = Field(_SHARED / "peers", description="the peer-server harness that `serve_bench.py --peers` runs")
+
+    @classmethod
+    def from_environment(cls) -> Locations:
+        return cls(**{name: os.environ[var] for name in cls.model_fields if (var := f"SKIN_RAY_{name.upper()}") in os.environ})
+
 
 LOCATIONS = Locations.from_environment()
 REAL_DATA = LOCATIONS.data
