@@ -35,7 +35,7 @@ from skin_ray import classifier_stats, storage  # noqa: E402
 from skin_ray.calibration import content_fold, crossfit_ece  # noqa: E402
 from skin_ray.data import discover, split_by_content  # noqa: E402
 from skin_ray.predictor import Predictor  # noqa: E402
-from skin_ray.preprocess import to_model_input  # noqa: E402
+from skin_ray.preprocess import InputSpec, to_model_input  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
 from skin_ray.testing import (
     Locations,  # noqa: E402
@@ -95,10 +95,10 @@ def main() -> None:
     images = discover(args.data)
 
     @functools.cache
-    def validation_inputs(validation_fraction: float):
+    def validation_inputs(spec: InputSpec, validation_fraction: float):
         """The split, each condition's JPEG bytes and the images' cross-fitting halves, made once for every
         model trained on that split."""
-        split = split_by_content(images, validation_fraction)
+        split = split_by_content(images, spec, validation_fraction)
         originals = [storage.read_bytes(path) for path in split.validation.paths]
         inputs = {"as_is": originals}
         for name, shift in CONDITIONS.items():
@@ -108,7 +108,8 @@ def main() -> None:
     first_model = first_split = first_scores = None  # later models on the first one's split are paired with it
     for bundle in args.bundle or [None]:
         predictor = Predictor.from_bundle(bundle)
-        split, inputs, folds = validation_inputs(predictor.metadata.training["validation_fraction"])
+        metadata = predictor.metadata
+        split, inputs, folds = validation_inputs(metadata.input_spec, metadata.training["validation_fraction"])
         if split.fingerprint != predictor.metadata.data["fingerprint"]:
             raise SystemExit(f"{args.data} is not the data {predictor.model_version} was trained on")
         y_true = np.array(split.validation.labels) == predictor.metadata.positive_index

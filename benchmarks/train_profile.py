@@ -69,17 +69,19 @@ def parts(data: Path, batch_size: int, repeats: int = 2) -> dict:
     from skin_ray.bundle import load_bundle
     from skin_ray.data import discover, load_images, split_by_content
     from skin_ray.model import make_augmenter, make_model
+    from skin_ray.preprocess import IMAGE_SIZE, InputSpec
 
-    split = split_by_content(discover(str(data)))
+    spec = InputSpec(IMAGE_SIZE)  # the default network's
+    split = split_by_content(discover(str(data)), spec)
 
     def decode(images) -> dict:
-        return load_images({"path": np.array(images.paths, dtype=object)})
+        return load_images({"path": np.array(images.paths, dtype=object)}, spec)
 
     decode_s, train = timed(lambda: decode(split.train))
     pixels, labels = train["image"], np.asarray(split.train.labels)
     starts = range(0, len(labels) - batch_size + 1, batch_size)
     batches = [(pixels[i : i + batch_size], labels[i : i + batch_size]) for i in starts]
-    model, augmenter = make_model("default"), make_augmenter(seed=0)
+    model, augmenter = make_model("default", spec.size), make_augmenter(seed=0)
 
     @tf.function
     def augment(images):
@@ -88,7 +90,7 @@ def parts(data: Path, batch_size: int, repeats: int = 2) -> dict:
     def step_function(jit_compile: bool = False, precision: str = "float32"):
         """A fresh network's train step, its layers built in `precision` as skin_ray.train builds them."""
         keras.config.set_dtype_policy(precision)
-        model = make_model("default")
+        model = make_model("default", spec.size)
         keras.config.set_dtype_policy("float32")
         optimizer = keras.optimizers.AdamW(1e-3)
 

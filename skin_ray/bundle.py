@@ -41,7 +41,7 @@ import skin_ray
 from skin_ray import storage
 from skin_ray.data import POSITIVE_CLASS
 from skin_ray.drift import DriftReference
-from skin_ray.preprocess import IMAGE_SIZE, preprocessing_id
+from skin_ray.preprocess import InputSpec, preprocessing_id
 from skin_ray.safeguards import InputGate
 
 if TYPE_CHECKING:  # Keras is imported where a model is loaded: reading a bundle's description needs no TensorFlow
@@ -74,9 +74,10 @@ class BundleMetadata:
     metrics: dict
     training: dict
     data: dict
-    # Height, width and channels of the network's input, what callers decode images to; loading checks both.
-    input_size: list[int] = field(default_factory=lambda: [IMAGE_SIZE, IMAGE_SIZE, 3])
-    preprocessing: str = preprocessing_id(IMAGE_SIZE)
+    # Height, width and channels of the network's input, what callers decode images to (`input_spec`), and the
+    # recipe's name for it; loading checks both.
+    input_size: list[int]
+    preprocessing: str
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     package_version: str = skin_ray.__version__
@@ -93,6 +94,11 @@ class BundleMetadata:
     def image_size(self) -> int:
         """The side of the square images the network takes, in pixels (`decode_pixels`' `size`)."""
         return self.input_size[0]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """How every job makes an image into this bundle's input."""
+        return InputSpec(self.image_size)
 
 
 def describe_bundle(
@@ -216,7 +222,10 @@ def _read_metadata(location: str, uri: str) -> BundleMetadata:
         raise BundleError(f"{uri} is not a model bundle: {METADATA_FILE} is missing") from None
     if raw.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{uri} has bundle format {raw.get('format_version')}, this version reads {FORMAT_VERSION}")
-    metadata = BundleMetadata(**raw)
+    try:
+        metadata = BundleMetadata(**raw)
+    except TypeError as exc:  # a field missing or unknown
+        raise BundleError(f"{uri}: its {METADATA_FILE} is not one this version reads ({exc})") from None
     if metadata.runtime is not None:
         _check_runtime(metadata.runtime, uri)
     if metadata.preprocessing != preprocessing_id(metadata.image_size):

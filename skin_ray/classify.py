@@ -109,7 +109,7 @@ def read_results(output: str, fmt: str, columns: list[str] | None = None):
 
 
 def build_pipeline(paths: list[str], settings: ClassifySettings) -> ray.data.Dataset:
-    decoding = {"max_bytes": int(settings.max_file_mb * 2**20), "size": read_metadata(settings.bundle).image_size}
+    decoding = {"max_bytes": int(settings.max_file_mb * 2**20), "spec": read_metadata(settings.bundle).input_spec}
     files = ray.data.from_items(
         [{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // settings.batch_size, 1000))
     )

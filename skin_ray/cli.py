@@ -153,77 +153,26 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-def _image_paths(arguments: list[str]) -> list[str]:
-    """Files as given; folders (and s3:// prefixes ending in /) replaced by the images below them."""
-    from pathlib import Path
-
-    from skin_ray import storage
-    from skin_ray.preprocess import IMAGE_SUFFIXES
-
-    paths = []
-    for argument in arguments:
-        if Path(argument).is_dir() or (storage.is_s3(argument) and argument.endswith("/")):
-            found = storage.list_files(argument, IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) below {argument}")
-            paths += found
-        else:
-            paths.append(argument)
-    return paths
-
-
 def _run_predict(args) -> int:
-    import numpy as np
+    from skin_ray.predict import predict_files
 
-    from skin_ray.data import load_images
-    from skin_ray.predictor import Predictor
-
-    settings = _settings_from(args, PredictSettings)
-    paths = _image_paths(settings.images)
-    predictor = Predictor.from_bundle(settings.bundle, settings.runtime)
-    chunk = 32  # bounds memory for long argument lists
-    failed = 0
-    for start in range(0, len(paths), chunk):
-        batch = load_images({"path": np.array(paths[start : start + chunk], dtype=object)}, size=predictor.metadata.image_size)
-        failed += int((batch["error"] != "").sum())  # refused by the input gate is an answer, not a failure
-        for path, record in zip(batch["path"], predictor.records(batch["image"], batch["error"]), strict=True):
-            _result({"path": path, **record})
-    if failed:
-        print(f"skin-ray predict: {failed} of {len(paths)} files could not be classified")
-    return 1 if failed else 0
+    return _print_records(predict_files(_settings_from(args, PredictSettings)), "skin-ray predict", "classified")
 
 
 def _run_explain(args) -> int:
-    from pathlib import Path
+    from skin_ray.predict import explain_files
 
-    from skin_ray import storage
-    from skin_ray.overlay import explanation
-    from skin_ray.predictor import Predictor
-    from skin_ray.preprocess import ImageDecodeError, to_model_input
+    return _print_records(explain_files(_settings_from(args, ExplainSettings)), "skin-ray explain", "explained")
 
-    settings = _settings_from(args, ExplainSettings)
-    paths = _image_paths(settings.images)
-    predictor = Predictor.from_bundle(settings.bundle, settings.runtime)
-    output = Path(settings.output)
-    output.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for index, path in enumerate(paths):
-        try:
-            data = storage.read_bytes(path)
-            record, heatmap = predictor.explain(to_model_input(predictor.decode_pixels(data)[None]))
-        except ImageDecodeError as exc:
-            failed += 1
-            _result({"path": path, **predictor.error_record(str(exc)), "explanation": None})
-            continue
-        except OSError as exc:
-            failed += 1
-            _result({"path": path, **predictor.error_record(f"unreadable: {exc}"), "explanation": None})
-            continue
-        overlay = output / f"{index:04d}-{Path(path).stem}.gradcam.png"  # numbered: names may repeat across folders
-        described = None if heatmap is None else explanation(data, heatmap, record["label"], overlay)
-        _result({"path": path, **record, "explanation": described})
+
+def _print_records(records, command: str, done: str) -> int:
+    """Print each (record, read) as it comes; exit 1 when a file could not be read."""
+    failed = total = 0
+    for record, read in records:
+        _result(record)
+        total, failed = total + 1, failed + (not read)
     if failed:
-        print(f"skin-ray explain: {failed} of {len(paths)} files could not be explained")
+        print(f"{command}: {failed} of {total} files could not be {done}")
     return 1 if failed else 0
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from skin_ray.preprocess import IMAGE_SIZE
+from skin_ray.preprocess import IMAGE_SIZE, InputSpec
 
 TARGET_SENSITIVITY = 0.90  # for Cancer, on validation: what a bundle's decision threshold must keep
 
@@ -94,6 +94,11 @@ class TrainingRecipe(ThresholdSettings):
         False, description="decode the images again every epoch instead of once per run (which keeps their pixels, "
         "87 KB an image, in Ray's object store): for training sets the object store and its spill cannot hold",
     )
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """How the run decodes its images: the bundle it writes records it."""
+        return InputSpec(self.input_size)
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainingRecipe:

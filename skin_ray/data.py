@@ -20,7 +20,7 @@ import numpy as np
 import ray
 
 from skin_ray import storage
-from skin_ray.preprocess import IMAGE_SIZE, IMAGE_SUFFIXES, ImageDecodeError, decode_pixels, image_megapixels, to_model_input
+from skin_ray.preprocess import IMAGE_SUFFIXES, ImageDecodeError, InputSpec, image_megapixels, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -69,23 +69,22 @@ def discover(root: str, class_names: tuple[str, ...] = CLASS_NAMES, subset: str 
     return LabelledImages(paths, labels, tuple(class_names))
 
 
-def _inspect_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+# What reading a file into a model input may raise; `read_error` says which reason each is.
+READ_FAILURES = (ImageDecodeError, storage.FileTooLargeError, OSError)
+
+
+def read_error(exc: Exception) -> str:
+    """The `error` ("reason: detail") of a file that could not become a model input, from what reading it raised:
+    ImageDecodeError's own reasons, `too_large` or `unreadable`. Every job's records carry these."""
+    if isinstance(exc, ImageDecodeError):
+        return str(exc)
+    return f"{'too_large' if isinstance(exc, storage.FileTooLargeError) else 'unreadable'}: {exc}"
+
+
+def _inspect_batch(batch: dict[str, np.ndarray], spec: InputSpec) -> dict[str, np.ndarray]:
     """Content hash and decodability of each file (a Ray Data map_batches function)."""
-    digests, errors = [], []
-    for path in batch["path"]:
-        try:
-            data = storage.read_bytes(path)
-        except OSError as exc:
-            digests.append("")
-            errors.append(f"unreadable: {exc}")
-            continue
-        digests.append(hashlib.sha256(data).hexdigest())
-        try:
-            decode_pixels(data)
-            errors.append("")
-        except ImageDecodeError as exc:
-            errors.append(str(exc))
-    return {"path": batch["path"], "sha256": np.array(digests), "error": np.array(errors)}
+    loaded = load_pixels(batch, spec)
+    return {"path": batch["path"], "sha256": loaded["sha256"].astype(str), "error": loaded["error"].astype(str)}
 
 
 @dataclass(frozen=True)
@@ -103,11 +102,13 @@ def in_validation(sha256: str, validation_fraction: float) -> bool:
     return bool(sha256) and int(sha256[:8], 16) / 2**32 < validation_fraction
 
 
-def split_by_content(images: LabelledImages, validation_fraction: float = 0.2) -> Split:
-    """Hash and check every file in parallel, drop undecodable ones, and split by content hash."""
+def split_by_content(images: LabelledImages, spec: InputSpec, validation_fraction: float = 0.2) -> Split:
+    """Hash and check every file in parallel, drop those that cannot become `spec`'s input, and split by content
+    hash."""
     files = ray.data.from_items([{"path": p} for p in images.paths])
     files.set_name("check-images")  # what its progress line is called
-    inspected = files.map_batches(_inspect_batch, batch_size=64).to_pandas().set_index("path").loc[images.paths]
+    inspected = files.map_batches(_inspect_batch, batch_size=64, fn_kwargs={"spec": spec}).to_pandas()
+    inspected = inspected.set_index("path").loc[images.paths]
     usable = (inspected["error"] == "").to_numpy()
     skipped = inspected.loc[~usable, "error"].to_dict()
     for path, reason in skipped.items():
@@ -123,22 +124,22 @@ def split_by_content(images: LabelledImages, validation_fraction: float = 0.2) -
     )
 
 
-def load_images(batch: dict[str, np.ndarray], max_bytes: int | None = None, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
-    """Read and preprocess each path to `size`x`size` (a Ray Data map_batches function).
+def load_images(batch: dict[str, np.ndarray], spec: InputSpec, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Read and preprocess each path to `spec`'s input (a Ray Data map_batches function).
 
     A file that cannot become a model input gets a zero image and an `error` of the form "reason: detail"
-    (ImageDecodeError's reasons, `too_large` or `unreadable`); the others get an empty error. `sha256` is
+    (`read_error`); the others get an empty error. `sha256` is
     the file's content hash (empty when unreadable), what a bundle's training split is recorded by.
     """
-    decoded = load_pixels(batch, max_bytes, size)
+    decoded = load_pixels(batch, spec, max_bytes)
     pixels = decoded.pop("pixels")
     return {**decoded, "image": to_model_input(pixels)}
 
 
-def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
+def load_pixels(batch: dict[str, np.ndarray], spec: InputSpec, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """`load_images` up to the model input's last step: `pixels`, uint8, a quarter of the float32 bytes; and
     each file's `megapixels` (0 when unreadable), which drift compares."""
-    pixels = np.zeros((len(batch["path"]), size, size, 3), dtype=np.uint8)
+    pixels = np.zeros((len(batch["path"]), spec.size, spec.size, 3), dtype=np.uint8)
     megapixels = np.zeros(len(batch["path"]), dtype=np.float64)
     errors, digests = [], []
     for i, path in enumerate(batch["path"]):
@@ -146,29 +147,25 @@ def load_pixels(batch: dict[str, np.ndarray], max_bytes: int | None = None, size
         try:
             data = storage.read_bytes(path, max_bytes)
             digests[-1] = hashlib.sha256(data).hexdigest()
-            pixels[i] = decode_pixels(data, size)
+            pixels[i] = spec.pixels(data)
             megapixels[i] = image_megapixels(data)
             errors.append("")
-        except ImageDecodeError as exc:
-            errors.append(str(exc))
-        except storage.FileTooLargeError as exc:
-            errors.append(f"too_large: {exc}")
-        except OSError as exc:
-            errors.append(f"unreadable: {exc}")
+        except READ_FAILURES as exc:
+            errors.append(read_error(exc))
     return {**batch, "pixels": pixels, "megapixels": megapixels, "error": np.array(errors, dtype=object),
             "sha256": np.array(digests, dtype=object)}
 
 
-def image_dataset(images: LabelledImages, size: int = IMAGE_SIZE) -> ray.data.Dataset:
-    """A Ray Dataset of `path`, `label`, `image` (float32, `size`x`size`x3, the one preprocessing), `error` columns.
+def image_dataset(images: LabelledImages, spec: InputSpec) -> ray.data.Dataset:
+    """A Ray Dataset of `path`, `label`, `image` (float32, `spec`'s input), `error` columns.
 
     Decoding is lazy and streams: each pass over the dataset reads and decodes the files again.
     """
-    return _paths_and_labels(images).map_batches(load_images, batch_size=32, fn_kwargs={"size": size})
+    return _paths_and_labels(images).map_batches(load_images, batch_size=32, fn_kwargs={"spec": spec})
 
 
 def pixel_dataset(
-    images: LabelledImages, size: int = IMAGE_SIZE, decode_once: bool = True, shuffle: bool = False, in_order: bool = False
+    images: LabelledImages, spec: InputSpec, decode_once: bool = True, shuffle: bool = False, in_order: bool = False
 ) -> ray.data.Dataset:
     """A Ray Dataset of `path`, `label`, `pixels` (uint8, the model input but its last step) and `sha256`:
     what training and calibration read. Every image must decode (`split_by_content` leaves out those that
@@ -184,7 +181,7 @@ def pixel_dataset(
     paths.context.execution_options.preserve_order = in_order
     if shuffle and not decode_once:
         paths = paths.random_shuffle()  # paths are cheaper to move than pixels
-    pixels = paths.map_batches(load_pixels, batch_size=32, fn_kwargs={"size": size}).drop_columns(["error"])
+    pixels = paths.map_batches(load_pixels, batch_size=32, fn_kwargs={"spec": spec}).drop_columns(["error"])
     if not decode_once:
         return pixels
     pixels.set_name("decode-once")  # what its progress line is called

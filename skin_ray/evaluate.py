@@ -35,7 +35,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     if split == "validation" and validation_fraction is None:
         raise ValueError(f"{predictor.bundle.uri} does not record its validation split; use --split all")
     images = discover(data, class_names=tuple(meta.class_names), subset=settings.subset)
-    dataset = image_dataset(images, meta.image_size)
+    dataset = image_dataset(images, meta.input_spec)
     dataset.set_name("evaluate")  # what its progress line is called
     y_true, p_cancer, records, errors, seen, held_out = [], [], [], 0, 0, 0
     for batch in dataset.iter_batches(batch_size=64):

@@ -17,18 +17,19 @@ from skin_ray.config import FitSafeguardsSettings, ThresholdSettings
 from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, Split, discover, pixel_dataset, split_by_content
 from skin_ray.drift import DriftReference, Observations, image_statistics
 from skin_ray.predictor import Analyser
-from skin_ray.preprocess import to_model_input
+from skin_ray.preprocess import InputSpec, to_model_input
 from skin_ray.safeguards import GateInputs, InputGate
 
 logger = logging.getLogger(__name__)
 
 
 def finalize_bundle(
-    model, split: Split, arch: str, rule: ThresholdSettings, training: dict, source: str
+    model, spec: InputSpec, split: Split, arch: str, rule: ThresholdSettings, training: dict, source: str
 ) -> tuple[BundleMetadata, InputGate, DriftReference]:
-    """Calibrate `model` in place, choose its threshold by `rule`, fit its safeguards and drift reference,
-    describe the bundle: what `save_bundle` then writes. Each split is decoded once, for all of them."""
-    train, validation = split_pixel_datasets(split, model)
+    """Calibrate `model` (which takes `spec`'s input) in place, choose its threshold by `rule`, fit its safeguards
+    and drift reference, describe the bundle: what `save_bundle` then writes. Each split is decoded once, for all
+    of them."""
+    train, validation = split_pixel_datasets(split, spec)
     threshold, bundle_metrics = calibrate(model, validation, rule)
     gate, input_gate, uncertainty, drift = fit_safeguards(model, train, validation, threshold)
     metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training, source)
@@ -82,7 +83,7 @@ def safeguard_inputs(model, train, validation) -> SafeguardInputs:
             labels.append(batch["label"])
             groups.append(np.arange(len(images)) + sum(len(part) for part in lesions))
         lesions.append(batch["pixels"])
-    outliers, kinds = outlier_inputs(analyse, np.concatenate(lesions)[::16], model.input_shape[1])
+    outliers, kinds = outlier_inputs(analyse, np.concatenate(lesions)[::16])
     p_cancer, members, inputs, image, truth = [], [], [], [], []
     for batch in validation.iter_batches(batch_size=64):
         analysis = analyse(to_model_input(batch["pixels"]))
@@ -99,11 +100,12 @@ def safeguard_inputs(model, train, validation) -> SafeguardInputs:
     )
 
 
-def outlier_inputs(analyse: Analyser, lesions: np.ndarray, size: int) -> tuple[GateInputs, np.ndarray]:
+def outlier_inputs(analyse: Analyser, lesions: np.ndarray) -> tuple[GateInputs, np.ndarray]:
     """The gate's inputs for the images of every kind in `gate_images.NOT_DERMOSCOPY` (generated from seed 1,
-    `lesions` lent to the clinical photographs), through JPEG and the one preprocessing, and each one's kind."""
+    `lesions`, model-input pixels, lent to the clinical photographs), through JPEG and the one preprocessing to the
+    lesions' size, and each one's kind."""
     parts, kinds = [], []
-    for kind, pixels in gate_images.not_dermoscopy_pixels(size, lesions, seed=1).items():
+    for kind, pixels in gate_images.not_dermoscopy_pixels(lesions.shape[1], lesions, seed=1).items():
         parts.extend(analyse(to_model_input(pixels[start : start + 64])).gate_inputs for start in range(0, len(pixels), 64))
         kinds.extend([kind] * len(pixels))
     return GateInputs.concatenate(parts), np.array(kinds)
@@ -127,12 +129,11 @@ def fit_safeguards_on(inputs: SafeguardInputs, threshold: float) -> tuple[InputG
     return gate, *safeguards.describe(gate, outlier_figures, margin, y_true, p_cancer, threshold, disagree), drift
 
 
-def split_pixel_datasets(split: Split, model) -> tuple:
-    """The split's training and validation images decoded (once) to `model`'s input size, in the split's order:
+def split_pixel_datasets(split: Split, spec: InputSpec) -> tuple:
+    """The split's training and validation images decoded (once) to `spec`'s input, in the split's order:
     the gate's zoomed-out views are drawn in sequence, so another order fitted another gate (the shipped bundle's
     threshold moved 1.5% between two fits before)."""
-    size = model.input_shape[1]
-    return pixel_dataset(split.train, size, in_order=True), pixel_dataset(split.validation, size, in_order=True)
+    return pixel_dataset(split.train, spec, in_order=True), pixel_dataset(split.validation, spec, in_order=True)
 
 
 def bundle_split(metadata: BundleMetadata, uri: str, data: str | None = None) -> tuple[Split, str]:
@@ -140,7 +141,7 @@ def bundle_split(metadata: BundleMetadata, uri: str, data: str | None = None) ->
     data it was trained on), and that data's location; refused when the data's fingerprint differs."""
     source = data or metadata.data["source"]
     images = discover(source, class_names=tuple(metadata.class_names), subset=metadata.training.get("subset"))
-    split = split_by_content(images, metadata.training["validation_fraction"])
+    split = split_by_content(images, metadata.input_spec, metadata.training["validation_fraction"])
     if split.fingerprint != metadata.data["fingerprint"]:
         raise ValueError(f"{source} is not the data {uri} was trained on (its fingerprint differs)")
     return split, source
@@ -152,7 +153,7 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     bundle = load_bundle(settings.bundle, safeguards=False)
     metadata = bundle.metadata
     split, _ = bundle_split(metadata, settings.bundle, settings.data)
-    train, validation = split_pixel_datasets(split, bundle.model)
+    train, validation = split_pixel_datasets(split, metadata.input_spec)
     gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards(
         bundle.model, train, validation, metadata.threshold
     )

@@ -49,7 +49,7 @@ def optimize_bundle(settings: OptimizeSettings) -> dict:
     within `BOUNDS`, write it and its figures into the bundle; return bundle.json's `runtime`."""
     bundle = load_bundle(settings.bundle)
     split, _ = bundle_split(bundle.metadata, settings.bundle, settings.data)
-    _, validation = split_pixel_datasets(split, bundle.model)
+    _, validation = split_pixel_datasets(split, bundle.metadata.input_spec)
     positive = bundle.metadata.positive_index
     batches = ((to_model_input(batch["pixels"]), batch["label"] == positive) for batch in validation.iter_batches(batch_size=64))
     return add_runtime(bundle, settings.bundle, batches)

@@ -23,7 +23,7 @@ from keras import ops
 from skin_ray.bundle import Bundle, load_bundle
 from skin_ray.explain import Explainer
 from skin_ray.onnx_analysis import RUNTIME, Forward, missing_cpu_features, onnx_forward
-from skin_ray.preprocess import decode_pixels, to_model_input
+from skin_ray.preprocess import to_model_input
 from skin_ray.record import OUT_OF_DISTRIBUTION, RECORD_FIELDS, error_record
 from skin_ray.safeguards import GateInputs, image_evidence, is_uncertain, members_disagree
 
@@ -216,7 +216,7 @@ class Predictor:
 
     def decode_pixels(self, data: bytes) -> np.ndarray:
         """Image bytes as this bundle's input pixels: `skin_ray.preprocess.decode_pixels` at its input size."""
-        return decode_pixels(data, self.metadata.image_size)
+        return self.metadata.input_spec.pixels(data)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, n_classes), for a batch of preprocessed images."""

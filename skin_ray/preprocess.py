@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,7 +36,23 @@ def preprocessing_id(size: int) -> str:
     return f"pil-rgb-exif-centercrop-{size}-unit-v1"
 
 
-def preprocess_image(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
+@dataclass(frozen=True)
+class InputSpec:
+    """What a network takes and how an image becomes it: `size`x`size` RGB pixels by the one recipe. A bundle
+    carries it (`BundleMetadata.input_spec`), a training run takes it from its recipe; every job decodes by it."""
+
+    size: int
+
+    @property
+    def preprocessing(self) -> str:
+        return preprocessing_id(self.size)
+
+    def pixels(self, data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        """`decode_pixels` to this input."""
+        return decode_pixels(data, self.size, max_pixels)
+
+
+def preprocess_image(data: bytes, size: int) -> np.ndarray:
     """Decode `data` to a (size, size, 3) float32 RGB array in [0, 1]: `to_model_input(decode_pixels(data))`."""
     return to_model_input(decode_pixels(data, size))
 
@@ -45,7 +62,7 @@ def to_model_input(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / 255.0
 
 
-def decode_pixels(data: bytes, size: int = IMAGE_SIZE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_pixels(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode `data` to a (size, size, 3) uint8 RGB array: the recipe up to the last step, a quarter of the bytes
     of the model input (what the Serve app passes between processes).
 

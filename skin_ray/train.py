@@ -65,7 +65,7 @@ class TrainOutcome:
 def train(settings: TrainSettings) -> TrainOutcome:
     """Train on `settings.data`, write the bundle to `settings.output`, return its validation metrics."""
     images = discover(settings.data, subset=settings.subset)
-    split = split_by_content(images, settings.validation_fraction)
+    split = split_by_content(images, settings.input_spec, settings.validation_fraction)
     return _train_on_split(settings, split, settings.data, settings.model_dump())
 
 
@@ -117,8 +117,8 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
             placement_strategy=settings.placement_strategy,
         ),
         datasets={
-            "train": pixel_dataset(split.train, settings.input_size, not settings.decode_every_epoch, shuffle=True),
-            "validation": pixel_dataset(split.validation, settings.input_size, not settings.decode_every_epoch),
+            "train": pixel_dataset(split.train, settings.input_spec, not settings.decode_every_epoch, shuffle=True),
+            "validation": pixel_dataset(split.validation, settings.input_spec, not settings.decode_every_epoch),
         },
         # Every worker gets an equal share of "train" (equal row counts keep the collectives in step);
         # "validation" is read whole by rank 0.
@@ -142,7 +142,8 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
     best = result.get_best_checkpoint(metric="val_auc", mode="max")
     with best.as_directory() as checkpoint_dir:
         model = _model_from_checkpoint(settings.arch, settings.input_size, checkpoint_dir)
-    metadata, gate, drift = finalize_bundle(model, split, settings.arch, settings, {**record, "epochs_run": len(history)}, source)
+    training = {**record, "epochs_run": len(history)}
+    metadata, gate, drift = finalize_bundle(model, settings.input_spec, split, settings.arch, settings, training, source)
     metadata.metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
     save_bundle(model, metadata, settings.output, split.train_digests, gate, drift)
     return TrainOutcome(settings.output, metadata.metrics, history)

@@ -175,7 +175,7 @@ def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
     predictor = Predictor.from_bundle(str(path))
     analysis = predictor.analyse(to_model_input(pixels))
     train, validation = slice(0, 160), slice(160, None)
-    outliers, kinds = outlier_inputs(predictor.analyse, pixels[train][::8], 170)
+    outliers, kinds = outlier_inputs(predictor.analyse, pixels[train][::8])
     image = image_statistics(pixels[validation], np.array([image_megapixels(data) for data in files[validation]]))
     metadata = predictor.metadata
     inputs = SafeguardInputs(

@@ -156,11 +156,13 @@ def shipped_validation(ray_session):
     predictor = Predictor.from_bundle(runtime="float32")
     runtime = Predictor(predictor.bundle)
     assert runtime.analyse.runtime == RUNTIME
-    split = split_by_content(discover(str(REAL_DATA)), predictor.metadata.training["validation_fraction"])
+    split = split_by_content(
+        discover(str(REAL_DATA)), predictor.metadata.input_spec, predictor.metadata.training["validation_fraction"]
+    )
     assert split.fingerprint == predictor.metadata.data["fingerprint"]
     assert predictor.bundle.train_digests == frozenset(split.train_digests)  # what evaluate's overlap check reads
     y_true, decisions = [], {predictor: [], runtime: []}
-    for batch in image_dataset(split.validation).iter_batches(batch_size=128):
+    for batch in image_dataset(split.validation, predictor.metadata.input_spec).iter_batches(batch_size=128):
         y_true.append(batch["label"] == predictor.metadata.positive_index)
         for which, decided in decisions.items():
             decided.append(which.decide(which.analyse(batch["image"])))

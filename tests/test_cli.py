@@ -43,7 +43,8 @@ def test_predict_prints_one_line_per_image_and_survives_bad_files(lesion_tree, u
     assert [row["path"] for row in rows] == [*map(str, good), str(text), str(missing)]
     predictor = Predictor.from_bundle(str(untrained_bundle))
     for row, path in zip(rows[: len(good)], good, strict=True):
-        expected = predictor.to_prediction(predictor.predict_arrays(preprocess_image(path.read_bytes())[None])[0])
+        image = preprocess_image(path.read_bytes(), predictor.metadata.image_size)
+        expected = predictor.to_prediction(predictor.predict_arrays(image[None])[0])
         assert row["error"] is None
         assert row["label"] == expected.label
         assert row["cancer_probability"] == pytest.approx(expected.cancer_probability, abs=1e-6)

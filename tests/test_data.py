@@ -10,8 +10,10 @@ import pytest
 
 from skin_ray import storage
 from skin_ray.data import discover, image_dataset, load_images, split_by_content
-from skin_ray.preprocess import preprocess_image
+from skin_ray.preprocess import IMAGE_SIZE, InputSpec, preprocess_image
 from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, write_lesion_tree
+
+SPEC = InputSpec(IMAGE_SIZE)  # no bundle here: the default network's input
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_split_is_deterministic_and_keeps_duplicates_together(ray_session, tmp_p
         shutil.copy(source, source.with_name("copy_of_" + source.name))
     (root / "Non_Cancer" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely truncated")
     images = discover(str(root))
-    first, second = split_by_content(images, 0.3), split_by_content(images, 0.3)
+    first, second = split_by_content(images, SPEC, 0.3), split_by_content(images, SPEC, 0.3)
     assert first.validation.paths == second.validation.paths
     assert first.fingerprint == second.fingerprint
     assert list(first.skipped) == [str((root / "Non_Cancer" / "broken.jpg").absolute())]
@@ -91,12 +93,12 @@ def test_split_is_deterministic_and_keeps_duplicates_together(ray_session, tmp_p
 def test_training_pipeline_and_predict_see_the_same_array(ray_session, flat_tree):
     """The Ray Data training input and `predict`'s reader both equal preprocess_image of the file."""
     images = discover(str(flat_tree))
-    rows = image_dataset(images).take_all()
+    rows = image_dataset(images, SPEC).take_all()
     assert len(rows) == len(images)
     paths = np.array([row["path"] for row in rows[:6]], dtype=object)
-    predict_input = load_images({"path": paths})["image"]  # what `skin-ray predict` feeds the model
+    predict_input = load_images({"path": paths}, SPEC)["image"]  # what `skin-ray predict` feeds the model
     for row, predicted in zip(rows[:6], predict_input, strict=True):
-        reference = preprocess_image(storage.read_bytes(row["path"]))
+        reference = preprocess_image(storage.read_bytes(row["path"]), SPEC.size)
         np.testing.assert_array_equal(row["image"], reference)
         np.testing.assert_array_equal(predicted, reference)
 
@@ -105,7 +107,7 @@ def test_training_pipeline_and_predict_see_the_same_array(ray_session, flat_tree
 def test_real_data_split(ray_session):
     images = discover(str(REAL_DATA))
     assert images.class_counts() == {"Cancer": 1197, "Non_Cancer": 1440}
-    split = split_by_content(images, 0.2)
+    split = split_by_content(images, SPEC, 0.2)
     assert not split.skipped
     # Cancer/768.jpg and Cancer/769.jpg are the same image: same side of the split.
     validation = {Path(p).relative_to(REAL_DATA).as_posix() for p in split.validation.paths}
@@ -121,6 +123,6 @@ def test_a_file_gone_before_it_is_read_is_a_row_with_an_error(where, max_bytes, 
     missing = f"s3://{request.getfixturevalue('bucket')}/gone.jpg" if where == "s3" else str(tmp_path / "gone.jpg")
     present = tmp_path / "present.jpg"
     present.write_bytes(encode(lesion_image("Cancer", np.random.default_rng(0))))
-    batch = load_images({"path": np.array([missing, str(present)], dtype=object)}, max_bytes)
+    batch = load_images({"path": np.array([missing, str(present)], dtype=object)}, SPEC, max_bytes)
     assert batch["error"][0].startswith("unreadable:") and "gone.jpg" in batch["error"][0], batch["error"][0]
     assert batch["error"][1] == "" and batch["image"][1].any()

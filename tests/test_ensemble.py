@@ -17,6 +17,7 @@ from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.ensemble import build_ensemble, make_ensemble
 from skin_ray.model import make_model
 from skin_ray.predictor import Predictor
+from skin_ray.preprocess import IMAGE_SIZE, InputSpec
 from skin_ray.testing import skin_ray_cli
 
 pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and
 @pytest.fixture(scope="module")
 def lesion_split(lesion_tree):
     """The split members trained on `lesion_tree` record, and the ensemble re-derives."""
-    return split_by_content(discover(str(lesion_tree)), 0.2)
+    return split_by_content(discover(str(lesion_tree)), InputSpec(IMAGE_SIZE), 0.2)  # the members' input
 
 
 def _member(path: Path, arch: str, seed: int, data: Path, fingerprint: str) -> str:
@@ -35,6 +36,7 @@ def _member(path: Path, arch: str, seed: int, data: Path, fingerprint: str) -> s
         model_version=f"{arch}-{seed}", arch=arch, class_names=["Cancer", "Non_Cancer"], positive_class="Cancer",
         threshold=0.5, target_sensitivity=0.9, metrics={"validation": {"roc_auc": 0.5}},
         training={"validation_fraction": 0.2, "subset": None}, data={"source": str(data), "fingerprint": fingerprint},
+        input_size=[IMAGE_SIZE, IMAGE_SIZE, 3], preprocessing=InputSpec(IMAGE_SIZE).preprocessing,
     )
     save_bundle(make_model(arch), metadata, str(path))
     return str(path)
@@ -75,7 +77,7 @@ def test_cli_writes_a_calibrated_bundle_of_its_members(ray_session, lesion_tree,
     assert [member["model_version"] for member in meta.training["members"]] == ["seed-1", "default-2"]
     assert meta.data["fingerprint"] == fingerprint and meta.target_sensitivity == 0.8
     # Its probabilities are the members' mean log-odds through the recorded Platt calibration...
-    rows = image_dataset(lesion_split.validation).take_all()
+    rows = image_dataset(lesion_split.validation, meta.input_spec).take_all()
     images = np.stack([row["image"] for row in rows])
     mean_log_odds = np.mean(
         [classifier_stats.log_odds(Predictor.from_bundle(m).cancer_probabilities(images)) for m in members], axis=0

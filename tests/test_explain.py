@@ -18,7 +18,7 @@ from skin_ray.testing import round_lesion_photo
 
 
 def _heatmap(predictor: Predictor, data: bytes) -> np.ndarray:
-    record, heatmap = predictor.explain(preprocess_image(data)[None])
+    record, heatmap = predictor.explain(preprocess_image(data, predictor.metadata.image_size)[None])
     assert record["label"] is not None, record
     return heatmap
 

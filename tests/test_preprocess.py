@@ -29,14 +29,14 @@ def test_every_mode_becomes_rgb(photo, mode):
     fmt = "TIFF" if mode in ("CMYK", "F", "I", "YCbCr", "HSV") else "PNG"
     if mode == "HSV":  # no common format stores HSV; a TIFF keeps YCbCr-like three-band data
         image = photo.convert("HSV").convert("RGB")
-    array = preprocess_image(encode(image, fmt))
+    array = preprocess_image(encode(image, fmt), IMAGE_SIZE)
     _check_output(array)
     assert array.std() > 0.02, "the picture must survive the conversion, not turn into a flat colour"
 
 
 def test_sixteen_bit_grey_keeps_its_range():
     ramp = np.tile(np.linspace(0, 65535, 128).astype(np.uint16), (128, 1))
-    array = preprocess_image(encode(Image.fromarray(ramp), "PNG"))
+    array = preprocess_image(encode(Image.fromarray(ramp), "PNG"), IMAGE_SIZE)
     _check_output(array)
     # Pillow's own conversion would clip everything above 255/65535 to white.
     assert array[..., 0].min() < 0.05 and array[..., 0].max() > 0.95
@@ -45,15 +45,15 @@ def test_sixteen_bit_grey_keeps_its_range():
 
 def test_transparent_pixels_become_white():
     rgba = Image.new("RGBA", (50, 50), (255, 0, 0, 0))
-    array = preprocess_image(encode(rgba, "PNG"))
+    array = preprocess_image(encode(rgba, "PNG"), IMAGE_SIZE)
     np.testing.assert_allclose(array, 1.0)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
 def test_formats_agree(photo, fmt):
     """Lossless formats decode to the PNG's array exactly; lossy ones closely."""
-    reference = preprocess_image(encode(photo, "PNG"))
-    array = preprocess_image(encode(photo, fmt))
+    reference = preprocess_image(encode(photo, "PNG"), IMAGE_SIZE)
+    array = preprocess_image(encode(photo, fmt), IMAGE_SIZE)
     _check_output(array)
     tolerance = {"JPEG": 0.04, "WEBP": 0.04, "GIF": 0.08}.get(fmt, 0.0)
     assert np.abs(array - reference).mean() <= tolerance
@@ -65,7 +65,7 @@ def test_exif_orientation_is_applied():
     image.paste((0, 0, 0), (0, 0, 150, 200))  # left half black
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
-    array = preprocess_image(encode(image, "JPEG", exif=exif.tobytes(), quality=95))
+    array = preprocess_image(encode(image, "JPEG", exif=exif.tobytes(), quality=95), IMAGE_SIZE)
     # Displayed upright, the black half is on top.
     assert array[:40].mean() < 0.2 and array[-40:].mean() > 0.8
 
@@ -76,7 +76,7 @@ def test_non_square_photo_is_centre_cropped_not_squashed():
     yy, xx = np.mgrid[0:300, 0:400]
     pixels = np.asarray(image).copy()
     pixels[(yy - 150) ** 2 + (xx - 200) ** 2 < 100**2] = 0
-    array = preprocess_image(encode(Image.fromarray(pixels), "PNG"))
+    array = preprocess_image(encode(Image.fromarray(pixels), "PNG"), IMAGE_SIZE)
     dark = array.mean(axis=2) < 0.5
     height = dark.any(axis=1).sum()
     width = dark.any(axis=0).sum()
@@ -87,7 +87,7 @@ def test_large_jpeg_uses_reduced_decoding_without_changing_the_result(photo):
     """A 4000x3000 JPEG decodes via draft (fast) to nearly what a full decode + resize gives."""
     big = photo.resize((4000, 3000))
     data = encode(big, "JPEG", quality=90)
-    fast = preprocess_image(data)
+    fast = preprocess_image(data, IMAGE_SIZE)
     full = np.asarray(
         Image.open(io.BytesIO(data)).convert("RGB").crop((500, 0, 3500, 3000)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR),
         dtype=np.float32,
@@ -97,7 +97,7 @@ def test_large_jpeg_uses_reduced_decoding_without_changing_the_result(photo):
 
 
 def test_one_pixel_image():
-    _check_output(preprocess_image(encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")))
+    _check_output(preprocess_image(encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), IMAGE_SIZE))
 
 
 def _truncated_jpeg(photo) -> bytes:
@@ -123,7 +123,7 @@ def _bomb() -> bytes:
 )
 def test_broken_input_raises_one_error_type_with_a_reason(photo, name, make, reason):
     with pytest.raises(ImageDecodeError) as caught:
-        preprocess_image(make(photo))
+        preprocess_image(make(photo), IMAGE_SIZE)
     assert caught.value.reason == reason
     assert str(caught.value).startswith(reason)
 

@@ -81,8 +81,9 @@ def test_uncertainty_margin_is_the_smallest_reaching_the_target_accuracy():
 def test_records_withhold_the_label_of_refused_images_and_carry_read_errors(guarded_bundle):
     predictor = Predictor.from_bundle(str(guarded_bundle))
     rng = np.random.default_rng(4)
-    lesion = preprocess_image(encode(lesion_image("Cancer", rng)))
-    page = preprocess_image(encode(documents(rng, 1)[0]))
+    size = predictor.metadata.image_size
+    lesion = preprocess_image(encode(lesion_image("Cancer", rng)), size)
+    page = preprocess_image(encode(documents(rng, 1)[0]), size)
     records = predictor.records(np.stack([lesion, np.zeros_like(lesion), page]), ["", "truncated: cut short", ""])
     fine, broken, refused = records
     assert fine["label"] in ("Cancer", "Non_Cancer") and fine["in_distribution"] is True and fine["error"] is None
@@ -128,8 +129,8 @@ def test_shipped_gate_and_margin_hold_on_the_validation_split(ray_session, shipp
     """The recorded figures come back from the data: 95% of validation accepted, the flagged share and the
     accuracy of the certain predictions as bundle.json says."""
     meta = shipped.metadata
-    split = split_by_content(discover(str(REAL_DATA)), meta.training["validation_fraction"])
-    images = np.stack([preprocess_image(storage.read_bytes(path)) for path in split.validation.paths])
+    split = split_by_content(discover(str(REAL_DATA)), meta.input_spec, meta.training["validation_fraction"])
+    images = np.stack([preprocess_image(storage.read_bytes(path), meta.image_size) for path in split.validation.paths])
     y_true = np.array([label == meta.positive_index for label in split.validation.labels])
     chunks = [images[start : start + 64] for start in range(0, len(images), 64)]
     records = [record for chunk in chunks for record in shipped.records(chunk)]

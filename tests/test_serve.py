@@ -213,7 +213,7 @@ def test_served_probabilities_equal_the_predictor_on_the_same_files(request, lay
     predictor = Predictor.from_bundle(str(bundle))
     assert httpx.get(f"{url}/model").json()["runtime_in_use"] == predictor.analyse.runtime
     assert predictor.analyse.runtime == ("keras-float32" if layout == "fused" else "onnxruntime-float32")
-    expected = predictor.predict_arrays(np.stack([preprocess_image(data) for data in files]))[:, 0]
+    expected = predictor.predict_arrays(np.stack([preprocess_image(data, predictor.metadata.image_size) for data in files]))[:, 0]
 
     async def concurrently():  # so that the files share batches
         async with httpx.AsyncClient(timeout=120) as http:

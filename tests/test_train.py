@@ -15,7 +15,7 @@ import pytest
 import ray
 
 from skin_ray import classifier_stats, safeguards
-from skin_ray.bundle import load_bundle
+from skin_ray.bundle import load_bundle, read_metadata
 from skin_ray.calibration import calibrate
 from skin_ray.config import DistillSettings, EvaluateSettings, ThresholdSettings, TrainSettings
 from skin_ray.data import discover, image_dataset, pixel_dataset, split_by_content
@@ -54,9 +54,9 @@ def test_two_workers_stay_identical_and_learn(trained, lesion_tree, tmp_path):
     assert bundle.metadata.training["workers"] == 2
     assert bundle.metadata.input_size == [96, 96, 3] and bundle.model.input_shape == (None, 96, 96, 3)
     # The shipped metrics are reproducible from the bundle itself on the validation split.
-    split = split_by_content(discover(str(lesion_tree)), 0.2)
+    split = split_by_content(discover(str(lesion_tree)), bundle.metadata.input_spec, 0.2)
     predictor = Predictor(bundle)
-    rows = image_dataset(split.validation, bundle.metadata.image_size).take_all()
+    rows = image_dataset(split.validation, bundle.metadata.input_spec).take_all()
     y_true = np.array([row["label"] == 0 for row in rows], dtype=int)
     p_cancer = predictor.cancer_probabilities(np.stack([row["image"] for row in rows]))
     recomputed = classifier_stats.summary(y_true, p_cancer, bundle.metadata.threshold)
@@ -91,8 +91,9 @@ def test_calibration_does_not_depend_on_the_order_of_the_rows(ray_session, untra
     """The cross-fitted ECE's halves follow each image's content, not its row number (Ray Data writes rows
     in any order), so calibrating on the same images in another order gives the same figures. (An untrained
     network: a trained one separates the generated lesions perfectly, and every half would calibrate alike.)"""
-    split = split_by_content(discover(str(lesion_tree)), 0.2)
-    rows = pixel_dataset(split.validation).take_all()
+    spec = read_metadata(str(untrained_bundle)).input_spec
+    split = split_by_content(discover(str(lesion_tree)), spec, 0.2)
+    rows = pixel_dataset(split.validation, spec).take_all()
     shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     figures = []
     for ordered in (rows, shuffled):
