@@ -21,13 +21,14 @@ One module per duty:
     backends     where forward passes run: in this process or in a SkinModel replica
     telemetry    the Prometheus series
     audit        the audit trail: a line per image answered or refused, written off the request path
+    lifecycle    `skin-ray serve`: checks before Ray starts, running until a signal, the drain
 """
 
 
 
 def __getattr__(name: str):
     """`app_builder` (what `import_path: skin_ray.serve:app_builder` names), imported when asked for, so the
-    plain-asyncio modules (guard, batching) load without TensorFlow."""
+    plain-asyncio modules (guard, batching) load without the deployments and what they import."""
     if name == "app_builder":
         from skin_ray.serve.deployments import app_builder
 
