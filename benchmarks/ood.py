@@ -91,7 +91,7 @@ def main() -> None:
     if gate is None:
         raise SystemExit(f"{predictor.bundle.uri} has no input gate; run `skin-ray fit-safeguards` on it first")
     split, _ = bundle_split(metadata, predictor.bundle.uri, args.data)
-    inputs = safeguard_inputs(model, *split_pixel_datasets(split, metadata.input_spec))
+    inputs = safeguard_inputs(model, metadata.positive_index, *split_pixel_datasets(split, metadata.input_spec))
     members = max(1, sum(layer.name.startswith("member_") for layer in model.layers))
     before = PreviousGate(inputs.dermoscopy, inputs.train_labels, inputs.groups, inputs.validation, members)
     _, fit_figures = fit_input_gate(

@@ -12,23 +12,23 @@ import numpy as np
 
 from skin_ray import classifier_stats
 from skin_ray.config import ThresholdSettings
-from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS
 from skin_ray.preprocess import to_model_input
+from skin_ray.scoring import cancer_scores
 
 
-def calibrate(model, validation, rule: ThresholdSettings) -> tuple[float, dict]:
-    """Calibrate `model` in place on `validation` (a materialized `pixel_dataset`, so every pass reads its rows
-    in the same order); return the threshold `rule` chooses on it and the bundle's metrics (with
-    `threshold_rule`: what the threshold promises on new images, and its cost)."""
+def calibrate(model, positive_index: int, validation, rule: ThresholdSettings) -> tuple[float, dict]:
+    """Calibrate `model` (whose class `positive_index` is Cancer) in place on `validation` (a materialized
+    `pixel_dataset`, so every pass reads its rows in the same order); return the threshold `rule` chooses on it
+    and the bundle's metrics (with `threshold_rule`: what the threshold promises on new images, and its cost)."""
     import tensorflow as tf
 
     network = tf.function(lambda images: model(images, training=False))
     forward = lambda pixels: network(to_model_input(pixels))  # noqa: E731
-    y_true, p_raw = score_dataset(forward, validation, column="pixels")
+    y_true, p_raw = cancer_scores(validation, forward, positive_index)
     gap = classifier_stats.log_odds(p_raw)
     scale, offset = classifier_stats.fit_platt(y_true, gap)
-    _fold_platt_into_classifier(model, scale, offset)
-    _, p_cancer = score_dataset(forward, validation, column="pixels")
+    _fold_platt_into_classifier(model, positive_index, scale, offset)
+    _, p_cancer = cancer_scores(validation, forward, positive_index)
     threshold, threshold_rule = classifier_stats.threshold_keeping_sensitivity(
         y_true, p_cancer, rule.target_sensitivity, rule.sensitivity_confidence
     )
@@ -44,23 +44,12 @@ def calibrate(model, validation, rule: ThresholdSettings) -> tuple[float, dict]:
     }
 
 
-def score_dataset(forward, dataset, column: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """(y_true as 1 = Cancer, Cancer probability) for every row of a dataset of labelled images (or a shard
-    of one), `forward` taking its `column`."""
-    positive = CLASS_NAMES.index(POSITIVE_CLASS)
-    labels, probabilities = [], []
-    for batch in dataset.iter_batches(batch_size=64):
-        labels.append(batch["label"] == positive)
-        probabilities.append(np.asarray(forward(batch[column]))[:, positive])
-    return np.concatenate(labels).astype(np.int64), np.concatenate(probabilities)
-
-
-def _fold_platt_into_classifier(model, scale: float, offset: float) -> None:
+def _fold_platt_into_classifier(model, positive_index: int, scale: float, offset: float) -> None:
     """softmax(a*l + c*e_pos) has logit gap a*(l_pos - l_neg) + c: scale kernel and bias, shift one bias."""
     classifier = model.layers[-1]
     kernel, bias = classifier.get_weights()
     bias = scale * bias
-    bias[CLASS_NAMES.index(POSITIVE_CLASS)] += offset
+    bias[positive_index] += offset
     classifier.set_weights([scale * kernel, bias])
 
 

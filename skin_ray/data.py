@@ -39,6 +39,11 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def positive_index(self) -> int:
+        """The index of POSITIVE_CLASS in `class_names`: what a bundle made from these images records."""
+        return self.class_names.index(POSITIVE_CLASS)
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_names))
         return dict(zip(self.class_names, counts.tolist(), strict=True))

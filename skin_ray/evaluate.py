@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from skin_ray.config import EvaluateSettings
 from skin_ray.data import discover, image_dataset, in_validation
 from skin_ray.predictor import Predictor
 from skin_ray.record import WRITERS, record_schema
+from skin_ray.scoring import scored_batches
 
 logger = logging.getLogger(__name__)
+
 
 def evaluate(settings: EvaluateSettings) -> dict:
     """Score every image below `settings.data` (decoding runs in parallel on Ray Data); return the summary
@@ -37,26 +40,30 @@ def evaluate(settings: EvaluateSettings) -> dict:
     images = discover(data, class_names=tuple(meta.class_names), subset=settings.subset)
     dataset = image_dataset(images, meta.input_spec)
     dataset.set_name("evaluate")  # what its progress line is called
-    y_true, p_cancer, records, errors, seen, held_out = [], [], [], 0, 0, 0
-    for batch in dataset.iter_batches(batch_size=64):
+    left_out = Counter()
+
+    def scored(batch: dict) -> np.ndarray:
+        """The rows to score: decoded, and in the validation split when only it is scored; counts the rest."""
         ok = batch["error"] == ""
-        errors += int((~ok).sum())
+        left_out["errors"] += int((~ok).sum())
         for path, reason in zip(batch["path"][~ok], batch["error"][~ok], strict=True):
             logger.warning("left out %s: %s", path, reason)
         if split == "validation":
-            keep = np.array([in_validation(digest, validation_fraction) for digest in batch["sha256"]], dtype=bool)
-            held_out += int((ok & ~keep).sum())
-            ok &= keep
-        seen += int(sum(digest in predictor.bundle.train_digests for digest in batch["sha256"][ok]))
-        if ok.any():
-            analysis = predictor.analyse(batch["image"][ok])
-            y_true.append(batch["label"][ok] == meta.positive_index)
-            p_cancer.append(analysis.probabilities[:, meta.positive_index])
-            for path, label, record in zip(
-                batch["path"][ok], batch["label"][ok], predictor.to_records(analysis, [""] * int(ok.sum())), strict=True
-            ):
-                records.append({"path": path, "true_label": meta.class_names[label], **record})
-    if not y_true:
+            in_split = np.array([in_validation(digest, validation_fraction) for digest in batch["sha256"]], dtype=bool)
+            left_out["held_out"] += int((ok & ~in_split).sum())
+            ok &= in_split
+        return ok
+
+    y_true, p_cancer, records, seen = [], [], [], 0
+    for batch, analysis in scored_batches(dataset, predictor.analyse, keep=scored):
+        seen += sum(digest in predictor.bundle.train_digests for digest in batch["sha256"])
+        y_true.append(batch["label"] == meta.positive_index)
+        p_cancer.append(analysis.probabilities[:, meta.positive_index])
+        for path, label, record in zip(
+            batch["path"], batch["label"], predictor.to_records(analysis, [""] * len(batch["path"])), strict=True
+        ):
+            records.append({"path": path, "true_label": meta.class_names[label], **record})
+    if not records:
         raise ValueError(
             f"no image below {data} is left to score" + (" in the bundle's validation split" if split == "validation" else "")
         )
@@ -65,7 +72,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     summary = {
         **classifier_stats.summary(y_true, p_cancer, meta.threshold),
         **_safeguard_figures(records),
-        "errors": errors,
+        "errors": left_out["errors"],
         "seen_in_training": seen,
         "split": split,
         "model_version": meta.model_version,
@@ -73,7 +80,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         "data": data,
     }
     if split == "validation":
-        summary["not_in_validation"] = held_out
+        summary["not_in_validation"] = left_out["held_out"]
     if seen:
         logger.warning(
             "%d of the %d images scored were in %s's training split, so these figures flatter it; "

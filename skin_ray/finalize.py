@@ -14,11 +14,12 @@ from skin_ray import gate_images, safeguards
 from skin_ray.bundle import BundleMetadata, describe_bundle, load_bundle, write_safeguards
 from skin_ray.calibration import calibrate
 from skin_ray.config import FitSafeguardsSettings, ThresholdSettings
-from skin_ray.data import CLASS_NAMES, POSITIVE_CLASS, Split, discover, pixel_dataset, split_by_content
+from skin_ray.data import Split, discover, pixel_dataset, split_by_content
 from skin_ray.drift import DriftReference, Observations, image_statistics
 from skin_ray.predictor import Analyser
 from skin_ray.preprocess import InputSpec, to_model_input
 from skin_ray.safeguards import GateInputs, InputGate
+from skin_ray.scoring import scored_batches
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ def finalize_bundle(
     and drift reference, describe the bundle: what `save_bundle` then writes. Each split is decoded once, for all
     of them."""
     train, validation = split_pixel_datasets(split, spec)
-    threshold, bundle_metrics = calibrate(model, validation, rule)
-    gate, input_gate, uncertainty, drift = fit_safeguards(model, train, validation, threshold)
+    positive = split.train.positive_index
+    threshold, bundle_metrics = calibrate(model, positive, validation, rule)
+    gate, input_gate, uncertainty, drift = fit_safeguards(model, positive, train, validation, threshold)
     metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training, source)
     metadata.input_gate, metadata.uncertainty = input_gate, uncertainty
     return metadata, gate, drift
@@ -53,14 +55,16 @@ class SafeguardInputs:
     image: dict[str, np.ndarray]  # `image_statistics` of validation
 
 
-def fit_safeguards(model, train, validation, threshold: float) -> tuple[InputGate, dict, dict, DriftReference]:
+def fit_safeguards(
+    model, positive_index: int, train, validation, threshold: float
+) -> tuple[InputGate, dict, dict, DriftReference]:
     """The input gate and the uncertainty margin of a calibrated model, with their bundle.json descriptions,
     and the drift reference (skin_ray.drift) they give on validation; `train` and `validation` are the split's
     `pixel_dataset`s."""
-    return fit_safeguards_on(safeguard_inputs(model, train, validation), threshold)
+    return fit_safeguards_on(safeguard_inputs(model, positive_index, train, validation), threshold)
 
 
-def safeguard_inputs(model, train, validation) -> SafeguardInputs:
+def safeguard_inputs(model, positive_index: int, train, validation) -> SafeguardInputs:
     """The model's view of the split's `pixel_dataset`s and of generated images, for `fit_safeguards_on`.
 
     The gate's dermoscopy is the training split as the model saw it in training (every image, and every image
@@ -70,8 +74,7 @@ def safeguard_inputs(model, train, validation) -> SafeguardInputs:
     """
     from skin_ray.model import RandomZoomOutOntoSkin
 
-    positive = CLASS_NAMES.index(POSITIVE_CLASS)
-    analyse = Analyser(model, positive)
+    analyse = Analyser(model, positive_index)
     zoom_out = RandomZoomOutOntoSkin(probability=1.0, seed=0)
     rng = np.random.default_rng(0)
     views, labels, groups, lesions = [], [], [], []
@@ -85,13 +88,12 @@ def safeguard_inputs(model, train, validation) -> SafeguardInputs:
         lesions.append(batch["pixels"])
     outliers, kinds = outlier_inputs(analyse, np.concatenate(lesions)[::16])
     p_cancer, members, inputs, image, truth = [], [], [], [], []
-    for batch in validation.iter_batches(batch_size=64):
-        analysis = analyse(to_model_input(batch["pixels"]))
-        p_cancer.append(analysis.probabilities[:, positive])
+    for batch, analysis in scored_batches(validation, lambda pixels: analyse(to_model_input(pixels))):
+        p_cancer.append(analysis.probabilities[:, positive_index])
         members.append(analysis.member_cancer)
         inputs.append(analysis.gate_inputs)
         image.append(image_statistics(batch["pixels"], batch["megapixels"]))
-        truth.append(batch["label"] == positive)
+        truth.append(batch["label"] == positive_index)
     return SafeguardInputs(
         GateInputs.concatenate(views), np.concatenate(labels), np.concatenate(groups), outliers, kinds,
         GateInputs.concatenate(inputs), np.concatenate(truth), np.concatenate(p_cancer),
@@ -155,7 +157,7 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     split, _ = bundle_split(metadata, settings.bundle, settings.data)
     train, validation = split_pixel_datasets(split, metadata.input_spec)
     gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards(
-        bundle.model, train, validation, metadata.threshold
+        bundle.model, metadata.positive_index, train, validation, metadata.threshold
     )
     if metadata.runtime is not None:
         logger.warning("%s: its runtime was validated against the safeguards replaced now; `skin-ray optimize` validates "

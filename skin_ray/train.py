@@ -32,11 +32,11 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from skin_ray import classifier_stats, storage
 from skin_ray.bundle import load_bundle, save_bundle
-from skin_ray.calibration import score_dataset
 from skin_ray.config import DistillSettings, TrainingRecipe, TrainSettings
 from skin_ray.data import Split, discover, pixel_dataset, split_by_content
 from skin_ray.finalize import bundle_split, finalize_bundle
 from skin_ray.runtime import format_duration, limit_tensorflow_threads, wait_for_resources
+from skin_ray.scoring import cancer_scores
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class WorkerPlan:
     recipe: TrainingRecipe
     class_weights: list[float]
     steps_per_epoch: int
+    positive_index: int  # of the Cancer class, in the split's class order
 
 
 @dataclass
@@ -104,7 +105,8 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
     steps_per_epoch = rows_per_worker // (settings.batch_size // settings.workers)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(split.train)} training images are fewer than one batch per worker")
-    plan = WorkerPlan(settings, (len(split.train) / (len(counts) * np.maximum(counts, 1))).tolist(), steps_per_epoch)
+    class_weights = (len(split.train) / (len(counts) * np.maximum(counts, 1))).tolist()
+    plan = WorkerPlan(settings, class_weights, steps_per_epoch, split.train.positive_index)
     _wait_for_resources(settings)
     progress = ProgressLines(settings.epochs, settings.max_failures)
     storage_fs, storage_path = storage.pyarrow_filesystem(os.path.expanduser(settings.storage_path))
@@ -261,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     plan: WorkerPlan = config["plan"]
-    _run_epochs(_make_training(plan, strategy, context.get_world_rank()), plan.recipe, context)
+    _run_epochs(_make_training(plan, strategy, context.get_world_rank()), plan, context)
 
 
 class _Training(NamedTuple):
@@ -371,12 +373,12 @@ def training_loss(labels, probabilities, class_weights, teacher_probabilities=No
     return per_example * tf.gather(class_weights, labels)
 
 
-def _run_epochs(training: _Training, recipe: TrainingRecipe, context) -> None:
+def _run_epochs(training: _Training, plan: WorkerPlan, context) -> None:
     """Epochs from the last checkpoint on: every worker trains on its shard; rank 0 then validates,
     checkpoints and reports, the others report their training figures."""
     import tensorflow as tf
 
-    global_batch, rank = recipe.batch_size, context.get_world_rank()
+    global_batch, rank = plan.recipe.batch_size, context.get_world_rank()
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -387,7 +389,7 @@ def _run_epochs(training: _Training, recipe: TrainingRecipe, context) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     validation = ray.train.get_dataset_shard("validation")
     per_worker_batch = global_batch // context.get_world_size()
-    for epoch in range(start_epoch, recipe.epochs):
+    for epoch in range(start_epoch, plan.recipe.epochs):
         started = time.perf_counter()
         losses, correct = [], 0.0
         for batch in train_shard.iter_batches(
@@ -409,7 +411,7 @@ def _run_epochs(training: _Training, recipe: TrainingRecipe, context) -> None:
             ray.train.report(epoch_metrics)
             continue
         started = time.perf_counter()
-        y_true, p_cancer = score_dataset(training.forward, validation, column="pixels")
+        y_true, p_cancer = cancer_scores(validation, training.forward, plan.positive_index)
         summary = classifier_stats.summary(y_true, p_cancer, 0.5)
         best_auc = max(best_auc, summary["roc_auc"])
         epoch_metrics.update(

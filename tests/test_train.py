@@ -97,9 +97,9 @@ def test_calibration_does_not_depend_on_the_order_of_the_rows(ray_session, untra
     shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     figures = []
     for ordered in (rows, shuffled):
-        threshold, bundle_metrics = calibrate(
-            load_bundle(str(untrained_bundle)).model, ray.data.from_items(ordered).materialize(), ThresholdSettings()
-        )
+        bundle = load_bundle(str(untrained_bundle))
+        validation = ray.data.from_items(ordered).materialize()
+        threshold, bundle_metrics = calibrate(bundle.model, bundle.metadata.positive_index, validation, ThresholdSettings())
         figures.append([threshold, bundle_metrics["validation"]["ece_crossfit"], bundle_metrics["validation"]["roc_auc"]])
     np.testing.assert_allclose(figures[0], figures[1], rtol=1e-5)
 
