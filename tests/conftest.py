@@ -17,6 +17,9 @@ os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
 # The tests' own Ray listens on loopback only. Without token auth there, the Ray CLIs the tests start
 # (`ray job submit`, `serve run`) and the Ray they talk to agree, whatever the shell exported.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Every Ray the tests start exports its metrics each second, not every ten: tests that read the service's
+# gauges wait for the next export, not for a tenth of a minute.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 def pytest_collection_modifyitems(items):
@@ -152,10 +155,10 @@ def shipped():
 
 
 @pytest.fixture(scope="session")
-def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
-    """The untrained bundle with an input gate, an uncertainty margin and a drift reference fitted on generated
-    lesions (160 as its training split, 120 as its validation split), as a bundle made from a real split gets
-    them, for tests of the prediction record's safeguards and of drift."""
+def guarded_bundle(small_input_bundle, tmp_path_factory) -> Path:
+    """The untrained 96-pixel bundle with an input gate, an uncertainty margin and a drift reference fitted on
+    generated lesions (160 as its training split, 120 as its validation split), as a bundle made from a real split
+    gets them, for tests of the prediction record's safeguards and of drift."""
     import shutil
 
     import numpy as np
@@ -164,15 +167,15 @@ def guarded_bundle(untrained_bundle, tmp_path_factory) -> Path:
     from skin_ray.drift import image_statistics
     from skin_ray.finalize import SafeguardInputs, fit_safeguards_on, outlier_inputs
     from skin_ray.predictor import Predictor
-    from skin_ray.preprocess import decode_pixels, image_megapixels, to_model_input
+    from skin_ray.preprocess import image_megapixels, to_model_input
     from skin_ray.testing import encode, guarded_bundle_lesions
 
     path = tmp_path_factory.mktemp("guarded") / "bundle"
-    shutil.copytree(untrained_bundle, path)
+    shutil.copytree(small_input_bundle, path)
     labels, images = guarded_bundle_lesions()
     files = [encode(image) for image in images]
-    pixels = np.stack([decode_pixels(data, 170) for data in files])
     predictor = Predictor.from_bundle(str(path))
+    pixels = np.stack([predictor.decode_pixels(data) for data in files])
     analysis = predictor.analyse(to_model_input(pixels))
     train, validation = slice(0, 160), slice(160, None)
     outliers, kinds = outlier_inputs(predictor.analyse, pixels[train][::8])

@@ -73,7 +73,7 @@ def main(data: str, bundle: str, scratch: str) -> None:
 
     config = TrainSettings(
         data=data, output=f"{scratch}/bundle", storage_path=f"{scratch}/runs", workers=2, epochs=1,
-        batch_size=16, placement_strategy="SPREAD",
+        batch_size=16, placement_strategy="SPREAD", input_size=96,  # small inputs: the test is about placement
     )
     report["train_nodes"] = sorted(watch(lambda: train(config), "RayTrainWorker", address))
 

@@ -158,7 +158,7 @@ def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_pat
     address = ray_session.get_runtime_context().gcs_address
     result = skin_ray_cli(
         "train", str(lesion_tree), "--output", str(tmp_path / "bundle"), "--epochs", "2", "--workers", "1",
-        "--storage-path", str(tmp_path / "runs"), ray_address=address,
+        "--storage-path", str(tmp_path / "runs"), "--input-size", "96", ray_address=address,
     )
     assert result.returncode == 0, result.stderr
     assert_quiet(result.stderr)

@@ -17,16 +17,16 @@ from skin_ray.data import discover, image_dataset, split_by_content
 from skin_ray.ensemble import build_ensemble, make_ensemble
 from skin_ray.model import make_model
 from skin_ray.predictor import Predictor
-from skin_ray.preprocess import IMAGE_SIZE, InputSpec
+from skin_ray.preprocess import InputSpec
 from skin_ray.testing import skin_ray_cli
 
-pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
+MEMBERS_INPUT = InputSpec(96)  # small inputs: the tests are about the ensemble's mechanics, not its networks
 
 
 @pytest.fixture(scope="module")
 def lesion_split(lesion_tree):
     """The split members trained on `lesion_tree` record, and the ensemble re-derives."""
-    return split_by_content(discover(str(lesion_tree)), InputSpec(IMAGE_SIZE), 0.2)  # the members' input
+    return split_by_content(discover(str(lesion_tree)), MEMBERS_INPUT, 0.2)
 
 
 def _member(path: Path, arch: str, seed: int, data: Path, fingerprint: str) -> str:
@@ -36,9 +36,9 @@ def _member(path: Path, arch: str, seed: int, data: Path, fingerprint: str) -> s
         model_version=f"{arch}-{seed}", arch=arch, class_names=["Cancer", "Non_Cancer"], positive_class="Cancer",
         threshold=0.5, target_sensitivity=0.9, metrics={"validation": {"roc_auc": 0.5}},
         training={"validation_fraction": 0.2, "subset": None}, data={"source": str(data), "fingerprint": fingerprint},
-        input_size=[IMAGE_SIZE, IMAGE_SIZE, 3], preprocessing=InputSpec(IMAGE_SIZE).preprocessing,
+        input_size=[MEMBERS_INPUT.size, MEMBERS_INPUT.size, 3], preprocessing=MEMBERS_INPUT.preprocessing,
     )
-    save_bundle(make_model(arch), metadata, str(path))
+    save_bundle(make_model(arch, MEMBERS_INPUT.size), metadata, str(path))
     return str(path)
 
 

@@ -19,8 +19,8 @@ from skin_ray.testing import generated_validation
 
 
 @pytest.fixture(scope="module")
-def lesions():
-    return generated_validation(170, count=96)
+def lesions(guarded_bundle):
+    return generated_validation(read_metadata(str(guarded_bundle)).image_size, count=96)
 
 
 def _decisions(predictor: Predictor, images: np.ndarray) -> Decisions:

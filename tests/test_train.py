@@ -119,7 +119,7 @@ def test_resumes_from_checkpoint_after_a_worker_is_killed_and_says_so(ray_sessio
     command = [
         "skin-ray", "train", str(lesion_tree), "--output", str(tmp_path / "bundle"), "--storage-path", str(runs),
         "--run-name", "run", "--workers", "2", "--epochs", "4", "--batch-size", "16", "--learning-rate", "3e-3",
-        "--max-failures", "2",
+        "--max-failures", "2", "--input-size", "96",  # small inputs: the test is about the restart, not the network
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -237,16 +237,17 @@ def test_mixed_precision_trains_a_bfloat16_network_whose_weights_are_the_float32
     from skin_ray.train import WorkerPlan, _make_training, _model_from_checkpoint, _save
 
     recipe = TrainSettings(
-        data="unused", output="unused", arch=arch, workers=1, batch_size=4, epochs=1, precision="mixed_bfloat16"
+        data="unused", output="unused", arch=arch, workers=1, batch_size=4, epochs=1, precision="mixed_bfloat16",
+        input_size=64,  # small: this CPU emulates bfloat16
     )
-    plan = WorkerPlan(recipe, class_weights=[1.0, 1.0], steps_per_epoch=1)
+    plan = WorkerPlan(recipe, class_weights=[1.0, 1.0], steps_per_epoch=1, positive_index=0)
     training = _make_training(plan, tf.distribute.get_strategy(), rank=0)
     assert keras.config.dtype_policy().name == "float32"  # set back for whatever is built next
     computing = {layer.compute_dtype for layer in training.model.layers if layer.weights}
     assert computing == {"bfloat16", "float32"}
     assert {weight.dtype for weight in training.model.weights} == {"float32"}
 
-    pixels = np.random.default_rng(0).integers(0, 256, (4, 170, 170, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     loss, _ = training.step(tf.constant(pixels), tf.constant([0, 1, 0, 1]))
     assert np.isfinite(float(loss))
     in_training = training.forward(tf.constant(pixels)).numpy()
