@@ -133,8 +133,8 @@ def load_images(batch: dict[str, np.ndarray], spec: InputSpec, max_bytes: int | 
     """Read and preprocess each path to `spec`'s input (a Ray Data map_batches function).
 
     A file that cannot become a model input gets a zero image and an `error` of the form "reason: detail"
-    (`read_error`); the others get an empty error. `sha256` is
-    the file's content hash (empty when unreadable), what a bundle's training split is recorded by.
+    (`read_error`); the others get an empty error. `sha256` is the file's content hash (empty when unreadable),
+    what a bundle's training split is recorded by.
     """
     decoded = load_pixels(batch, spec, max_bytes)
     pixels = decoded.pop("pixels")
