@@ -17,9 +17,6 @@ os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
 # The tests' own Ray listens on loopback only. Without token auth there, the Ray CLIs the tests start
 # (`ray job submit`, `serve run`) and the Ray they talk to agree, whatever the shell exported.
 os.environ["RAY_AUTH_MODE"] = "disabled"
-# Every Ray the tests start exports its metrics each second, not every ten: tests that read the service's
-# gauges wait for the next export, not for a tenth of a minute.
-os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 def pytest_collection_modifyitems(items):
@@ -59,7 +56,9 @@ def ray_context(s3_endpoint):
     from skin_ray.runtime import MIN_LOCAL_CPUS, use_serve_fast_path
 
     use_serve_fast_path()
-    context = ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=True)
+    # Metrics exported each second, not every ten: tests that read the service's gauges wait for the next export.
+    # (The session's Ray only: the `skin-ray` processes the tests start run Ray as shipped.)
+    context = ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=True, _system_config={"metrics_report_interval_ms": 1000})
     yield context
     ray.shutdown()
 

@@ -162,7 +162,12 @@ def test_serve_and_classify_side_by_side_each_on_a_ray_of_its_own(no_serve_in_se
         while not list(output.glob("*.parquet")) and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         service.send_signal(signal.SIGTERM)
-        assert service.wait(timeout=120) == 0, service.stdout.read()
+        try:
+            stopped = service.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # say what the service printed, not only that it did not stop
+            service.kill()
+            stopped = None
+        assert stopped == 0, service.stdout.read()
         assert job.poll() is None, "the job ended before the service stopped: nothing was tested"
         stdout, stderr = job.communicate(timeout=300)
         assert job.returncode == 0, stderr[-3000:]
