@@ -228,10 +228,9 @@ def _read_metadata(location: str, uri: str) -> BundleMetadata:
         raise BundleError(f"{uri}: its {METADATA_FILE} is not one this version reads ({exc})") from None
     if metadata.runtime is not None:
         _check_runtime(metadata.runtime, uri)
-    if metadata.preprocessing != preprocessing_id(metadata.image_size):
+    if metadata.preprocessing != (recipe := metadata.input_spec.preprocessing):
         raise BundleError(
-            f"{uri} was trained with preprocessing {metadata.preprocessing!r}, this version has "
-            f"{preprocessing_id(metadata.image_size)!r} for its input size"
+            f"{uri} was trained with preprocessing {metadata.preprocessing!r}, this version has {recipe!r} for its input size"
         )
     return metadata
 

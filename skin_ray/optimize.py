@@ -21,6 +21,7 @@ from skin_ray.finalize import bundle_split, split_pixel_datasets
 from skin_ray.onnx_analysis import OPSET, RUNTIME, export_analysis, onnx_forward
 from skin_ray.predictor import Analyser, Decisions, Predictor
 from skin_ray.preprocess import to_model_input
+from skin_ray.scoring import scored_batches
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def optimize_bundle(settings: OptimizeSettings) -> dict:
     split, _ = bundle_split(bundle.metadata, settings.bundle, settings.data)
     _, validation = split_pixel_datasets(split, bundle.metadata.input_spec)
     positive = bundle.metadata.positive_index
-    batches = ((to_model_input(batch["pixels"]), batch["label"] == positive) for batch in validation.iter_batches(batch_size=64))
+    batches = ((images, batch["label"] == positive) for batch, images in scored_batches(validation, to_model_input))
     return add_runtime(bundle, settings.bundle, batches)
 
 
