@@ -13,7 +13,7 @@ import pytest
 
 from skin_ray.bundle import METADATA_FILE, BundleError, load_bundle, read_metadata
 from skin_ray.onnx_analysis import RUNTIME
-from skin_ray.optimize import BOUNDS, add_runtime, beyond_bounds, compare_decisions
+from skin_ray.optimize import BOUNDS, add_runtime, beyond_bounds, compare_decisions, nearest_each_side
 from skin_ray.predictor import REFERENCE_RUNTIME, Analyser, Decisions, Predictor
 from skin_ray.testing import generated_validation
 
@@ -43,6 +43,7 @@ def test_the_exported_runtime_decides_as_the_keras_network(optimized, lesions):
     assert beyond_bounds(figures) == [], figures
     assert {"refusals_differ", "uncertain_differ", "max_abs_ood_score_difference"} <= set(figures)  # the gate and margin checked
     assert 0 <= figures["max_abs_dp"] < BOUNDS["max_abs_dp"] and figures["labels_differ"] == 0
+    assert figures["cut_cases"] >= 2 and figures["cut_cases_changed"] == 0
     chosen, reference = Predictor.from_bundle(str(path)), Predictor.from_bundle(str(path), runtime="float32")
     assert (chosen.analyse.runtime, reference.analyse.runtime) == (RUNTIME, REFERENCE_RUNTIME)
     images = lesions[0][:16]
@@ -77,6 +78,26 @@ def test_ties_broken_by_rounding_are_not_a_change_of_ranking():
     reordered = saturated + np.float32(1e-4) * is_cancer
     figures = compare_decisions(is_cancer, _probabilities_only(saturated), _probabilities_only(reordered))
     assert any(problem.startswith("auc_difference") for problem in beyond_bounds(figures)), figures
+
+
+def test_labels_that_change_next_to_the_threshold_it_was_fitted_between_are_counted_apart():
+    """A threshold halfway between two of the split's probabilities a few millionths apart (as a 2-epoch bundle's
+    was): a runtime 2e-5 off flips the case above it, counted apart rather than refused; a label changed away from
+    the threshold is refused."""
+    is_cancer = np.arange(60) % 2 == 0
+    reference = np.linspace(0.05, 0.95, 60)
+    reference[30], reference[31] = 0.5 + 1.5e-6, 0.5 - 1.5e-6
+    at_cuts = nearest_each_side(reference, reference >= 0.5)
+    assert np.flatnonzero(at_cuts).tolist() == [30, 31]
+    near = reference.copy()
+    near[30] -= 2e-5
+    figures = compare_decisions(is_cancer, _probabilities_only(reference), _probabilities_only(near), at_cuts)
+    assert figures["labels_differ"] == 0 and (figures["cut_cases"], figures["cut_cases_changed"]) == (2, 1), figures
+    assert beyond_bounds(figures) == [], figures
+    away = near.copy()
+    away[40] = 0.45  # a case at 0.66 moved across the threshold
+    figures = compare_decisions(is_cancer, _probabilities_only(reference), _probabilities_only(away), at_cuts)
+    assert figures["labels_differ"] == 1 / 60 and any(problem.startswith("labels_differ") for problem in beyond_bounds(figures))
 
 
 def _edited(path, tmp_path, edit):
