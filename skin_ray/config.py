@@ -292,6 +292,10 @@ class ServeSettings(Settings):
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="how long the load must stay above target before a replica is added")
     downscale_delay_s: float = Field(60.0, ge=0, description="how long it must stay below before one is removed")
+    autoscaling_window_s: float = Field(
+        30.0, gt=0, description="the load the autoscaler compares with the target: requests in progress averaged over "
+        "this many seconds (a short window follows the load sooner, and a burst too)",
+    )
     audit: str | None = Field(
         None, description="directory or s3:// prefix for the audit trail: a JSON line per image answered or refused "
         "(who, which version, the input's sha256, the answer, the status)",

@@ -89,7 +89,7 @@ def main(data: str, bundle: str, scratch: str) -> None:
     # The cluster layout (decoding and the model apart), each deployment following the load between 1 and 2 replicas.
     settings = ServeSettings(
         bundle=bundle, layout="split", min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-        upscale_delay_s=1, downscale_delay_s=3,
+        upscale_delay_s=1, downscale_delay_s=3, autoscaling_window_s=5,
     )
     serve.run(app_builder(settings), name="skin-ray")
     image = next(Path(data).rglob("*.jpg")).read_bytes()

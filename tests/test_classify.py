@@ -204,7 +204,8 @@ def _classifier_actors(ray_session) -> list:
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
-    """480 lesion photos in 4 folders: a job that runs for a while."""
+    """480 lesion photos in 4 folders: a job that runs for a while (through the 96-pixel bundle: the tests that use
+    it are about kills and resumes, not the network)."""
     source = tmp_path_factory.mktemp("many")
     rng = np.random.default_rng(13)
     for i in range(480):
@@ -214,11 +215,11 @@ def many_images(tmp_path_factory) -> Path:
     return source
 
 
-def test_a_killed_classifier_actor_loses_no_rows_and_the_job_says_so(ray_session, many_images, untrained_bundle, tmp_path):
+def test_a_killed_classifier_actor_loses_no_rows_and_the_job_says_so(ray_session, many_images, small_input_bundle, tmp_path):
     """SIGKILL of a classifier actor mid-job: Ray Data restarts it and retries its batches, so every file still
     gets its row, and `skin-ray classify` says on stderr which actor died and why."""
     output = tmp_path / "out"
-    command = ["skin-ray", "classify", str(many_images), "--output", str(output), "--bundle", str(untrained_bundle),
+    command = ["skin-ray", "classify", str(many_images), "--output", str(output), "--bundle", str(small_input_bundle),
                "--batch-size", "4", "--workers", "2"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -243,11 +244,11 @@ def test_a_killed_classifier_actor_loses_no_rows_and_the_job_says_so(ray_session
     assert victims[0].actor_id[:8] in restarts[0] and "Ray restarted it" in restarts[0] and "no row is lost" in restarts[0]
 
 
-def test_a_killed_job_keeps_what_it_finished_and_resume_completes_it(ray_session, many_images, untrained_bundle, tmp_path):
+def test_a_killed_job_keeps_what_it_finished_and_resume_completes_it(ray_session, many_images, small_input_bundle, tmp_path):
     """The driver killed outright (SIGKILL, no clean-up) mid-job: the rows of every interval it finished are on
     disk, although fewer than --rows-per-file, and `--resume` classifies exactly the files that are not."""
     output = tmp_path / "out"
-    command = ["skin-ray", "classify", str(many_images), "--output", str(output), "--bundle", str(untrained_bundle),
+    command = ["skin-ray", "classify", str(many_images), "--output", str(output), "--bundle", str(small_input_bundle),
                "--batch-size", "4", "--flush-interval-s", "0.5"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -331,6 +331,7 @@ def _replicas(args: ServeSettings, target_ongoing_requests: float) -> dict:
         "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
         "target_ongoing_requests": target_ongoing_requests,
         "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s,
+        "look_back_period_s": args.autoscaling_window_s,
     }}
 
 
