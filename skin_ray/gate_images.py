@@ -10,9 +10,13 @@ refuses is not only what it was shown.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import io
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -233,19 +237,69 @@ def images_of(kind: str, seed: int, lesions: np.ndarray) -> list[Image.Image]:
 
 
 def not_dermoscopy_pixels(size: int, lesions: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Every kind's `images_of` as `model_pixels` at `size`. A kind that borrows no lesions is drawn once per
-    process and kept: drawing them all takes ~25 s, and a process may fit several gates (the tests fit a dozen)."""
-    return {
-        kind: model_pixels(images_of(kind, seed, lesions), size) if kind in BORROWS_LESIONS else _drawn_pixels(kind, seed, size)
-        for kind in NOT_DERMOSCOPY
-    }
+    """Every kind's `images_of` as `model_pixels` at `size`, each kind kept in `DRAWN_CACHE` once drawn: drawing
+    them all takes ~13 s, and every command that fits a gate draws the same ones (the tests fit a dozen)."""
+    return {kind: _cached_pixels(kind, seed, size, lesions if kind in BORROWS_LESIONS else None) for kind in NOT_DERMOSCOPY}
 
 
-@functools.lru_cache(maxsize=16)
-def _drawn_pixels(kind: str, seed: int, size: int) -> np.ndarray:
-    pixels = model_pixels(images_of(kind, seed, np.empty((0, size, size, 3), np.uint8)), size)
-    pixels.flags.writeable = False  # shared by every caller
+# Drawn kinds, one .npy file each, named by a digest of everything they are drawn from: this module's and the
+# preprocessing's code, the drawing libraries' versions, the kind, seed, size and the lesions a kind borrows.
+DRAWN_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "skin-ray" / "not-dermoscopy"
+DRAWN_CACHE_FILES = 24  # the newest are kept (2-8 MB each)
+MAX_DRAWN_IMAGES = 1000  # a cached file with more (or of another shape) is not ours: drawn again
+
+
+def _cached_pixels(kind: str, seed: int, size: int, lesions: np.ndarray | None) -> np.ndarray:
+    path = DRAWN_CACHE / f"{_drawing_digest(kind, seed, size, lesions)}.npy"
+    if (pixels := _read_drawn(path, size)) is not None:
+        return pixels
+    pixels = model_pixels(images_of(kind, seed, np.empty((0, size, size, 3), np.uint8) if lesions is None else lesions), size)
+    with contextlib.suppress(OSError):  # an unwritable cache costs only time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        with partial.open("wb") as file:
+            np.save(file, pixels, allow_pickle=False)
+        partial.replace(path)  # whole or absent, whoever reads it
+        for stale in sorted(path.parent.glob("*.npy"), key=lambda file: file.stat().st_mtime)[:-DRAWN_CACHE_FILES]:
+            stale.unlink(missing_ok=True)
     return pixels
+
+
+def _read_drawn(path: Path, size: int) -> np.ndarray | None:
+    """The pixels cached at `path`, or None when there are none of the right shape and type."""
+    try:
+        with path.open("rb") as file:
+            if np.lib.format.read_magic(file) != (1, 0):  # what np.save writes for these
+                return None
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+            if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1:] != (size, size, 3) \
+                    or not 0 < shape[0] <= MAX_DRAWN_IMAGES:
+                return None
+            file.seek(0)
+            return np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+@functools.cache
+def _code_digest() -> bytes:
+    from importlib.metadata import version
+
+    from skin_ray import preprocess
+
+    digest = hashlib.sha256()
+    for module in (__file__, preprocess.__file__):
+        digest.update(Path(module).read_bytes())
+    for package in ("numpy", "pillow", "matplotlib", "scikit-image"):
+        digest.update(f"{package}=={version(package)}".encode())
+    return digest.digest()
+
+
+def _drawing_digest(kind: str, seed: int, size: int, lesions: np.ndarray | None) -> str:
+    digest = hashlib.sha256(_code_digest() + f"{kind}|{seed}|{size}".encode())
+    if lesions is not None:
+        digest.update(f"{lesions.dtype.str}{lesions.shape}".encode() + np.ascontiguousarray(lesions).tobytes())
+    return digest.hexdigest()
 
 
 def model_pixels(images: list[Image.Image], size: int) -> np.ndarray:

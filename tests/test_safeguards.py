@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from skin_ray import classifier_stats, safeguards, storage
+from skin_ray import classifier_stats, gate_images, safeguards, storage
 from skin_ray.bundle import read_metadata
 from skin_ray.data import discover, split_by_content
-from skin_ray.gate_images import NOT_DERMOSCOPY, documents, images_of, model_pixels
+from skin_ray.gate_images import NOT_DERMOSCOPY, documents, model_pixels
 from skin_ray.predictor import OUT_OF_DISTRIBUTION, Predictor
 from skin_ray.preprocess import preprocess_image, to_model_input
 from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, never_fitted_kinds
@@ -19,6 +19,39 @@ def _gate_inputs(rng, n: int, shift: float = 0.0, evidence_shift: float = 0.0) -
     classes = (np.arange(n) % 2)[:, None]
     depths = (rng.normal(size=(n, 8)) + classes * 2.0 + shift, rng.normal(size=(n, 16)) + shift)
     return safeguards.GateInputs(depths, rng.normal(0.5, 0.1, (n, 10)) + evidence_shift)
+
+
+def test_drawn_kinds_are_kept_on_disk_and_drawn_again_when_the_file_is_not_theirs(tmp_path, monkeypatch):
+    """A kind drawn once is read back, not drawn; a cached file of the wrong shape is drawn over; a kind that
+    borrows lesions is kept per set of lesions; the oldest files go beyond DRAWN_CACHE_FILES."""
+    monkeypatch.setattr(gate_images, "DRAWN_CACHE", tmp_path)
+    monkeypatch.setattr(gate_images, "NOT_DERMOSCOPY", {  # two quick kinds, one borrowing lesions
+        "noise and flat colours": gate_images.NOT_DERMOSCOPY["noise and flat colours"],
+        "clinical photographs of skin": lambda rng, lesions: gate_images.clinical_photographs(rng, lesions, count=3),
+    })
+    lesions = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    drawn = gate_images.not_dermoscopy_pixels(32, lesions, seed=3)
+    files = sorted(tmp_path.glob("*.npy"))
+    assert len(files) == len(gate_images.NOT_DERMOSCOPY)
+
+    def not_drawn(*args):
+        raise AssertionError("drawn although cached")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gate_images, "images_of", not_drawn)
+        again = gate_images.not_dermoscopy_pixels(32, lesions, seed=3)
+    assert all(np.array_equal(again[kind], drawn[kind]) for kind in drawn)
+
+    np.save(files[0], np.zeros((2, 16, 16, 3), np.uint8))  # not a kind at 32 pixels: drawn again, and rewritten
+    files[1].write_bytes(b"not an array")
+    assert all(np.array_equal(pixels, drawn[kind]) for kind, pixels in gate_images.not_dermoscopy_pixels(32, lesions, 3).items())
+    assert all(np.load(file).shape[1:] == (32, 32, 3) for file in files[:2])
+
+    gate_images.not_dermoscopy_pixels(32, lesions[::-1].copy(), seed=3)  # only the clinical photographs are new
+    assert len(list(tmp_path.glob("*.npy"))) == len(gate_images.NOT_DERMOSCOPY) + len(gate_images.BORROWS_LESIONS)
+    monkeypatch.setattr(gate_images, "DRAWN_CACHE_FILES", 2)
+    gate_images.not_dermoscopy_pixels(32, lesions[1:].copy(), seed=3)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
 def test_gate_keeps_the_chosen_share_of_validation_and_refuses_kinds_left_out_of_its_fit():
@@ -104,18 +137,21 @@ REFUSED_AT_LEAST = {
 
 
 @pytest.fixture(scope="module")
-def not_dermoscopy() -> dict[str, list]:
+def not_dermoscopy(shipped) -> dict[str, np.ndarray]:
+    """Each kind as the shipped network's input pixels (the kinds gates are fitted against kept by gate_images)."""
+    size = shipped.metadata.image_size
     rng = np.random.default_rng(7)
     lesions = np.stack([np.asarray(lesion_image("Non_Cancer", rng, size=170)) for _ in range(8)])
-    return {**{kind: images_of(kind, 7, lesions) for kind in NOT_DERMOSCOPY}, **never_fitted_kinds(rng)}
+    never_fitted = {kind: model_pixels(images, size) for kind, images in never_fitted_kinds(rng).items()}
+    return {**gate_images.not_dermoscopy_pixels(size, lesions, seed=7), **never_fitted}
 
 
 @pytest.mark.parametrize("kind", list(REFUSED_AT_LEAST))
 def test_shipped_gate_refuses_images_that_are_not_dermoscopy(shipped, not_dermoscopy, kind):
-    images = not_dermoscopy[kind]
-    records = shipped.records(to_model_input(model_pixels(images, shipped.metadata.image_size)))
+    pixels = not_dermoscopy[kind]
+    records = shipped.records(to_model_input(pixels))
     refused = np.mean([record["error_reason"] == OUT_OF_DISTRIBUTION for record in records])
-    assert refused >= REFUSED_AT_LEAST[kind], f"{kind}: only {refused:.0%} of {len(images)} refused"
+    assert refused >= REFUSED_AT_LEAST[kind], f"{kind}: only {refused:.0%} of {len(pixels)} refused"
 
 
 def test_shipped_gate_records_how_it_does_on_each_kind_it_is_fitted_against():
