@@ -260,7 +260,7 @@ def _cached_pixels(kind: str, seed: int, size: int, lesions: np.ndarray | None) 
         with partial.open("wb") as file:
             np.save(file, pixels, allow_pickle=False)
         partial.replace(path)  # whole or absent, whoever reads it
-        for stale in sorted(path.parent.glob("*.npy"), key=lambda file: file.stat().st_mtime)[:-DRAWN_CACHE_FILES]:
+        for stale in sorted(path.parent.glob("*.npy"), key=lambda cached: cached.stat().st_mtime)[:-DRAWN_CACHE_FILES]:
             stale.unlink(missing_ok=True)
     return pixels
 
