@@ -21,6 +21,7 @@ from skin_ray.finalize import bundle_split, split_pixel_datasets
 from skin_ray.onnx_analysis import OPSET, RUNTIME, export_analysis, onnx_forward
 from skin_ray.predictor import Analyser, Decisions, Predictor
 from skin_ray.preprocess import to_model_input
+from skin_ray.safeguards import distance_to_threshold
 from skin_ray.scoring import scored_batches
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ BOUNDS = {
 # Cancer probabilities this close count as equal when ranking: a few float32 steps (one is 6e-8 near 1), so that
 # ties broken by rounding, common where a network saturates, are not taken for a change of ranking.
 ROUNDING_NOISE = 1e-6
-# The decision figures leave out the cases a cut was placed between (`cut_cases`): fitted on this very split, the
-# threshold, the margin and the gate's threshold each lie half a gap from two of its cases, a gap that can be a few
-# millionths (seen: a 2-epoch bundle's threshold 1.5e-6 from a case, whose label a runtime 2e-5 off flipped: one
-# image of 49, "2% of labels"). A new image is no likelier to land there than anywhere else.
 CPU_FEATURES: list[str] = []  # ONNX Runtime's float32 kernels choose among SSE, AVX2 and AVX-512 as they run
 
 
@@ -101,13 +98,16 @@ def describe_runtime(graph: bytes, model_sha256: str, figures: dict) -> dict:
 def cut_cases(predictor: Predictor, decided: Decisions) -> np.ndarray:
     """Which of the images `predictor` `decided` on are nearest, on either side, to one of its bundle's cuts: the
     threshold (on the Cancer probability), the uncertainty margin (on the log-odds' distance to the threshold's)
-    and the input gate's threshold (on its score)."""
-    threshold = predictor.metadata.threshold
+    and the input gate's threshold (on its score).
+
+    The decision figures leave these out: fitted on this very split, each cut lies half a gap from two of its
+    cases, a gap that can be a few millionths (seen: a 2-epoch bundle's threshold 1.5e-6 from a case, whose label
+    a runtime 2e-5 off flipped: one image of 49, "2% of labels"). A new image is no likelier to land there."""
     cases = nearest_each_side(decided.p_cancer, decided.cancer)
     if decided.refused is not None:
         cases |= nearest_each_side(decided.ood_score, decided.refused)
     if predictor.metadata.uncertainty is not None:
-        distance = np.abs(classifier_stats.log_odds(decided.p_cancer) - classifier_stats.log_odds(threshold))
+        distance = distance_to_threshold(decided.p_cancer, predictor.metadata.threshold)
         cases |= nearest_each_side(-distance, distance < predictor.metadata.uncertainty["margin"])
     return cases
 

@@ -250,7 +250,7 @@ def _beyond_one_distance(inside: np.ndarray, distances: int, per_signal: int = 1
 
 def uncertainty_margin(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, members_disagree: np.ndarray) -> float:
     """The smallest log-odds margin around the threshold leaving certain predictions CERTAIN_ACCURACY accurate."""
-    distance = np.abs(classifier_stats.log_odds(p_cancer) - classifier_stats.log_odds(threshold))
+    distance = distance_to_threshold(p_cancer, threshold)
     correct = (p_cancer >= threshold) == (y_true == 1)
     for margin in np.unique(np.concatenate([[0.0], distance])):
         certain = (distance >= margin) & ~members_disagree
@@ -260,7 +260,12 @@ def uncertainty_margin(y_true: np.ndarray, p_cancer: np.ndarray, threshold: floa
 
 
 def is_uncertain(p_cancer: np.ndarray, threshold: float, margin: float, members_disagree: np.ndarray) -> np.ndarray:
-    return (np.abs(classifier_stats.log_odds(p_cancer) - classifier_stats.log_odds(threshold)) < margin) | members_disagree
+    return (distance_to_threshold(p_cancer, threshold) < margin) | members_disagree
+
+
+def distance_to_threshold(p_cancer: np.ndarray, threshold: float) -> np.ndarray:
+    """What the uncertainty margin is measured on: each calibrated log-odds' distance to the threshold's."""
+    return np.abs(classifier_stats.log_odds(p_cancer) - classifier_stats.log_odds(threshold))
 
 
 def members_disagree(member_cancer: np.ndarray | None, threshold: float, count: int) -> np.ndarray:
