@@ -27,6 +27,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance, response_schema_conformance, status_code_conformance
 
 from skin_ray.config import ServeSettings
+from skin_ray.optimize import BOUNDS
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
 from skin_ray.record import RECORD_FIELDS
@@ -34,6 +35,10 @@ from skin_ray.serve import app_builder
 from skin_ray.serve.backends import LoadedModel, swap_in_place
 from skin_ray.serve.deployments import Ingress, SkinModel
 from skin_ray.testing import encode, free_port, lesion_image, steady_load, wait_healthy
+
+# How far one image's probability may move when the same network sees it in a batch of another size: the bound the
+# project allows any runtime (oneDNN chooses kernels by batch shape; on an AVX-512 CPU they moved up to 1.6e-4).
+OTHER_BATCH_ATOL = BOUNDS["max_abs_dp"]
 
 APP = "skin-ray-test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +228,7 @@ def test_served_probabilities_equal_the_predictor_on_the_same_files(request, lay
             )
 
     served = [response.json()["cancer_probability"] for response in asyncio.run(concurrently())]
-    np.testing.assert_allclose(served, expected, atol=1e-5)
+    np.testing.assert_allclose(served, expected, atol=OTHER_BATCH_ATOL)
 
 
 SPLIT_INGRESS_IMPORTS = """
@@ -1076,7 +1081,7 @@ def test_the_open_inference_protocol_with_tritons_and_kserves_own_clients(
 
         for images, binary in ((files[:1], True), (files, True), (files[:1], False), (files, False)):
             answer = triton_infer(images, binary, version="stable")
-            np.testing.assert_allclose(answer["probabilities"], expected[: len(images)], atol=1e-5)
+            np.testing.assert_allclose(answer["probabilities"], expected[: len(images)], atol=OTHER_BATCH_ATOL)
             assert answer["response"]["id"] == "r1" and answer["response"]["model_version"] == "untrained-test"
             labels = {label.decode() if isinstance(label, bytes) else label for label in answer["label"].reshape(-1)}
             assert labels <= {"Cancer", "Non_Cancer"}
@@ -1097,7 +1102,7 @@ def test_the_open_inference_protocol_with_tritons_and_kserves_own_clients(
         answer, checks = asyncio.run(kserve_infer())
         assert checks == (True, True, True) and answer.id == "k1"
         by_name = {output.name: output for output in answer.outputs}
-        np.testing.assert_allclose(by_name["probabilities"].as_numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(by_name["probabilities"].as_numpy(), expected, atol=OTHER_BATCH_ATOL)
         for path, model in (("/v2/health/live", LiveResponse), ("/v2/health/ready", ReadyResponse),
                             ("/v2/models/skin-ray/versions/canary/ready", ModelReadyResponse)):
             _validated(model, client.get(f"/protocol{path}").json())
@@ -1108,7 +1113,7 @@ def test_the_open_inference_protocol_with_tritons_and_kserves_own_clients(
             "outputs": [{"name": "probabilities"}]})
         assert by_pixels.status_code == 200
         probabilities = _validated(InferenceResponse, by_pixels.json())["outputs"][0]["data"]
-        np.testing.assert_allclose(np.reshape(probabilities, (2, 2)), expected[:2], atol=1e-5)
+        np.testing.assert_allclose(np.reshape(probabilities, (2, 2)), expected[:2], atol=OTHER_BATCH_ATOL)
 
         bad_image = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
                                  "data": [base64.b64encode(files[0]).decode(), base64.b64encode(b"not an image").decode()]}]}
