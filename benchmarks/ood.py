@@ -35,10 +35,7 @@ from skin_ray.predictor import Predictor  # noqa: E402
 from skin_ray.preprocess import to_model_input  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
 from skin_ray.safeguards import GATE_TPR, ClassDistance, GateInputs, fit_input_gate  # noqa: E402
-from skin_ray.testing import (
-    Locations,  # noqa: E402
-    never_fitted_kinds,  # noqa: E402
-)
+from skin_ray.testing import never_fitted_kinds  # noqa: E402
 
 
 def wilson(share: float, n: int) -> list[float]:
@@ -83,14 +80,14 @@ class PreviousGate:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle (default: the shipped one)")
-    parser.add_argument("--data", default=str(Locations.from_environment().data), help="labelled image tree (SKIN_RAY_DATA)")
+    parser.add_argument("--data", nargs="+", help="the bundle's labelled image trees, if they moved since it was trained")
     args = parser.parse_args()
     init_ray()
     predictor = Predictor.from_bundle(args.bundle)
     gate, metadata, model = predictor.bundle.gate, predictor.metadata, predictor.bundle.model
     if gate is None:
         raise SystemExit(f"{predictor.bundle.uri} has no input gate; run `skin-ray fit-safeguards` on it first")
-    split, _ = bundle_split(metadata, predictor.bundle.uri, args.data)
+    split = bundle_split(predictor.bundle, args.data)
     inputs = safeguard_inputs(model, metadata.positive_index, *split_pixel_datasets(split, metadata.input_spec))
     members = max(1, sum(layer.name.startswith("member_") for layer in model.layers))
     before = PreviousGate(inputs.dermoscopy, inputs.train_labels, inputs.groups, inputs.validation, members)

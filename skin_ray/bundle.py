@@ -51,11 +51,12 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 METADATA_FILE = "bundle.json"
 TRAIN_DIGESTS_FILE = "train_images.sha256"
+VALIDATION_DIGESTS_FILE = "validation_images.sha256"
 GATE_FILE = "input_gate.npz"
 DRIFT_FILE = "drift_reference.npz"
 ANALYSIS_FILE = "analysis.onnx"
 # All a bundle may hold: what loading fetches.
-BUNDLE_FILES = (MODEL_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, GATE_FILE, DRIFT_FILE, ANALYSIS_FILE)
+BUNDLE_FILES = (MODEL_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, VALIDATION_DIGESTS_FILE, GATE_FILE, DRIFT_FILE, ANALYSIS_FILE)
 DEFAULT_BUNDLE = str(Path(__file__).parent / "bundles" / "default")
 
 
@@ -103,7 +104,7 @@ class BundleMetadata:
 
 def describe_bundle(
     model: keras.Model, arch: str, split, threshold: float, target_sensitivity: float, bundle_metrics: dict,
-    training: dict, source: str,
+    training: dict,
 ) -> BundleMetadata:
     """The bundle.json of a calibrated model trained on `split` (a `skin_ray.data.Split`); its version names
     the architecture, the day and the weights."""
@@ -118,13 +119,7 @@ def describe_bundle(
         target_sensitivity=target_sensitivity,
         metrics=bundle_metrics,
         training=training,
-        data={
-            "source": source,
-            "fingerprint": split.fingerprint,
-            "train": split.train.class_counts(),
-            "validation": split.validation.class_counts(),
-            "skipped": len(split.skipped),
-        },
+        data=split.describe(),
         input_size=input_size,
         preprocessing=preprocessing_id(input_size[0]),
     )
@@ -136,6 +131,7 @@ class Bundle:
     metadata: BundleMetadata
     uri: str
     train_digests: frozenset[str] = frozenset()  # empty when the bundle does not record them
+    validation_digests: frozenset[str] = frozenset()  # likewise; recorded since splits are grouped by lesion
     gate: InputGate | None = None
     drift: DriftReference | None = None
     model_sha256: str = ""  # of model.keras as loaded: a runtime records the model it was exported from
@@ -143,13 +139,16 @@ class Bundle:
 
 
 def save_bundle(
-    model: keras.Model, metadata: BundleMetadata, uri: str, train_digests: tuple[str, ...] = (),
+    model: keras.Model, metadata: BundleMetadata, uri: str, digests: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
     gate: InputGate | None = None, drift: DriftReference | None = None,
 ) -> None:
+    """Write a bundle; `digests`, the content hashes of its training and validation images, record its split, so
+    that later commands find it again without re-deriving the grouping."""
     with tempfile.TemporaryDirectory() as staging:
         model.save(Path(staging, MODEL_FILE))
-        if train_digests:
-            Path(staging, TRAIN_DIGESTS_FILE).write_text("".join(f"{digest}\n" for digest in sorted(train_digests)))
+        for name, recorded in zip((TRAIN_DIGESTS_FILE, VALIDATION_DIGESTS_FILE), digests, strict=True):
+            if recorded:
+                Path(staging, name).write_text("".join(f"{digest}\n" for digest in sorted(recorded)))
         _write_description(staging, metadata, gate, drift)
         storage.upload_dir(staging, uri)
 
@@ -265,8 +264,10 @@ def _load_local(directory: str, uri: str, safeguards: bool) -> Bundle:
     model = keras.saving.load_model(Path(directory, MODEL_FILE), compile=False, safe_mode=True)
     if list(model.input_shape[1:]) != metadata.input_size:
         raise BundleError(f"{uri}: its network takes {model.input_shape[1:]} inputs, its bundle.json says {metadata.input_size}")
-    digests_path = Path(directory, TRAIN_DIGESTS_FILE)
-    train_digests = frozenset(digests_path.read_text().split()) if digests_path.is_file() else frozenset()
+    train_digests, validation_digests = (
+        frozenset(Path(directory, name).read_text().split()) if Path(directory, name).is_file() else frozenset()
+        for name in (TRAIN_DIGESTS_FILE, VALIDATION_DIGESTS_FILE)
+    )
     gate = None
     if safeguards and metadata.input_gate is not None:
         if not Path(directory, GATE_FILE).is_file():
@@ -286,5 +287,6 @@ def _load_local(directory: str, uri: str, safeguards: bool) -> Bundle:
         drift = _drift_reference(Path(directory, DRIFT_FILE).read_bytes(), metadata, uri)
     graph_path = Path(directory, ANALYSIS_FILE)
     graph = graph_path.read_bytes() if metadata.runtime is not None and graph_path.is_file() else None
-    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests, gate=gate, drift=drift,
+    return Bundle(model=model, metadata=metadata, uri=uri, train_digests=train_digests,
+                  validation_digests=validation_digests, gate=gate, drift=drift,
                   model_sha256=hashlib.sha256(model_bytes).hexdigest(), analysis_graph=graph)

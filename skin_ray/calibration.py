@@ -16,10 +16,12 @@ from skin_ray.preprocess import to_model_input
 from skin_ray.scoring import cancer_scores
 
 
-def calibrate(model, positive_index: int, validation, rule: ThresholdSettings) -> tuple[float, dict]:
+def calibrate(model, positive_index: int, validation, rule: ThresholdSettings, sources=None) -> tuple[float, dict]:
     """Calibrate `model` (whose class `positive_index` is Cancer) in place on `validation` (a materialized
     `pixel_dataset`, so every pass reads its rows in the same order); return the threshold `rule` chooses on it
-    and the bundle's metrics (with `threshold_rule`: what the threshold promises on new images, and its cost)."""
+    and the bundle's metrics (with `threshold_rule`: what the threshold promises on new images, and its cost).
+    With `sources` (each row's data source, in row order) from more than one source, the threshold is lowered
+    where needed for every source to keep the target sensitivity on its own validation cases."""
     import tensorflow as tf
 
     network = tf.function(lambda images: model(images, training=False))
@@ -32,6 +34,11 @@ def calibrate(model, positive_index: int, validation, rule: ThresholdSettings) -
     threshold, threshold_rule = classifier_stats.threshold_keeping_sensitivity(
         y_true, p_cancer, rule.target_sensitivity, rule.sensitivity_confidence
     )
+    if sources is not None and len(set(sources)) > 1:
+        overall = threshold
+        threshold, threshold_rule["within_sources"] = classifier_stats.threshold_within_strata(
+            y_true, p_cancer, sources, rule.target_sensitivity, threshold)
+        threshold_rule["lowered_from"] = overall if threshold < overall else None
     summary = classifier_stats.summary(y_true, p_cancer, threshold)
     summary.update(
         ece_uncalibrated=classifier_stats.expected_calibration_error(y_true, p_raw),

@@ -227,6 +227,22 @@ def threshold_keeping_sensitivity(
     }
 
 
+def threshold_within_strata(
+    y_true: np.ndarray, p_cancer: np.ndarray, strata, target: float, threshold: float
+) -> tuple[float, dict]:
+    """`threshold`, lowered where needed so that every stratum (a data source) with Cancer cases keeps at least
+    `target` sensitivity on its own cases: a model can meet a promise overall by one source's easy cancers while
+    missing another's. Returns the threshold and, per stratum, its cases and the threshold it alone would take."""
+    y_true, p_cancer, strata = np.asarray(y_true).astype(bool), np.asarray(p_cancer), np.asarray(strata, dtype=str)
+    per_stratum = {}
+    for stratum in sorted(set(strata[y_true].tolist())):
+        positives = np.sort(p_cancer[y_true & (strata == stratum)])[::-1]
+        own = below(positives[max(1, math.ceil(target * len(positives))) - 1], p_cancer)  # between two of all cases
+        per_stratum[stratum] = {"cancers": len(positives), "exact_fit_threshold": own}
+        threshold = min(threshold, own)
+    return float(threshold), per_stratum
+
+
 def summary(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float) -> dict[str, float | int | tuple[float, float]]:
     """The headline figures at `threshold`: n, accuracy, roc_auc (with its 95% interval), sensitivity,
     specificity, ece."""
@@ -243,6 +259,37 @@ def summary(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float) -> dict[
         "ece": expected_calibration_error(y_true, p_cancer),
         **counts,
     }
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share `successes`/`n` (nan, nan without cases)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    share = successes / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def by_group(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, values) -> dict[str, dict]:
+    """The figures of each group of images (`values`, one per image: a source, a diagnosis, a sex): its size,
+    sensitivity and specificity at `threshold` with 95% Wilson intervals, and its ROC AUC where it has both classes."""
+    y_true, p_cancer, values = np.asarray(y_true).astype(bool), np.asarray(p_cancer), np.asarray(values, dtype=str)
+    figures = {}
+    for value in sorted(set(values.tolist())):
+        chosen = values == value
+        truth, called = y_true[chosen], p_cancer[chosen] >= threshold
+        cancers, benign = int(truth.sum()), int((~truth).sum())
+        detected, cleared = int((called & truth).sum()), int((~called & ~truth).sum())
+        figures[value or "(none)"] = {
+            "n": int(chosen.sum()), "cancers": cancers,
+            "sensitivity": detected / cancers if cancers else None,
+            "sensitivity_ci95": wilson_interval(detected, cancers) if cancers else None,
+            "specificity": cleared / benign if benign else None,
+            "specificity_ci95": wilson_interval(cleared, benign) if benign else None,
+            "roc_auc": roc_auc(truth.astype(np.int64), p_cancer[chosen]) if cancers and benign else None,
+        }
+    return figures
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

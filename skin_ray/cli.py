@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from types import UnionType
-from typing import Literal, NamedTuple, Union, get_args, get_origin
+from typing import Annotated, Literal, NamedTuple, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -45,6 +45,8 @@ def _add_settings(parser, settings: type[BaseModel], positional: tuple[str, ...]
         annotation, help_text = field.annotation, field.description
         if get_origin(annotation) in (Union, UnionType):  # `str | None`: the flag takes a str
             annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+        if get_origin(annotation) is Annotated:  # a type with its validators: the flag takes the type
+            annotation = get_args(annotation)[0]
         many = get_origin(annotation) is list
         kind = get_args(annotation)[0] if many else str if get_origin(annotation) is dict else annotation  # a dict: its text
         choices = get_args(kind) if get_origin(kind) is Literal else None

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from skin_ray.preprocess import IMAGE_SIZE, InputSpec
 
@@ -107,13 +107,36 @@ class TrainingRecipe(ThresholdSettings):
         return self
 
 
+# Data trees, one or more: a single one (as YAML and keywords named it before several were taken) is a list of one.
+DataTrees = Annotated[list[str], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
+
+
+def _moved_data_field():
+    return Field(None, description="the bundle's labelled image trees, in the order it recorded them, if they moved "
+                 "since it was trained")
+
+
 class TrainSettings(TrainingRecipe):
     """`skin-ray train`."""
 
-    data: str = Field(description="labelled image tree: a directory or s3://bucket/prefix with Cancer/ and Non_Cancer/")
+    data: DataTrees = Field(description="labelled image trees, one or more: directories or s3://bucket/prefix, each with "
+                            "Cancer/ and Non_Cancer/; their images are read as one set")
     output: str = Field(description="where to write the bundle (directory or s3:// prefix)")
-    validation_fraction: float = Field(0.2, gt=0, lt=1, description="share of distinct images held out, chosen by content hash")
+    metadata: list[str] = Field([], description="CSV tables of per-image metadata, as ROOT=TABLE (the table's `file`, "
+                                "`relpath` or `path` column is relative to ROOT, one of the data trees) or TABLE inside "
+                                "its tree; their group column keeps a lesion's images on one side of the split")
+    group_column: str = Field("lesion_id", min_length=1, description="the metadata column naming each image's lesion "
+                              "(or any group that must not straddle the split)")
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="share of groups (lesions; without metadata, distinct "
+                                       "images) held out, chosen by digest")
     subset: str | None = Field(None, description="train only on images inside sub-folders of this name, e.g. Training")
+
+    @field_validator("data")
+    @classmethod
+    def _some_data(cls, data: list[str]) -> list[str]:
+        if not data:
+            raise ValueError("name at least one labelled image tree")
+        return data
 
 
 class DistillSettings(TrainingRecipe):
@@ -124,7 +147,7 @@ class DistillSettings(TrainingRecipe):
     input_size: int | None = Field(None, ge=32, description="the student's input size: the teacher's (the default), "
                                    "since both see the same augmented images")
     output: str = Field(description="where to write the bundle (directory or s3:// prefix)")
-    data: str | None = Field(None, description="the teacher's labelled image tree, if it moved since it was trained")
+    data: DataTrees | None = _moved_data_field()
     temperature: float = Field(
         2.0, gt=0, description="softens the teacher's and the student's probabilities in the distillation loss"
     )
@@ -138,7 +161,7 @@ class EnsembleSettings(ThresholdSettings):
 
     members: list[str] = Field(description="two or more bundles (directories or s3:// prefixes)")
     output: str = Field(description="where to write the ensemble bundle")
-    data: str | None = Field(None, description="the members' labelled image tree, if it moved since they were trained")
+    data: DataTrees | None = _moved_data_field()
 
     @field_validator("members")
     @classmethod
@@ -154,20 +177,21 @@ class FitSafeguardsSettings(Settings):
     bundle: str = Field(
         description="bundle directory or s3:// prefix, rewritten in place (bundle.json, input_gate.npz, drift_reference.npz)"
     )
-    data: str | None = Field(None, description="the bundle's labelled image tree, if it moved since it was trained")
+    data: DataTrees | None = _moved_data_field()
 
 
 class OptimizeSettings(Settings):
     """`skin-ray optimize`."""
 
     bundle: str = Field(description="bundle directory or s3:// prefix, rewritten in place (bundle.json, analysis.onnx)")
-    data: str | None = Field(None, description="the bundle's labelled image tree, if it moved since it was trained")
+    data: DataTrees | None = _moved_data_field()
 
 
 class EvaluateSettings(Settings):
     """`skin-ray evaluate`."""
 
-    data: str = Field(description="labelled image tree (directory or s3:// prefix)")
+    data: DataTrees = Field(description="labelled image trees, one or more (directories or s3:// prefixes), scored as one "
+                            "set; with several, the summary also has each tree's figures (`by_source`)")
     bundle: str | None = _bundle_field()
     report: str | None = Field(None, description="directory for summary.json, roc.png, confusion.png and calibration.png")
     subset: str | None = Field(None, description="evaluate only images inside sub-folders of this name, e.g. Testing")

@@ -6,20 +6,25 @@ A labelled tree has one folder per class, named after the class, locally or unde
     ROOT/Non_Cancer/*.jpg                      ROOT/Non_Cancer/Training/*.jpg, ...
 
 Images are found recursively below each class folder; `subset="Training"` keeps only files inside a
-sub-folder of that name. The validation split is decided by each file's content hash, so identical images
-(the data set has some) always land on the same side and the split never changes between runs.
+sub-folder of that name. Several roots can be read as one set (`discover_sources`), each with metadata tables
+(skin_ray.grouping). The validation split keeps each group together (one lesion, one photograph, equal content;
+skin_ray.grouping) and decides each group's side by a digest, so the split never changes between runs; without
+tables every image is its own group, decided by its content hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import ray
 
 from skin_ray import storage
+from skin_ray.grouping import group_images, read_table, table_argument
 from skin_ray.preprocess import IMAGE_SUFFIXES, ImageDecodeError, InputSpec, image_megapixels, to_model_input
 
 logger = logging.getLogger(__name__)
@@ -28,13 +33,23 @@ CLASS_NAMES = ("Cancer", "Non_Cancer")  # output-index order; the bundle records
 POSITIVE_CLASS = "Cancer"
 
 
+class Origin(NamedTuple):
+    """Where an image was found: its data root, its path relative to that root, and its metadata tables' row."""
+
+    root: str
+    relative: str
+    attributes: dict[str, str]
+
+
 @dataclass(frozen=True)
 class LabelledImages:
-    """Image URIs with their class indices into `class_names`."""
+    """Image URIs with their class indices into `class_names`, and where each was found."""
 
     paths: list[str]
     labels: list[int]
     class_names: tuple[str, ...] = CLASS_NAMES
+    origins: list[Origin] = field(default_factory=list)  # empty: not recorded
+    tables: tuple[dict, ...] = ()  # the metadata tables read (`MetadataTable.describe`)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -50,7 +65,16 @@ class LabelledImages:
 
     def select(self, mask) -> LabelledImages:
         keep = np.flatnonzero(np.asarray(mask))
-        return LabelledImages([self.paths[i] for i in keep], [self.labels[i] for i in keep], self.class_names)
+        return LabelledImages([self.paths[i] for i in keep], [self.labels[i] for i in keep], self.class_names,
+                              [self.origins[i] for i in keep] if self.origins else [], self.tables)
+
+    def sources(self) -> list[str]:
+        """The data root each image was found under ("" where not recorded)."""
+        return [origin.root for origin in self.origins] if self.origins else [""] * len(self)
+
+    def attribute(self, name: str) -> list[str]:
+        """Each image's value of a metadata column ("" where its tables have none)."""
+        return [origin.attributes.get(name, "") for origin in self.origins] if self.origins else [""] * len(self)
 
 
 def discover(root: str, class_names: tuple[str, ...] = CLASS_NAMES, subset: str | None = None) -> LabelledImages:
@@ -61,7 +85,7 @@ def discover(root: str, class_names: tuple[str, ...] = CLASS_NAMES, subset: str 
         raise FileNotFoundError(
             f"{root} must hold one folder per class {list(class_names)}; missing {missing} (found {found_dirs})"
         )
-    paths, labels = [], []
+    paths, labels, origins = [], [], []
     for index, name in enumerate(class_names):
         class_root = storage.join(root, name)
         for path in storage.list_files(class_root, IMAGE_SUFFIXES):
@@ -69,9 +93,32 @@ def discover(root: str, class_names: tuple[str, ...] = CLASS_NAMES, subset: str 
             if subset is None or subset in relative_parts:
                 paths.append(path)
                 labels.append(index)
+                origins.append(Origin(root, "/".join([name, *relative_parts, path.rsplit("/", 1)[-1]]), {}))
     if not paths:
         raise FileNotFoundError(f"no images found below {root}" + (f" in sub-folders named {subset!r}" if subset else ""))
-    return LabelledImages(paths, labels, tuple(class_names))
+    return LabelledImages(paths, labels, tuple(class_names), origins)
+
+
+def discover_sources(roots: Sequence[str], metadata: Sequence[str] = (), class_names: tuple[str, ...] = CLASS_NAMES,
+                     subset: str | None = None) -> LabelledImages:
+    """Every image below each of `roots` (as `discover`), with the rows of the metadata tables (`ROOT=TABLE` or
+    `TABLE`, skin_ray.grouping) that name it; a table that names none of its root's images is refused, since it was
+    most likely paired with the wrong root."""
+    if len(set(roots)) != len(roots):
+        raise ValueError(f"a data root is named twice: {list(roots)}")
+    tables = [read_table(*table_argument(argument, roots)) for argument in metadata]
+    found = [discover(root, class_names, subset) for root in roots]
+    paths, labels, origins = [], [], []
+    for images in found:
+        paths += images.paths
+        labels += images.labels
+        for origin in images.origins:
+            rows = [table.rows.get(origin.relative, {}) for table in tables if table.root == origin.root]
+            origins.append(origin._replace(attributes={key: value for row in rows for key, value in row.items()}))
+    for table in tables:
+        if not any(origin.root == table.root and origin.relative in table.rows for origin in origins):
+            raise ValueError(f"metadata table {table.uri} names none of the images below {table.root}")
+    return LabelledImages(paths, labels, tuple(class_names), origins, tuple(table.describe() for table in tables))
 
 
 # What reading a file into a model input may raise; `read_error` says which reason each is.
@@ -99,6 +146,14 @@ class Split:
     fingerprint: str  # sha256 over the sorted content hashes of every usable image
     skipped: dict[str, str]  # path -> reason, for files that cannot be decoded
     train_digests: tuple[str, ...] = ()  # sorted sha256 of the training images: what a bundle was trained on
+    validation_digests: tuple[str, ...] = ()  # sorted sha256 of the validation images: what it was judged on
+    duplicates: dict[str, str] = field(default_factory=dict)  # path -> the path of the photograph it repeats; left out
+    provenance: dict = field(default_factory=dict)  # where the images came from and how they were grouped
+
+    def describe(self) -> dict:
+        """What a bundle records of its data: where, how it was grouped, how many images on each side."""
+        return {**self.provenance, "fingerprint": self.fingerprint, "train": self.train.class_counts(),
+                "validation": self.validation.class_counts(), "skipped": len(self.skipped)}
 
 
 def in_validation(sha256: str, validation_fraction: float) -> bool:
@@ -107,9 +162,56 @@ def in_validation(sha256: str, validation_fraction: float) -> bool:
     return bool(sha256) and int(sha256[:8], 16) / 2**32 < validation_fraction
 
 
-def split_by_content(images: LabelledImages, spec: InputSpec, validation_fraction: float = 0.2) -> Split:
-    """Hash and check every file in parallel, drop those that cannot become `spec`'s input, and split by content
-    hash."""
+def split_by_content(images: LabelledImages, spec: InputSpec, validation_fraction: float = 0.2,
+                     group_column: str = "lesion_id") -> Split:
+    """Hash and check every file in parallel, drop those that cannot become `spec`'s input and the repeated copies
+    of one photograph, and split by group (skin_ray.grouping): no group has images on both sides."""
+    digests, usable, skipped = _inspect(images, spec)
+    origins = images.origins or [Origin("", path, {}) for path in images.paths]
+    grouping = group_images([origin.relative for origin in origins], [origin.root for origin in origins], digests,
+                            [origin.attributes for origin in origins], group_column)
+    repeated = np.zeros(len(images), dtype=bool)
+    repeated[list(grouping.duplicates)] = True
+    validation = np.array([in_validation(key, validation_fraction) for key in grouping.keys])
+    used = usable & ~repeated
+    return Split(
+        train=images.select(used & ~validation),
+        validation=images.select(used & validation),
+        fingerprint=hashlib.sha256("\n".join(sorted(digests[used])).encode()).hexdigest(),
+        skipped=skipped,
+        train_digests=tuple(sorted(set(digests[used & ~validation]))),
+        validation_digests=tuple(sorted(set(digests[used & validation]))),
+        duplicates={images.paths[index]: images.paths[kept] for index, kept in grouping.duplicates.items()},
+        provenance={
+            "sources": list(dict.fromkeys(origin.root for origin in origins)),
+            "tables": list(images.tables),
+            "group_column": group_column if images.tables else "",
+            "groups": len({key for key, use in zip(grouping.keys, used, strict=True) if use}),
+            "duplicates_left_out": len(grouping.duplicates),
+        },
+    )
+
+
+def recorded_split(images: LabelledImages, spec: InputSpec, train_digests: frozenset[str],
+                   validation_digests: frozenset[str], provenance: dict) -> Split:
+    """The split a bundle recorded by content hash (and its `provenance`), found again in `images`: each image on
+    the side its digest was on; images on neither (repeated copies left out then, or new ones) are left out."""
+    digests, usable, skipped = _inspect(images, spec)
+    train = usable & np.isin(digests, list(train_digests))
+    validation = usable & np.isin(digests, list(validation_digests))
+    return Split(
+        train=images.select(train),
+        validation=images.select(validation),
+        fingerprint=hashlib.sha256("\n".join(sorted(digests[train | validation])).encode()).hexdigest(),
+        skipped=skipped,
+        train_digests=tuple(sorted(set(digests[train]))),
+        validation_digests=tuple(sorted(set(digests[validation]))),
+        provenance=provenance,
+    )
+
+
+def _inspect(images: LabelledImages, spec: InputSpec) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Each file's content digest and whether it becomes `spec`'s input (in parallel), and why not where not."""
     files = ray.data.from_items([{"path": p} for p in images.paths])
     files.set_name("check-images")  # what its progress line is called
     inspected = files.map_batches(_inspect_batch, batch_size=64, fn_kwargs={"spec": spec}).to_pandas()
@@ -118,15 +220,7 @@ def split_by_content(images: LabelledImages, spec: InputSpec, validation_fractio
     skipped = inspected.loc[~usable, "error"].to_dict()
     for path, reason in skipped.items():
         logger.warning("skipping %s: %s", path, reason)
-    digests = inspected["sha256"].to_numpy()
-    validation = np.array([in_validation(d, validation_fraction) for d in digests])
-    return Split(
-        train=images.select(usable & ~validation),
-        validation=images.select(usable & validation),
-        fingerprint=hashlib.sha256("\n".join(sorted(digests[usable])).encode()).hexdigest(),
-        skipped=skipped,
-        train_digests=tuple(sorted(set(digests[usable & ~validation]))),
-    )
+    return inspected["sha256"].to_numpy().astype(str), usable, skipped
 
 
 def load_images(batch: dict[str, np.ndarray], spec: InputSpec, max_bytes: int | None = None) -> dict[str, np.ndarray]:

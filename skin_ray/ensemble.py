@@ -50,7 +50,7 @@ def build_ensemble(settings: EnsembleSettings) -> BundleMetadata:
         meta = bundle.metadata
         if meta.data.get("fingerprint") != first.data.get("fingerprint") or meta.class_names != first.class_names:
             raise ValueError(f"{bundle.uri} was trained on another split or class order than {bundles[0].uri}")
-    split, source = bundle_split(first, bundles[0].uri, settings.data)
+    split = bundle_split(bundles[0], settings.data)
     model = make_ensemble([bundle.model for bundle in bundles])
     training = {
         "members": [
@@ -61,6 +61,6 @@ def build_ensemble(settings: EnsembleSettings) -> BundleMetadata:
         "validation_fraction": first.training["validation_fraction"],
         "subset": first.training.get("subset"),
     }
-    metadata, gate, drift = finalize_bundle(model, first.input_spec, split, "ensemble", settings, training, source)
-    save_bundle(model, metadata, settings.output, split.train_digests, gate, drift)
+    metadata, gate, drift = finalize_bundle(model, first.input_spec, split, "ensemble", settings, training)
+    save_bundle(model, metadata, settings.output, (split.train_digests, split.validation_digests), gate, drift)
     return metadata

@@ -12,7 +12,7 @@ import pyarrow
 
 from skin_ray import classifier_stats
 from skin_ray.config import EvaluateSettings
-from skin_ray.data import discover, image_dataset, in_validation
+from skin_ray.data import discover_sources, image_dataset, in_validation
 from skin_ray.predictor import Predictor
 from skin_ray.record import WRITERS, record_schema
 from skin_ray.scoring import scored_batches
@@ -24,12 +24,13 @@ def evaluate(settings: EvaluateSettings) -> dict:
     """Score every image below `settings.data` (decoding runs in parallel on Ray Data); return the summary
     figures.
 
-    `split="validation"` scores only the images the bundle's content-hash split holds out (on the bundle's
-    own data: exactly its validation split). Undecodable files are counted in `errors` and left out of the
-    figures; images the bundle was trained on are counted in `seen_in_training`, with a warning, because
-    they flatter it. The figures score the model on every decodable image, including those its input gate
-    would refuse (`out_of_distribution` counts them); `certain_accuracy` is the accuracy of the predictions
-    not flagged uncertain. With `report`, every image's prediction record goes to predictions.jsonl.
+    `split="validation"` scores only the images the bundle's split held out: those it recorded as its validation
+    images, or for a bundle that recorded only its training images, those its content-hash rule holds out.
+    Undecodable files are counted in `errors` and left out of the figures; images the bundle was trained on are
+    counted in `seen_in_training`, with a warning, because they flatter it. The figures score the model on every
+    decodable image, including those its input gate would refuse (`out_of_distribution` counts them);
+    `certain_accuracy` is the accuracy of the predictions not flagged uncertain. With `report`, every image's
+    prediction record goes to predictions.jsonl.
     """
     data, split = settings.data, settings.split
     predictor = Predictor.from_bundle(settings.bundle, settings.runtime)
@@ -37,7 +38,8 @@ def evaluate(settings: EvaluateSettings) -> dict:
     validation_fraction = meta.training.get("validation_fraction")
     if split == "validation" and validation_fraction is None:
         raise ValueError(f"{predictor.bundle.uri} does not record its validation split; use --split all")
-    images = discover(data, class_names=tuple(meta.class_names), subset=settings.subset)
+    images = discover_sources(data, class_names=tuple(meta.class_names), subset=settings.subset)
+    source_of = dict(zip(images.paths, images.sources(), strict=True))
     dataset = image_dataset(images, meta.input_spec)
     dataset.set_name("evaluate")  # what its progress line is called
     left_out = Counter()
@@ -49,14 +51,17 @@ def evaluate(settings: EvaluateSettings) -> dict:
         for path, reason in zip(batch["path"][~ok], batch["error"][~ok], strict=True):
             logger.warning("left out %s: %s", path, reason)
         if split == "validation":
-            in_split = np.array([in_validation(digest, validation_fraction) for digest in batch["sha256"]], dtype=bool)
+            recorded = predictor.bundle.validation_digests
+            in_split = np.array([digest in recorded if recorded else in_validation(digest, validation_fraction)
+                                 for digest in batch["sha256"]], dtype=bool)
             left_out["held_out"] += int((ok & ~in_split).sum())
             ok &= in_split
         return ok
 
-    y_true, p_cancer, records, seen = [], [], [], 0
+    y_true, p_cancer, records, sources, seen = [], [], [], [], 0
     for batch, analysis in scored_batches(dataset, predictor.analyse, keep=scored):
         seen += sum(digest in predictor.bundle.train_digests for digest in batch["sha256"])
+        sources += [source_of[path] for path in batch["path"]]
         y_true.append(batch["label"] == meta.positive_index)
         p_cancer.append(analysis.probabilities[:, meta.positive_index])
         for path, label, record in zip(
@@ -65,7 +70,8 @@ def evaluate(settings: EvaluateSettings) -> dict:
             records.append({"path": path, "true_label": meta.class_names[label], **record})
     if not records:
         raise ValueError(
-            f"no image below {data} is left to score" + (" in the bundle's validation split" if split == "validation" else "")
+            f"no image below {', '.join(data)} is left to score"
+            + (" in the bundle's validation split" if split == "validation" else "")
         )
     y_true = np.concatenate(y_true).astype(np.int64)
     p_cancer = np.concatenate(p_cancer)
@@ -81,6 +87,8 @@ def evaluate(settings: EvaluateSettings) -> dict:
     }
     if split == "validation":
         summary["not_in_validation"] = left_out["held_out"]
+    if len(data) > 1:
+        summary["by_source"] = classifier_stats.by_group(y_true, p_cancer, meta.threshold, sources)
     if seen:
         logger.warning(
             "%d of the %d images scored were in %s's training split, so these figures flatter it; "
@@ -120,7 +128,8 @@ def write_report(y_true: np.ndarray, p_cancer: np.ndarray, summary: dict, report
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     threshold = summary["threshold"]
-    data = Path(summary["data"]).name + (", its validation split" if summary["split"] == "validation" else "")
+    data = ", ".join(Path(tree).name for tree in summary["data"])
+    data += ", its validation split" if summary["split"] == "validation" else ""
     scored = f"{data}: n={summary['n']} ({summary['tp'] + summary['fn']} Cancer)\nmodel {summary['model_version']}"
 
     def save(fig, ax, title: str, name: str) -> None:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skin_ray import gate_images, safeguards
-from skin_ray.bundle import BundleMetadata, describe_bundle, load_bundle, write_safeguards
+from skin_ray import classifier_stats, gate_images, safeguards
+from skin_ray.bundle import Bundle, BundleMetadata, describe_bundle, load_bundle, write_safeguards
 from skin_ray.calibration import calibrate
 from skin_ray.config import FitSafeguardsSettings, ThresholdSettings
-from skin_ray.data import Split, discover, pixel_dataset, split_by_content
+from skin_ray.data import LabelledImages, Split, discover_sources, pixel_dataset, recorded_split, split_by_content
 from skin_ray.drift import DriftReference, Observations, image_statistics
 from skin_ray.predictor import Analyser
 from skin_ray.preprocess import InputSpec, to_model_input
@@ -25,18 +25,34 @@ logger = logging.getLogger(__name__)
 
 
 def finalize_bundle(
-    model, spec: InputSpec, split: Split, arch: str, rule: ThresholdSettings, training: dict, source: str
+    model, spec: InputSpec, split: Split, arch: str, rule: ThresholdSettings, training: dict
 ) -> tuple[BundleMetadata, InputGate, DriftReference]:
     """Calibrate `model` (which takes `spec`'s input) in place, choose its threshold by `rule`, fit its safeguards
     and drift reference, describe the bundle: what `save_bundle` then writes. Each split is decoded once, for all
     of them."""
     train, validation = split_pixel_datasets(split, spec)
     positive = split.train.positive_index
-    threshold, bundle_metrics = calibrate(model, positive, validation, rule)
-    gate, input_gate, uncertainty, drift = fit_safeguards(model, positive, train, validation, threshold)
-    metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training, source)
+    threshold, bundle_metrics = calibrate(model, positive, validation, rule, split.validation.sources())
+    inputs = safeguard_inputs(model, positive, train, validation)
+    gate, input_gate, uncertainty, drift = fit_safeguards_on(inputs, threshold)
+    bundle_metrics["validation_by"] = validation_breakdown(split.validation, inputs, threshold)
+    metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training)
     metadata.input_gate, metadata.uncertainty = input_gate, uncertainty
     return metadata, gate, drift
+
+
+BREAKDOWN_COLUMNS = ("dx",)  # metadata columns whose values get figures of their own in bundle.json (the diagnosis)
+
+
+def validation_breakdown(validation: LabelledImages, inputs: SafeguardInputs, threshold: float) -> dict:
+    """The validation figures of each data source and of each value of BREAKDOWN_COLUMNS that the tables give."""
+    order = {path: index for index, path in enumerate(validation.paths)}
+    rows = [order[path] for path in inputs.validation_paths]
+    groups = {"source": validation.sources(), **{column: validation.attribute(column) for column in BREAKDOWN_COLUMNS}}
+    return {
+        name: classifier_stats.by_group(inputs.is_cancer, inputs.p_cancer, threshold, np.asarray(values)[rows])
+        for name, values in groups.items() if any(values)
+    }
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,7 @@ class SafeguardInputs:
     outliers: GateInputs  # generated images that are not dermoscopy
     kinds: np.ndarray  # their kinds
     validation: GateInputs
+    validation_paths: np.ndarray  # the validation images, in the order of the rows below
     is_cancer: np.ndarray  # validation truth
     p_cancer: np.ndarray  # calibrated Cancer probability on validation
     member_cancer: np.ndarray | None  # members' ones (None: a single network)
@@ -87,8 +104,9 @@ def safeguard_inputs(model, positive_index: int, train, validation) -> Safeguard
             groups.append(np.arange(len(images)) + sum(len(part) for part in lesions))
         lesions.append(batch["pixels"])
     outliers, kinds = outlier_inputs(analyse, np.concatenate(lesions)[::16])
-    p_cancer, members, inputs, image, truth = [], [], [], [], []
+    p_cancer, members, inputs, image, truth, paths = [], [], [], [], [], []
     for batch, analysis in scored_batches(validation, lambda pixels: analyse(to_model_input(pixels))):
+        paths.append(batch["path"])
         p_cancer.append(analysis.probabilities[:, positive_index])
         members.append(analysis.member_cancer)
         inputs.append(analysis.gate_inputs)
@@ -96,7 +114,7 @@ def safeguard_inputs(model, positive_index: int, train, validation) -> Safeguard
         truth.append(batch["label"] == positive_index)
     return SafeguardInputs(
         GateInputs.concatenate(views), np.concatenate(labels), np.concatenate(groups), outliers, kinds,
-        GateInputs.concatenate(inputs), np.concatenate(truth), np.concatenate(p_cancer),
+        GateInputs.concatenate(inputs), np.concatenate(paths), np.concatenate(truth), np.concatenate(p_cancer),
         None if members[0] is None else np.concatenate(members),
         {name: np.concatenate([part[name] for part in image]) for name in image[0]},
     )
@@ -138,15 +156,23 @@ def split_pixel_datasets(split: Split, spec: InputSpec) -> tuple:
     return pixel_dataset(split.train, spec, in_order=True), pixel_dataset(split.validation, spec, in_order=True)
 
 
-def bundle_split(metadata: BundleMetadata, uri: str, data: str | None = None) -> tuple[Split, str]:
-    """The split the bundle at `uri` was trained and calibrated on, re-derived from `data` (by default the
-    data it was trained on), and that data's location; refused when the data's fingerprint differs."""
-    source = data or metadata.data["source"]
-    images = discover(source, class_names=tuple(metadata.class_names), subset=metadata.training.get("subset"))
-    split = split_by_content(images, metadata.input_spec, metadata.training["validation_fraction"])
+def bundle_split(bundle: Bundle, data: list[str] | None = None) -> Split:
+    """The split `bundle` was trained and calibrated on, found in `data` (by default the data trees it was trained
+    on): by the content hashes it recorded, or, for a bundle that recorded only its training images, by the
+    content-hash rule it was split by then; refused when the data's fingerprint differs."""
+    metadata = bundle.metadata
+    sources = data or metadata.data.get("sources") or [metadata.data["source"]]  # "source": one tree, before 0.2
+    images = discover_sources(sources, class_names=tuple(metadata.class_names), subset=metadata.training.get("subset"))
+    if bundle.validation_digests:
+        provenance = {key: value for key, value in metadata.data.items() if key in ("tables", "group_column", "groups",
+                                                                                     "duplicates_left_out")}
+        split = recorded_split(images, metadata.input_spec, bundle.train_digests, bundle.validation_digests,
+                               {"sources": list(sources), **provenance})
+    else:
+        split = split_by_content(images, metadata.input_spec, metadata.training["validation_fraction"])
     if split.fingerprint != metadata.data["fingerprint"]:
-        raise ValueError(f"{source} is not the data {uri} was trained on (its fingerprint differs)")
-    return split, source
+        raise ValueError(f"{', '.join(sources)} is not the data {bundle.uri} was trained on (its fingerprint differs)")
+    return split
 
 
 def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
@@ -154,7 +180,7 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     left untouched."""
     bundle = load_bundle(settings.bundle, safeguards=False)
     metadata = bundle.metadata
-    split, _ = bundle_split(metadata, settings.bundle, settings.data)
+    split = bundle_split(bundle, settings.data)
     train, validation = split_pixel_datasets(split, metadata.input_spec)
     gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards(
         bundle.model, metadata.positive_index, train, validation, metadata.threshold

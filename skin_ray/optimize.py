@@ -50,7 +50,7 @@ def optimize_bundle(settings: OptimizeSettings) -> dict:
     """Export the bundle's analysis pass, compare it with the Keras network on the bundle's validation split and,
     within `BOUNDS`, write it and its figures into the bundle; return bundle.json's `runtime`."""
     bundle = load_bundle(settings.bundle)
-    split, _ = bundle_split(bundle.metadata, settings.bundle, settings.data)
+    split = bundle_split(bundle, settings.data)
     _, validation = split_pixel_datasets(split, bundle.metadata.input_spec)
     positive = bundle.metadata.positive_index
     batches = ((images, batch["label"] == positive) for batch, images in scored_batches(validation, to_model_input))

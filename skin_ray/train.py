@@ -33,7 +33,7 @@ from ray.train.tensorflow import TensorflowTrainer
 from skin_ray import classifier_stats, storage
 from skin_ray.bundle import load_bundle, save_bundle
 from skin_ray.config import DistillSettings, TrainingRecipe, TrainSettings
-from skin_ray.data import Split, discover, pixel_dataset, split_by_content
+from skin_ray.data import Split, discover_sources, pixel_dataset, split_by_content
 from skin_ray.finalize import bundle_split, finalize_bundle
 from skin_ray.runtime import format_duration, limit_tensorflow_threads, wait_for_resources
 from skin_ray.scoring import cancer_scores
@@ -65,9 +65,9 @@ class TrainOutcome:
 
 def train(settings: TrainSettings) -> TrainOutcome:
     """Train on `settings.data`, write the bundle to `settings.output`, return its validation metrics."""
-    images = discover(settings.data, subset=settings.subset)
-    split = split_by_content(images, settings.input_spec, settings.validation_fraction)
-    return _train_on_split(settings, split, settings.data, settings.model_dump())
+    images = discover_sources(settings.data, settings.metadata, subset=settings.subset)
+    split = split_by_content(images, settings.input_spec, settings.validation_fraction, settings.group_column)
+    return _train_on_split(settings, split, settings.model_dump())
 
 
 def distill(settings: DistillSettings) -> TrainOutcome:
@@ -78,7 +78,7 @@ def distill(settings: DistillSettings) -> TrainOutcome:
     if settings.input_size not in (None, size):
         raise ValueError(f"the student sees the teacher's inputs: --input-size must be the teacher's, {size}")
     settings = settings.model_copy(update={"input_size": size})
-    split, source = bundle_split(teacher.metadata, settings.teacher, settings.data)
+    split = bundle_split(teacher, settings.data)
     record = {
         **settings.model_dump(),
         "teacher": {"uri": teacher.uri, "model_version": teacher.metadata.model_version,
@@ -87,10 +87,10 @@ def distill(settings: DistillSettings) -> TrainOutcome:
         "validation_fraction": teacher.metadata.training["validation_fraction"],
         "subset": teacher.metadata.training.get("subset"),
     }
-    return _train_on_split(settings, split, source, record)
+    return _train_on_split(settings, split, record)
 
 
-def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record: dict) -> TrainOutcome:
+def _train_on_split(settings: TrainingRecipe, split: Split, record: dict) -> TrainOutcome:
     """Train by `settings` on `split` (its teacher, if any, in `settings.teacher`), then calibrate, threshold
     and safeguard the best checkpoint and write the bundle, whose bundle.json records `record`."""
     if len(split.validation) == 0 or len(set(split.validation.labels)) < 2:
@@ -145,9 +145,9 @@ def _train_on_split(settings: TrainingRecipe, split: Split, source: str, record:
     with best.as_directory() as checkpoint_dir:
         model = _model_from_checkpoint(settings.arch, settings.input_size, checkpoint_dir)
     training = {**record, "epochs_run": len(history)}
-    metadata, gate, drift = finalize_bundle(model, settings.input_spec, split, settings.arch, settings, training, source)
+    metadata, gate, drift = finalize_bundle(model, settings.input_spec, split, settings.arch, settings, training)
     metadata.metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
-    save_bundle(model, metadata, settings.output, split.train_digests, gate, drift)
+    save_bundle(model, metadata, settings.output, (split.train_digests, split.validation_digests), gate, drift)
     return TrainOutcome(settings.output, metadata.metrics, history)
 
 

@@ -182,7 +182,8 @@ def guarded_bundle(small_input_bundle, tmp_path_factory) -> Path:
     metadata = predictor.metadata
     inputs = SafeguardInputs(
         analysis.gate_inputs.take(train), labels[train], np.arange(160), outliers, kinds, analysis.gate_inputs.take(validation),
-        labels[validation] == 0, analysis.probabilities[validation, 0], None, image,
+        np.array([f"generated/{i}.jpg" for i in range(160, len(files))]), labels[validation] == 0,
+        analysis.probabilities[validation, 0], None, image,
     )
     gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards_on(inputs, metadata.threshold)
     write_safeguards(metadata, gate, drift, str(path))

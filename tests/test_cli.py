@@ -12,7 +12,7 @@ import pytest
 
 import skin_ray
 from skin_ray import storage
-from skin_ray.bundle import GATE_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE
+from skin_ray.bundle import GATE_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, VALIDATION_DIGESTS_FILE
 from skin_ray.data import in_validation
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
@@ -154,13 +154,44 @@ def test_evaluate_prints_metrics_and_writes_plots(ray_session, lesion_tree, untr
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_path):
+def _two_roots_with_lesion_tables(lesion_tree, local, uri) -> tuple[list[str], dict[str, str]]:
+    """The lesion tree as two data roots, the first half of each class on disk and the rest under `uri` (S3), each
+    with a metadata table; the i-th image of a class in one root and in the other show one lesion. Returns the
+    `train` arguments for them and each image's lesion by content digest."""
+    lesion_of, rows = {}, {local: [["file", "lesion_id"]], uri: [["relpath", "lesion_id"]]}
+    for label in ("Cancer", "Non_Cancer"):
+        files = sorted((lesion_tree / label).glob("*.jpg"))
+        half = len(files) // 2
+        for i, path in enumerate(files):
+            root, lesion = (local, uri)[i >= half], f"les_{label}_{i % half}"
+            relative = f"{label}/{path.name}"
+            rows[root].append([relative, lesion])
+            lesion_of[hashlib.sha256(path.read_bytes()).hexdigest()] = lesion
+            storage.write_bytes(storage.join(root, relative), path.read_bytes())
+    tables = {local: f"{local}-lesions.csv", uri: storage.join(uri, "lesions.csv")}  # the first beside its root
+    for root, table in tables.items():
+        storage.write_bytes(table, "".join(",".join(row) + "\n" for row in rows[root]).encode())
+    return [local, uri, "--metadata", f"{local}={tables[local]}", "--metadata", tables[uri]], lesion_of
+
+
+def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_path, bucket):
+    """Train from two roots, one on disk and one on S3, grouped by their lesion tables; then optimize and
+    fit-safeguards find the bundle's recorded split in both roots again."""
     address = ray_session.get_runtime_context().gcs_address
+    data, lesion_of = _two_roots_with_lesion_tables(lesion_tree, str(tmp_path / "local"), f"s3://{bucket}/lesions")
     result = skin_ray_cli(
-        "train", str(lesion_tree), "--output", str(tmp_path / "bundle"), "--epochs", "2", "--workers", "1",
+        "train", *data, "--output", str(tmp_path / "bundle"), "--epochs", "2", "--workers", "1",
         "--storage-path", str(tmp_path / "runs"), "--input-size", "96", ray_address=address,
     )
     assert result.returncode == 0, result.stderr
+    described = json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["data"]
+    assert described["sources"] == data[:2] and [table["rows"] for table in described["tables"]] == [120, 120]
+    assert described["group_column"] == "lesion_id" and described["groups"] == 120
+    sides = {}
+    for name, side in ((TRAIN_DIGESTS_FILE, "train"), (VALIDATION_DIGESTS_FILE, "validation")):
+        for digest in (tmp_path / "bundle" / name).read_text().split():
+            sides.setdefault(lesion_of[digest], set()).add(side)
+    assert len(sides) == 120 and all(len(side) == 1 for side in sides.values())  # no lesion on both sides
     assert_quiet(result.stderr)
     epochs = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
     assert [line.split()[:2] for line in epochs] == [["epoch", "1/2"], ["epoch", "2/2"]], result.stderr

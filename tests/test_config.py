@@ -28,7 +28,7 @@ REQUIRED = {
 }
 # Values other than the default where one value alone would not do: two versions (the flag repeated), one
 # taking all the traffic, the other a shadow.
-OTHER_VALUES = {"bundle": ["a=/x", "--bundle", "b=/y"], "traffic": ["a=100"], "shadow": ["b=50"]}
+OTHER_VALUES = {"bundle": ["a=/x", "--bundle", "b=/y"], "traffic": ["a=100"], "shadow": ["b=50"], "metadata": ["DATA=table.csv"]}
 
 
 def test_every_command_has_settings_and_sample_arguments():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from skin_ray import storage
-from skin_ray.data import discover, image_dataset, load_images, split_by_content
+from skin_ray.data import discover, discover_sources, image_dataset, load_images, recorded_split, split_by_content
 from skin_ray.preprocess import IMAGE_SIZE, InputSpec, preprocess_image
 from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, write_lesion_tree
 
@@ -88,6 +88,39 @@ def test_split_is_deterministic_and_keeps_duplicates_together(ray_session, tmp_p
         original = copy.with_name(copy.name.removeprefix("copy_of_"))
         assert (str(copy.absolute()) in validation) == (str(original.absolute()) in validation)
     assert 0 < len(first.validation) < len(images)
+
+
+def test_two_roots_split_by_lesion_and_the_recorded_split_is_found_again(ray_session, tmp_path, flat_tree):
+    """Two roots whose tables name shared lesions and one photograph copied from the first root into the second:
+    one group per lesion across roots, the copy left out, and the bundle's record of the split finds the same
+    split; a table that names none of its root's images is refused."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(flat_tree, first)
+    shutil.copytree(flat_tree, second)
+    for path in second.glob("*/*.jpg"):  # new bytes, same lesions: a second photograph of each
+        path.write_bytes(path.read_bytes() + b"\0")
+    (second / "Cancer" / "copy.jpg").write_bytes((first / "Cancer" / "cancer_0000.jpg").read_bytes() + b"\1\1")
+    rows = "file,lesion_id,duplicate_of\n" + "".join(
+        f"{path.relative_to(second).as_posix()},les_{path.stem},\n" for path in sorted(second.glob("*/*_*.jpg")))
+    (second / "metadata.csv").write_text(rows + "Cancer/copy.jpg,,Cancer/cancer_0000.jpg\n")
+    (tmp_path / "first.csv").write_text("relpath,lesion_id\n" + "".join(
+        f"{path.relative_to(first).as_posix()},les_{path.stem}\n" for path in sorted(first.glob("*/*.jpg"))))
+    images = discover_sources([str(first), str(second)],
+                              [f"{first}=" + str(tmp_path / "first.csv"), str(second / "metadata.csv")])
+    split = split_by_content(images, SPEC, 0.3)
+    copy, original = (str(path.absolute()) for path in (second / "Cancer" / "copy.jpg", first / "Cancer" / "cancer_0000.jpg"))
+    assert split.duplicates == {copy: original}
+    assert len(split.train) + len(split.validation) == 48 and split.provenance["groups"] == 24
+    assert 0 < len(split.validation) < 48
+    for name in {Path(path).name for path in images.paths} - {"copy.jpg"}:  # both photographs of a lesion together
+        assert sum(Path(path).name == name for path in split.validation.paths) in (0, 2), name
+    assert split.describe()["sources"] == [str(first), str(second)] and len(split.describe()["tables"]) == 2
+    again = recorded_split(images, SPEC, frozenset(split.train_digests), frozenset(split.validation_digests),
+                           split.provenance)
+    assert again.validation.paths == split.validation.paths and again.fingerprint == split.fingerprint
+    (tmp_path / "elsewhere.csv").write_text("file\nCancer/elsewhere.jpg\n")
+    with pytest.raises(ValueError, match="names none of the images"):
+        discover_sources([str(first), str(second)], [f"{second}={tmp_path / 'elsewhere.csv'}"])
 
 
 def test_training_pipeline_and_predict_see_the_same_array(ray_session, flat_tree):

@@ -914,14 +914,14 @@ def _drifted(gauges: dict) -> set[str]:
 def _drift_sources(guarded_bundle) -> dict[str, tuple[str, list]]:
     """Each version served for the drift test: its bundle and the files its unchanged stream is made of. The
     shipped model's stream, its own validation images, joins when the real data is here."""
-    from skin_ray.bundle import DEFAULT_BUNDLE, read_metadata
+    from skin_ray.bundle import DEFAULT_BUNDLE, load_bundle
     from skin_ray.finalize import bundle_split
     from skin_ray.testing import REAL_DATA, guarded_bundle_lesions
 
     _, lesions = guarded_bundle_lesions(seed=11, count=DRIFT_WINDOW)
     sources = {"generated": (str(guarded_bundle), [encode(image) for image in lesions])}
     if REAL_DATA.is_dir():
-        split, _ = bundle_split(read_metadata(DEFAULT_BUNDLE), DEFAULT_BUNDLE, str(REAL_DATA))
+        split = bundle_split(load_bundle(DEFAULT_BUNDLE, safeguards=False), [str(REAL_DATA)])
         chosen = np.random.default_rng(0).choice(len(split.validation.paths), DRIFT_WINDOW, replace=False)
         sources["isic"] = (DEFAULT_BUNDLE, [Path(split.validation.paths[i]).read_bytes() for i in sorted(chosen)])
     return sources
