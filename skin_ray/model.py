@@ -12,6 +12,7 @@ import math
 from typing import get_args
 
 import keras
+import tensorflow as tf
 from keras import layers, ops
 
 from skin_ray.config import Arch
@@ -178,16 +179,48 @@ class RandomZoomOutOntoSkin(layers.Layer):
         return ops.where(applied[:, None, None, None], shrunk + (1.0 - mask) * skin, images)
 
 
+class RandomResample(layers.Layer):
+    """Take the image at a lower resolution: sample it down, then back up (bilinear), as a smaller camera would.
+
+    The training sources differ in sharpness (HAM10000's copies were upsampled from 200x150, skin_isic's made
+    from 600x450 originals) and in label mix, so sharpness alone would tell the network a label. Applied
+    alike to every image whatever its source, it leaves sharpness nothing to tell. With `probability` per
+    image; the scale of each side is drawn log-uniformly from `scale_range` once per batch (a resize has one
+    output size per batch), the two sides apart, since a squashed frame is softer along one of them.
+    """
+
+    def __init__(self, probability: float = 0.5, scale_range=(0.45, 0.9), seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.probability = probability
+        self.scale_range = tuple(scale_range)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        size = images.shape[1]
+        low, high = (math.log(s) for s in self.scale_range)
+        scales = ops.exp(keras.random.uniform((2,), low, high, seed=self.seed_generator))
+        sides = ops.cast(ops.round(scales * size), "int32")
+        # TensorFlow's resize, since Keras' wants the new size as Python ints; training runs on TensorFlow.
+        smaller = tf.image.resize(images, sides, method="bilinear", antialias=True)
+        resampled = tf.image.resize(smaller, (size, size), method="bilinear")
+        applied = keras.random.uniform((ops.shape(images)[0],), seed=self.seed_generator) < self.probability
+        return ops.where(applied[:, None, None, None], resampled, images)
+
+
 def make_augmenter(seed: int | None = None) -> keras.Sequential:
     """Training-time augmentation for dermoscopy and clinical photos.
 
-    Lesions have no canonical orientation (full-circle rotation, both flips). Other clinics take larger
+    Half the images, from every source alike, are first taken at a lower resolution. Lesions have no
+    canonical orientation (full-circle rotation, both flips). Other clinics take larger
     photos with the lesion smaller in the frame and use other cameras, so half the images are zoomed out
     onto plain skin (down to 35% of the frame), all are zoomed a little and translated, and colour,
     contrast and focus are jittered.
     """
     return keras.Sequential(
         [
+            RandomResample(probability=0.5, scale_range=(0.45, 0.9), seed=seed),
             RandomZoomOutOntoSkin(probability=0.5, scale_range=(0.35, 1.0), seed=seed),
             layers.RandomFlip("horizontal_and_vertical", seed=seed),
             layers.RandomRotation(1.0, fill_mode="reflect", seed=seed),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from skin_ray.model import RandomZoomOutOntoSkin, ShadesOfGray, make_augmenter, make_model
+from skin_ray.model import RandomResample, RandomZoomOutOntoSkin, ShadesOfGray, make_augmenter, make_model
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,17 @@ def test_zoom_out_shrinks_the_lesion_onto_its_own_skin():
     np.testing.assert_allclose(zoomed[:10].mean(axis=(0, 1)), skin, atol=0.02)
     untouched = RandomZoomOutOntoSkin(probability=0.0, seed=0)(image, training=True).numpy()
     np.testing.assert_array_equal(untouched, image)
+
+
+def test_resample_softens_the_images_it_takes_and_leaves_the_others(images):
+    """Fine detail (pixel-to-pixel differences) drops where an image was taken at a lower resolution."""
+    def detail(batch):
+        return np.abs(np.diff(batch, axis=2)).mean(axis=(1, 2, 3))
+
+    resampled = RandomResample(probability=1.0, scale_range=(0.5, 0.5), seed=0)(images, training=True).numpy()
+    assert resampled.shape == images.shape
+    assert np.all(detail(resampled) < 0.6 * detail(images))
+    np.testing.assert_allclose(resampled.mean(axis=(1, 2)), images.mean(axis=(1, 2)), atol=0.01)  # same picture
+    untouched = RandomResample(probability=0.0, seed=0)(images, training=True).numpy()
+    np.testing.assert_array_equal(untouched, images)
+    np.testing.assert_array_equal(RandomResample(probability=1.0)(images, training=False), images)
