@@ -60,7 +60,17 @@ class ThresholdSettings(Settings):
     )
 
 
-class TrainingRecipe(ThresholdSettings):
+class GateSettings(Settings):
+    """What a command that fits an input gate fits it against, beside the images it generates."""
+
+    outliers: str | None = Field(
+        None, description="folder (or s3:// prefix) of real images that are not dermoscopy, one sub-folder per kind, "
+        "with an optional SOURCES.tsv (file, repository): the input gate is fitted against them too, and its figures "
+        "are measured leaving each source out",
+    )
+
+
+class TrainingRecipe(ThresholdSettings, GateSettings):
     """What training a network takes, whatever its targets: labels (`train`) or a teacher's (`distill`)."""
 
     arch: Arch = Field(
@@ -156,7 +166,7 @@ class DistillSettings(TrainingRecipe):
     )
 
 
-class EnsembleSettings(ThresholdSettings):
+class EnsembleSettings(ThresholdSettings, GateSettings):
     """`skin-ray ensemble`."""
 
     members: list[str] = Field(description="two or more bundles (directories or s3:// prefixes)")
@@ -171,7 +181,7 @@ class EnsembleSettings(ThresholdSettings):
         return members
 
 
-class FitSafeguardsSettings(Settings):
+class FitSafeguardsSettings(GateSettings):
     """`skin-ray fit-safeguards`."""
 
     bundle: str = Field(

@@ -61,6 +61,6 @@ def build_ensemble(settings: EnsembleSettings) -> BundleMetadata:
         "validation_fraction": first.training["validation_fraction"],
         "subset": first.training.get("subset"),
     }
-    metadata, gate, drift = finalize_bundle(model, first.input_spec, split, "ensemble", settings, training)
+    metadata, gate, drift = finalize_bundle(model, first.input_spec, split, "ensemble", settings, training, settings.outliers)
     save_bundle(model, metadata, settings.output, (split.train_digests, split.validation_digests), gate, drift)
     return metadata

@@ -18,6 +18,7 @@ from skin_ray.data import LabelledImages, Split, discover_sources, pixel_dataset
 from skin_ray.drift import DriftReference, Observations, image_statistics
 from skin_ray.predictor import Analyser
 from skin_ray.preprocess import InputSpec, to_model_input
+from skin_ray.real_outliers import RealOutliers, read_real_outliers
 from skin_ray.safeguards import GateInputs, InputGate
 from skin_ray.scoring import scored_batches
 
@@ -25,15 +26,16 @@ logger = logging.getLogger(__name__)
 
 
 def finalize_bundle(
-    model, spec: InputSpec, split: Split, arch: str, rule: ThresholdSettings, training: dict
+    model, spec: InputSpec, split: Split, arch: str, rule: ThresholdSettings, training: dict, outliers: str | None = None
 ) -> tuple[BundleMetadata, InputGate, DriftReference]:
     """Calibrate `model` (which takes `spec`'s input) in place, choose its threshold by `rule`, fit its safeguards
-    and drift reference, describe the bundle: what `save_bundle` then writes. Each split is decoded once, for all
-    of them."""
+    (the gate also against the real images that are not dermoscopy in the folder `outliers`, if given) and drift
+    reference, describe the bundle: what `save_bundle` then writes. Each split is decoded once, for all of them."""
     train, validation = split_pixel_datasets(split, spec)
     positive = split.train.positive_index
     threshold, bundle_metrics = calibrate(model, positive, validation, rule, split.validation.sources())
-    inputs = safeguard_inputs(model, positive, train, validation)
+    real = read_real_outliers(outliers, spec) if outliers else None
+    inputs = safeguard_inputs(model, positive, train, validation, real)
     gate, input_gate, uncertainty, drift = fit_safeguards_on(inputs, threshold)
     bundle_metrics["validation_by"] = validation_breakdown(split.validation, inputs, threshold)
     metadata = describe_bundle(model, arch, split, threshold, rule.target_sensitivity, bundle_metrics, training)
@@ -62,8 +64,9 @@ class SafeguardInputs:
     dermoscopy: GateInputs  # the training split's views
     train_labels: np.ndarray  # their classes
     groups: np.ndarray  # the training image each view comes from
-    outliers: GateInputs  # generated images that are not dermoscopy
+    outliers: GateInputs  # images that are not dermoscopy, generated and real
     kinds: np.ndarray  # their kinds
+    sources: np.ndarray  # where each came from: safeguards.GENERATED, or a real one's repository
     validation: GateInputs
     validation_paths: np.ndarray  # the validation images, in the order of the rows below
     is_cancer: np.ndarray  # validation truth
@@ -73,15 +76,15 @@ class SafeguardInputs:
 
 
 def fit_safeguards(
-    model, positive_index: int, train, validation, threshold: float
+    model, positive_index: int, train, validation, threshold: float, real: RealOutliers | None = None
 ) -> tuple[InputGate, dict, dict, DriftReference]:
     """The input gate and the uncertainty margin of a calibrated model, with their bundle.json descriptions,
     and the drift reference (skin_ray.drift) they give on validation; `train` and `validation` are the split's
-    `pixel_dataset`s."""
-    return fit_safeguards_on(safeguard_inputs(model, positive_index, train, validation), threshold)
+    `pixel_dataset`s, `real` the real images that are not dermoscopy the gate is also fitted against."""
+    return fit_safeguards_on(safeguard_inputs(model, positive_index, train, validation, real), threshold)
 
 
-def safeguard_inputs(model, positive_index: int, train, validation) -> SafeguardInputs:
+def safeguard_inputs(model, positive_index: int, train, validation, real: RealOutliers | None = None) -> SafeguardInputs:
     """The model's view of the split's `pixel_dataset`s and of generated images, for `fit_safeguards_on`.
 
     The gate's dermoscopy is the training split as the model saw it in training (every image, and every image
@@ -103,7 +106,7 @@ def safeguard_inputs(model, positive_index: int, train, validation) -> Safeguard
             labels.append(batch["label"])
             groups.append(np.arange(len(images)) + sum(len(part) for part in lesions))
         lesions.append(batch["pixels"])
-    outliers, kinds = outlier_inputs(analyse, np.concatenate(lesions)[::16])
+    outliers, kinds, sources = outlier_inputs(analyse, np.concatenate(lesions)[::16], real)
     p_cancer, members, inputs, image, truth, paths = [], [], [], [], [], []
     for batch, analysis in scored_batches(validation, lambda pixels: analyse(to_model_input(pixels))):
         paths.append(batch["path"])
@@ -113,28 +116,33 @@ def safeguard_inputs(model, positive_index: int, train, validation) -> Safeguard
         image.append(image_statistics(batch["pixels"], batch["megapixels"]))
         truth.append(batch["label"] == positive_index)
     return SafeguardInputs(
-        GateInputs.concatenate(views), np.concatenate(labels), np.concatenate(groups), outliers, kinds,
+        GateInputs.concatenate(views), np.concatenate(labels), np.concatenate(groups), outliers, kinds, sources,
         GateInputs.concatenate(inputs), np.concatenate(paths), np.concatenate(truth), np.concatenate(p_cancer),
         None if members[0] is None else np.concatenate(members),
         {name: np.concatenate([part[name] for part in image]) for name in image[0]},
     )
 
 
-def outlier_inputs(analyse: Analyser, lesions: np.ndarray) -> tuple[GateInputs, np.ndarray]:
+def outlier_inputs(
+    analyse: Analyser, lesions: np.ndarray, real: RealOutliers | None = None
+) -> tuple[GateInputs, np.ndarray, np.ndarray]:
     """The gate's inputs for the images of every kind in `gate_images.NOT_DERMOSCOPY` (generated from seed 1,
     `lesions`, model-input pixels, lent to the clinical photographs), through JPEG and the one preprocessing to the
-    lesions' size, and each one's kind."""
-    parts, kinds = [], []
-    for kind, pixels in gate_images.not_dermoscopy_pixels(lesions.shape[1], lesions, seed=1).items():
-        parts.extend(analyse(to_model_input(pixels[start : start + 64])).gate_inputs for start in range(0, len(pixels), 64))
-        kinds.extend([kind] * len(pixels))
-    return GateInputs.concatenate(parts), np.array(kinds)
+    lesions' size, and for the `real` ones (their kinds marked "(real)"); each one's kind and source."""
+    drawn = gate_images.not_dermoscopy_pixels(lesions.shape[1], lesions, seed=1)
+    groups = [(pixels, np.full(len(pixels), kind), np.full(len(pixels), safeguards.GENERATED)) for kind, pixels in drawn.items()]
+    if real is not None:
+        groups.append((real.pixels, np.char.add(real.kinds.astype(str), " (real)"), real.sources))
+    parts = [analyse(to_model_input(pixels[start : start + 64])).gate_inputs
+             for pixels, _, _ in groups for start in range(0, len(pixels), 64)]
+    return GateInputs.concatenate(parts), *(np.concatenate([group[i] for group in groups]) for i in (1, 2))
 
 
 def fit_safeguards_on(inputs: SafeguardInputs, threshold: float) -> tuple[InputGate, dict, dict, DriftReference]:
     """`fit_safeguards` once the network has seen the images."""
     gate, outlier_figures = safeguards.fit_input_gate(
-        inputs.dermoscopy, inputs.train_labels, inputs.groups, inputs.outliers, inputs.kinds, inputs.validation
+        inputs.dermoscopy, inputs.train_labels, inputs.groups, inputs.outliers, inputs.kinds, inputs.validation,
+        inputs.sources,
     )
     p_cancer = inputs.p_cancer
     disagree = safeguards.members_disagree(inputs.member_cancer, threshold, len(p_cancer))
@@ -182,8 +190,9 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     metadata = bundle.metadata
     split = bundle_split(bundle, settings.data)
     train, validation = split_pixel_datasets(split, metadata.input_spec)
+    real = read_real_outliers(settings.outliers, metadata.input_spec) if settings.outliers else None
     gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards(
-        bundle.model, metadata.positive_index, train, validation, metadata.threshold
+        bundle.model, metadata.positive_index, train, validation, metadata.threshold, real
     )
     if metadata.runtime is not None:
         logger.warning("%s: its runtime was validated against the safeguards replaced now; `skin-ray optimize` validates "

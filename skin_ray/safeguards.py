@@ -187,14 +187,19 @@ class InputGate:
         return cls(depths, arrays["evidence_range"], head, threshold)
 
 
+GENERATED = "generated"  # the source of the outliers skin_ray.gate_images draws
+
+
 def fit_input_gate(
     dermoscopy: GateInputs, labels: np.ndarray, groups: np.ndarray, outliers: GateInputs, kinds: np.ndarray,
-    validation: GateInputs,
+    validation: GateInputs, sources: np.ndarray | None = None,
 ) -> tuple[InputGate, dict[str, dict]]:
     """The gate from the training split's views (`dermoscopy`, with class `labels`; views of one image share
-    its `groups` entry), generated images that are not dermoscopy (`outliers`, of `kinds`), and the validation
-    split (the threshold); and per kind of outlier, its count, the share refused and the share refused by a gate
-    fitted without that kind (leave one kind out: how the gate does on a kind it never saw)."""
+    its `groups` entry), images that are not dermoscopy (`outliers`, of `kinds`, from `sources`: GENERATED or where
+    a real one came from), and the validation split (the threshold); and per kind of outlier, its count, the share
+    refused and the share refused by a gate fitted without that kind (leave one kind out: how the gate does on a
+    kind it never saw). A kind of real images also gets the share refused by gates each fitted without one of its
+    sources (leave one source out: how it does on images from somewhere else), with 95% intervals."""
     depths = tuple(ClassDistance.fit(features, labels) for features in dermoscopy.depths)
     spread = np.subtract(*np.quantile(dermoscopy.evidence, [0.75, 0.25], axis=0)) + 1e-3
     evidence_range = np.stack([*np.quantile(dermoscopy.evidence, EVIDENCE_RANGE, axis=0), spread])
@@ -222,6 +227,21 @@ def fit_input_gate(
             "refused": float(np.mean(head(outside[own]) > threshold)),
             "refused_left_out": float(np.mean(left_out(outside[own]) > left_out_threshold)),
         }
+    real = np.zeros(len(kinds), dtype=bool) if sources is None else sources != GENERATED
+    refused_elsewhere = np.zeros(len(kinds), dtype=bool)
+    for source in np.unique(sources[real]) if real.any() else ():
+        own = sources == source
+        left_out, left_out_threshold = head_and_threshold(~own)
+        refused_elsewhere[own] = left_out(outside[own]) > left_out_threshold
+    for kind in np.unique(kinds[real]):
+        own = kinds == kind
+        refused = int(np.sum(head(outside[own]) > threshold))
+        figures[str(kind)].update(
+            refused_ci95=classifier_stats.wilson_interval(refused, int(own.sum())),
+            sources=int(len(np.unique(sources[own]))),
+            refused_left_out_source=float(refused_elsewhere[own].mean()),
+            refused_left_out_source_ci95=classifier_stats.wilson_interval(int(refused_elsewhere[own].sum()), int(own.sum())),
+        )
     return InputGate(depths, evidence_range, head, threshold), figures
 
 
@@ -289,7 +309,7 @@ def describe(
         "method": "logistic head on the Mahalanobis distance at each depth of the network (stage outputs pooled to "
         f"channel means and deviations, shared covariance shrunk by {SHRINKAGE}) and on image evidence "
         f"({', '.join(IMAGE_EVIDENCE)}); fitted on the training split as is, zoomed out and re-photographed, against "
-        "generated images that are not dermoscopy (skin_ray.gate_images)",
+        "images that are not dermoscopy, generated (skin_ray.gate_images) and, where given, real (skin_ray.real_outliers)",
         "threshold": gate.threshold,
         "validation_tpr": GATE_TPR,
         "not_dermoscopy": outlier_figures,

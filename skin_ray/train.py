@@ -145,7 +145,8 @@ def _train_on_split(settings: TrainingRecipe, split: Split, record: dict) -> Tra
     with best.as_directory() as checkpoint_dir:
         model = _model_from_checkpoint(settings.arch, settings.input_size, checkpoint_dir)
     training = {**record, "epochs_run": len(history)}
-    metadata, gate, drift = finalize_bundle(model, settings.input_spec, split, settings.arch, settings, training)
+    metadata, gate, drift = finalize_bundle(model, settings.input_spec, split, settings.arch, settings, training,
+                                            settings.outliers)
     metadata.metrics["validation"]["best_epoch"] = max(history, key=lambda row: row["val_auc"])["epoch"]
     save_bundle(model, metadata, settings.output, (split.train_digests, split.validation_digests), gate, drift)
     return TrainOutcome(settings.output, metadata.metrics, history)

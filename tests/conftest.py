@@ -177,11 +177,12 @@ def guarded_bundle(small_input_bundle, tmp_path_factory) -> Path:
     pixels = np.stack([predictor.decode_pixels(data) for data in files])
     analysis = predictor.analyse(to_model_input(pixels))
     train, validation = slice(0, 160), slice(160, None)
-    outliers, kinds = outlier_inputs(predictor.analyse, pixels[train][::8])
+    outliers, kinds, sources = outlier_inputs(predictor.analyse, pixels[train][::8])
     image = image_statistics(pixels[validation], np.array([image_megapixels(data) for data in files[validation]]))
     metadata = predictor.metadata
     inputs = SafeguardInputs(
-        analysis.gate_inputs.take(train), labels[train], np.arange(160), outliers, kinds, analysis.gate_inputs.take(validation),
+        analysis.gate_inputs.take(train), labels[train], np.arange(160), outliers, kinds, sources,
+        analysis.gate_inputs.take(validation),
         np.array([f"generated/{i}.jpg" for i in range(160, len(files))]), labels[validation] == 0,
         analysis.probabilities[validation, 0], None, image,
     )

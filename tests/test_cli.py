@@ -8,7 +8,9 @@ import re
 import shutil
 import socket
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import skin_ray
 from skin_ray import storage
@@ -16,7 +18,7 @@ from skin_ray.bundle import GATE_FILE, METADATA_FILE, TRAIN_DIGESTS_FILE, VALIDA
 from skin_ray.data import in_validation
 from skin_ray.predictor import Predictor
 from skin_ray.preprocess import preprocess_image
-from skin_ray.testing import free_port, skin_ray_cli
+from skin_ray.testing import encode, free_port, skin_ray_cli
 
 pytestmark = pytest.mark.ray  # every test here runs `skin-ray` (TensorFlow, and Ray for most) in a subprocess
 
@@ -213,20 +215,37 @@ def test_train_prints_one_clean_line_per_epoch(ray_session, lesion_tree, tmp_pat
     assert json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["runtime"] == runtime
     assert (tmp_path / "bundle" / runtime["file"]).is_file()
 
-    # fit-safeguards gives a bundle made before safeguards existed its own, leaving the model file as it is, and
-    # drops the runtime validated against the safeguards it replaces.
+    # fit-safeguards gives a bundle made before safeguards existed its own, fitted also against a folder of
+    # "real" outliers from two repositories, leaving the model file as it is, and drops the runtime validated
+    # against the safeguards it replaces.
     model_bytes = (tmp_path / "bundle" / "model.keras").read_bytes()
     older = {**json.loads((tmp_path / "bundle" / METADATA_FILE).read_text()), "input_gate": None, "uncertainty": None}
     (tmp_path / "bundle" / METADATA_FILE).write_text(json.dumps(older))
     (tmp_path / "bundle" / GATE_FILE).unlink()
-    result = skin_ray_cli("fit-safeguards", str(tmp_path / "bundle"), ray_address=address)
+    outliers = _real_outlier_folder(tmp_path / "outliers")
+    result = skin_ray_cli("fit-safeguards", str(tmp_path / "bundle"), "--outliers", str(outliers), ray_address=address)
     assert result.returncode == 0, result.stderr
     refitted = json.loads(result.stdout)
     assert refitted["input_gate"]["validation_tpr"] == 0.95 and refitted["uncertainty"]["margin"] >= 0
+    real = refitted["input_gate"]["not_dermoscopy"]["stripes (real)"]
+    assert real["n"] == 12 and real["sources"] == 2 and 0 <= real["refused_left_out_source"] <= 1
     assert (tmp_path / "bundle" / GATE_FILE).is_file() and (tmp_path / "bundle" / "model.keras").read_bytes() == model_bytes
     assert json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["input_gate"] == refitted["input_gate"]
     assert json.loads((tmp_path / "bundle" / METADATA_FILE).read_text())["runtime"] is None
     assert "`skin-ray optimize` validates it again" in result.stderr
+
+
+def _real_outlier_folder(folder):
+    """A kind sub-folder of striped pictures (not dermoscopy) from two repositories, as not_dermoscopy/ holds."""
+    (folder / "stripes").mkdir(parents=True)
+    rows = ["file\trepository"]
+    for i in range(12):
+        stripes = np.zeros((80, 120, 3), np.uint8)
+        stripes[:, (np.arange(120) // (3 + i)) % 2 == 0] = (40 * (i % 5), 200, 255 - 15 * i)
+        (folder / "stripes" / f"stripes_{i}.jpg").write_bytes(encode(Image.fromarray(stripes)))
+        rows.append(f"stripes/stripes_{i}.jpg\towner/{'charts' if i % 2 else 'plots'}")
+    (folder / "SOURCES.tsv").write_text("\n".join(rows) + "\n")
+    return folder
 
 
 def test_train_cli_rejects_a_batch_that_does_not_split(tmp_path):

@@ -10,7 +10,8 @@ from skin_ray.bundle import read_metadata
 from skin_ray.data import discover, split_by_content
 from skin_ray.gate_images import NOT_DERMOSCOPY, documents, model_pixels
 from skin_ray.predictor import OUT_OF_DISTRIBUTION, Predictor
-from skin_ray.preprocess import preprocess_image, to_model_input
+from skin_ray.preprocess import InputSpec, preprocess_image, to_model_input
+from skin_ray.real_outliers import read_real_outliers
 from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, never_fitted_kinds
 
 
@@ -134,6 +135,64 @@ REFUSED_AT_LEAST = {
     "everyday photographs": 0.9, "documents and screenshots": 0.95, "charts and plots": 0.95, "radiographs": 0.95,
     "noise and flat colours": 0.8, "clinical photographs of skin": 0.8, "microscopy and retina": 0.6, "faces": 0.8,
 }
+
+
+def test_a_real_kind_is_also_measured_leaving_each_of_its_sources_out():
+    """Real outliers come from several repositories: each one's images are scored by a gate fitted without them
+    (as images from a repository never seen are), with Wilson intervals; generated kinds get no such figure."""
+    rng = np.random.default_rng(0)
+    dermoscopy, validation = _gate_inputs(rng, 2000), _gate_inputs(rng, 1000)
+    labels, groups = np.arange(2000) % 2, np.arange(2000) // 2
+    # Three sources of one real kind: two far in the features, one in the evidence, one (c) only a little off.
+    parts = [_gate_inputs(rng, 100, shift=3.0), _gate_inputs(rng, 60, shift=3.0), _gate_inputs(rng, 60, evidence_shift=0.5),
+             _gate_inputs(rng, 60, shift=0.8)]
+    outliers = safeguards.GateInputs.concatenate(parts)
+    kinds = np.repeat(["far features", "photos (real)"], [100, 180])
+    sources = np.repeat([safeguards.GENERATED, "a", "b", "c"], [100, 60, 60, 60])
+    _, figures = safeguards.fit_input_gate(dermoscopy, labels, groups, outliers, kinds, validation, sources)
+    assert "refused_left_out_source" not in figures["far features"]
+    real = figures["photos (real)"]
+    assert real["n"] == 180 and real["sources"] == 3
+    refused_elsewhere = 0
+    for source in "abc":  # the same figure, from three gates fitted without one source each
+        kept = sources != source
+        gate, _ = safeguards.fit_input_gate(dermoscopy, labels, groups, outliers.take(kept), kinds[kept], validation)
+        refused_elsewhere += int(np.sum(gate.scores(outliers.take(~kept)) > gate.threshold))
+    assert real["refused_left_out_source"] == pytest.approx(refused_elsewhere / 180)
+    assert real["refused_left_out_source"] < real["refused"]  # source c is refused less when never seen
+    for share in ("refused", "refused_left_out_source"):
+        low, high = real[f"{share}_ci95"]
+        assert (low, high) == pytest.approx(classifier_stats.wilson_interval(round(real[share] * 180), 180))
+        assert low < real[share] < high
+
+
+def test_real_outliers_are_read_by_kind_with_their_repositories(tmp_path, caplog):
+    """Each kind sub-folder's images, decoded to the network's input; each image's repository from SOURCES.tsv (its
+    kind where the table names none); a file that does not decode skipped with a warning; a table without the two
+    columns refused."""
+    rng = np.random.default_rng(0)
+    for kind, count in (("everyday_photos", 3), ("clinical_skin", 2)):
+        (tmp_path / kind).mkdir()
+        for i in range(count):
+            (tmp_path / kind / f"{kind}_{i}.jpg").write_bytes(encode(lesion_image("Cancer", rng, size=40 + 10 * i)))
+    (tmp_path / "clinical_skin" / "broken.jpg").write_bytes(b"not a picture")
+    (tmp_path / "SOURCES.tsv").write_text(
+        "file\trepository\tlicense\neveryday_photos/everyday_photos_0.jpg\towner/photos\tnone stated\n"
+        "everyday_photos/everyday_photos_1.jpg\towner/photos\tMIT\nclinical_skin/clinical_skin_1.jpg\towner/clinic\tMIT\n"
+    )
+    outliers = read_real_outliers(str(tmp_path), InputSpec(32))
+    assert outliers.pixels.shape == (5, 32, 32, 3) and outliers.pixels.dtype == np.uint8
+    found = sorted(zip(outliers.kinds.tolist(), outliers.sources.tolist(), strict=True))
+    assert found == [
+        ("clinical_skin", "clinical_skin"), ("clinical_skin", "owner/clinic"),
+        ("everyday_photos", "everyday_photos"), ("everyday_photos", "owner/photos"), ("everyday_photos", "owner/photos"),
+    ]
+    assert "broken.jpg" in caplog.text
+    (tmp_path / "SOURCES.tsv").write_text("name\towner\n")
+    with pytest.raises(ValueError, match="needs `file` and `repository` columns"):
+        read_real_outliers(str(tmp_path), InputSpec(32))
+    with pytest.raises(FileNotFoundError, match="no images"):
+        read_real_outliers(str(tmp_path / "everyday_photos"), InputSpec(32))
 
 
 @pytest.fixture(scope="module")
