@@ -89,7 +89,7 @@ def discover(root: str, class_names: tuple[str, ...] = CLASS_NAMES, subset: str 
     for index, name in enumerate(class_names):
         class_root = storage.join(root, name)
         for path in storage.list_files(class_root, IMAGE_SUFFIXES):
-            relative_parts = path[len(class_root) :].strip("/").split("/")[:-1]
+            relative_parts = storage.relative_to(path, class_root).split("/")[:-1]
             if subset is None or subset in relative_parts:
                 paths.append(path)
                 labels.append(index)

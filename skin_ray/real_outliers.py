@@ -41,7 +41,7 @@ def read_real_outliers(folder: str, spec: InputSpec) -> RealOutliers:
     for kind in storage.list_dirs(folder):
         kind_root = storage.join(folder, kind)
         for path in storage.list_files(kind_root, IMAGE_SUFFIXES):
-            relative = f"{kind}/{path[len(kind_root):].strip('/')}"
+            relative = f"{kind}/{storage.relative_to(path, kind_root)}"
             try:
                 pixels.append(spec.pixels(storage.read_bytes(path, MAX_IMAGE_BYTES)))
             except READ_FAILURES as exc:

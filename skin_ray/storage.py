@@ -96,6 +96,12 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     return sorted(str(p.absolute()) for p in root.rglob("*") if p.is_file() and wanted(p.name))
 
 
+def relative_to(path: str, root: str) -> str:
+    """A path `list_files(root)` gave, relative to `root` as given (local roots are listed as absolute paths)."""
+    base = root if is_s3(root) else str(Path(root).absolute())
+    return path[len(base.rstrip("/")) :].strip("/")
+
+
 def list_dirs(uri: str) -> list[str]:
     """Names of the immediate sub-folders of `uri`."""
     if is_s3(uri):

@@ -48,6 +48,16 @@ def test_discover_split_layout_and_subset(split_tree):
     assert set(training.paths) | set(testing.paths) == set(everything.paths)
 
 
+def test_a_root_relative_to_the_working_directory_is_read_as_its_absolute_path(split_tree, monkeypatch):
+    """Local roots are listed as absolute paths: each image's path relative to its root (what metadata tables name)
+    and the subset folder are the same whichever way the root was given."""
+    monkeypatch.chdir(split_tree.parent)
+    relative, absolute = discover(split_tree.name, subset="Training"), discover(str(split_tree), subset="Training")
+    assert len(relative) == 18
+    assert [origin.relative for origin in relative.origins] == [origin.relative for origin in absolute.origins]
+    assert all(origin.relative.startswith(("Cancer/Training/", "Non_Cancer/Training/")) for origin in relative.origins)
+
+
 def test_discover_ignores_non_images_and_needs_both_classes(tmp_path, flat_tree):
     root = tmp_path / "tree"
     shutil.copytree(flat_tree, root)

@@ -166,7 +166,7 @@ def test_a_real_kind_is_also_measured_leaving_each_of_its_sources_out():
         assert low < real[share] < high
 
 
-def test_real_outliers_are_read_by_kind_with_their_repositories(tmp_path, caplog):
+def test_real_outliers_are_read_by_kind_with_their_repositories(tmp_path, caplog, monkeypatch):
     """Each kind sub-folder's images, decoded to the network's input; each image's repository from SOURCES.tsv (its
     kind where the table names none); a file that does not decode skipped with a warning; a table without the two
     columns refused."""
@@ -180,7 +180,8 @@ def test_real_outliers_are_read_by_kind_with_their_repositories(tmp_path, caplog
         "file\trepository\tlicense\neveryday_photos/everyday_photos_0.jpg\towner/photos\tnone stated\n"
         "everyday_photos/everyday_photos_1.jpg\towner/photos\tMIT\nclinical_skin/clinical_skin_1.jpg\towner/clinic\tMIT\n"
     )
-    outliers = read_real_outliers(str(tmp_path), InputSpec(32))
+    monkeypatch.chdir(tmp_path.parent)  # a folder relative to the working directory finds its sources too
+    outliers = read_real_outliers(tmp_path.name, InputSpec(32))
     assert outliers.pixels.shape == (5, 32, 32, 3) and outliers.pixels.dtype == np.uint8
     found = sorted(zip(outliers.kinds.tolist(), outliers.sources.tolist(), strict=True))
     assert found == [
