@@ -195,10 +195,13 @@ def split_by_content(images: LabelledImages, spec: InputSpec, validation_fractio
 def recorded_split(images: LabelledImages, spec: InputSpec, train_digests: frozenset[str],
                    validation_digests: frozenset[str], provenance: dict) -> Split:
     """The split a bundle recorded by content hash (and its `provenance`), found again in `images`: each image on
-    the side its digest was on; images on neither (repeated copies left out then, or new ones) are left out."""
+    the side its digest was on, one file per content; images on neither (new ones) are left out."""
     digests, usable, skipped = _inspect(images, spec)
-    train = usable & np.isin(digests, list(train_digests))
-    validation = usable & np.isin(digests, list(validation_digests))
+    # One file per content: a byte-identical copy of a kept photograph, left out in training, stays out.
+    first = np.zeros(len(digests), dtype=bool)
+    first[np.unique(digests, return_index=True)[1]] = True
+    train = usable & first & np.isin(digests, list(train_digests))
+    validation = usable & first & np.isin(digests, list(validation_digests))
     return Split(
         train=images.select(train),
         validation=images.select(validation),

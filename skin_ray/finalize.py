@@ -167,7 +167,8 @@ def split_pixel_datasets(split: Split, spec: InputSpec) -> tuple:
 def bundle_split(bundle: Bundle, data: list[str] | None = None) -> Split:
     """The split `bundle` was trained and calibrated on, found in `data` (by default the data trees it was trained
     on): by the content hashes it recorded, or, for a bundle that recorded only its training images, by the
-    content-hash rule it was split by then; refused when the data's fingerprint differs."""
+    content-hash rule it was split by then; refused when an image it recorded is missing (or, for the older bundles,
+    when the data's fingerprint differs)."""
     metadata = bundle.metadata
     sources = data or metadata.data.get("sources") or [metadata.data["source"]]  # "source": one tree, before 0.2
     images = discover_sources(sources, class_names=tuple(metadata.class_names), subset=metadata.training.get("subset"))
@@ -176,8 +177,15 @@ def bundle_split(bundle: Bundle, data: list[str] | None = None) -> Split:
                                                                                      "duplicates_left_out")}
         split = recorded_split(images, metadata.input_spec, bundle.train_digests, bundle.validation_digests,
                                {"sources": list(sources), **provenance})
-    else:
-        split = split_by_content(images, metadata.input_spec, metadata.training["validation_fraction"])
+        # Checked by content, not by fingerprint: a copy of a photograph that training left out (a `duplicate_of`
+        # row) can have the same bytes as the one it kept, and without the tables both are found.
+        found = set(split.train_digests) | set(split.validation_digests)
+        missing = len((bundle.train_digests | bundle.validation_digests) - found)
+        if missing:
+            raise ValueError(f"{', '.join(sources)} is not the data {bundle.uri} was trained on ({missing} of its images "
+                             "are not there)")
+        return split
+    split = split_by_content(images, metadata.input_spec, metadata.training["validation_fraction"])
     if split.fingerprint != metadata.data["fingerprint"]:
         raise ValueError(f"{', '.join(sources)} is not the data {bundle.uri} was trained on (its fingerprint differs)")
     return split

@@ -109,7 +109,7 @@ def test_two_roots_split_by_lesion_and_the_recorded_split_is_found_again(ray_ses
     shutil.copytree(flat_tree, second)
     for path in second.glob("*/*.jpg"):  # new bytes, same lesions: a second photograph of each
         path.write_bytes(path.read_bytes() + b"\0")
-    (second / "Cancer" / "copy.jpg").write_bytes((first / "Cancer" / "cancer_0000.jpg").read_bytes() + b"\1\1")
+    (second / "Cancer" / "copy.jpg").write_bytes((first / "Cancer" / "cancer_0000.jpg").read_bytes())  # the same bytes
     rows = "file,lesion_id,duplicate_of\n" + "".join(
         f"{path.relative_to(second).as_posix()},les_{path.stem},\n" for path in sorted(second.glob("*/*_*.jpg")))
     (second / "metadata.csv").write_text(rows + "Cancer/copy.jpg,,Cancer/cancer_0000.jpg\n")
@@ -125,9 +125,12 @@ def test_two_roots_split_by_lesion_and_the_recorded_split_is_found_again(ray_ses
     for name in {Path(path).name for path in images.paths} - {"copy.jpg"}:  # both photographs of a lesion together
         assert sum(Path(path).name == name for path in split.validation.paths) in (0, 2), name
     assert split.describe()["sources"] == [str(first), str(second)] and len(split.describe()["tables"]) == 2
-    again = recorded_split(images, SPEC, frozenset(split.train_digests), frozenset(split.validation_digests),
+    # Found again without the tables (as a bundle does): the copy, the same bytes as the photograph kept, stays out.
+    untabled = discover_sources([str(first), str(second)])
+    again = recorded_split(untabled, SPEC, frozenset(split.train_digests), frozenset(split.validation_digests),
                            split.provenance)
-    assert again.validation.paths == split.validation.paths and again.fingerprint == split.fingerprint
+    assert again.validation.paths == split.validation.paths and again.train.paths == split.train.paths
+    assert again.fingerprint == split.fingerprint
     (tmp_path / "elsewhere.csv").write_text("file\nCancer/elsewhere.jpg\n")
     with pytest.raises(ValueError, match="names none of the images"):
         discover_sources([str(first), str(second)], [f"{second}={tmp_path / 'elsewhere.csv'}"])
