@@ -177,8 +177,8 @@ def bundle_split(bundle: Bundle, data: list[str] | None = None) -> Split:
                                                                                      "duplicates_left_out")}
         split = recorded_split(images, metadata.input_spec, bundle.train_digests, bundle.validation_digests,
                                {"sources": list(sources), **provenance})
-        # Checked by content, not by fingerprint: a copy of a photograph that training left out (a `duplicate_of`
-        # row) can have the same bytes as the one it kept, and without the tables both are found.
+        # Checked by content, not by fingerprint: every image the bundle recorded must be found, and the error can
+        # say how many are not (a fingerprint only says that something differs).
         found = set(split.train_digests) | set(split.validation_digests)
         missing = len((bundle.train_digests | bundle.validation_digests) - found)
         if missing:
