@@ -9,12 +9,15 @@ image the baseline trained on (its train_images.sha256, by content). Both bundle
   specificity, ECE), and the specificity at the threshold the shipped rule (sensitivity >= target with the
   bundle's confidence, `threshold_keeping_sensitivity`) takes on these very images, so a baseline whose threshold was
   fitted on other images is judged by the same rule;
-- per bundle, per data tree, diagnosis, sex, age band and body site (the metadata tables' `dx`, `sex`, `age`,
-  `localization`; "(none)" where a table has no value): sensitivity and specificity with Wilson intervals at its
+- per bundle, per data tree, diagnosis, sex, age band and body site (`finalize.BREAKDOWN_COLUMNS`, as bundle.json
+  records them; "(none)" where a table has no value): sensitivity and specificity with Wilson intervals at its
   own threshold, and the AUC within a group that has both classes;
 - the paired 95% DeLong interval of the candidate's ROC AUC minus the baseline's, over all images and within each
   tree (an interval that excludes 0 is a real difference on these images), and the bootstrap interval of the ECE
-  difference.
+  difference;
+- the forward pass's cost: each bundle's process CPU time per image over the same images (Keras network, and the
+  runtime each would run here), rounds taken in turn after a warm-up, medians and the candidate's ratio to the
+  baseline's, with the CPU's vector features (`--cost-rounds 0` leaves it out).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 
@@ -30,13 +34,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from skin_ray import classifier_stats, storage  # noqa: E402
-from skin_ray.finalize import bundle_split  # noqa: E402
-from skin_ray.predictor import Predictor  # noqa: E402
+from skin_ray.finalize import breakdown_groups, bundle_split  # noqa: E402
+from skin_ray.onnx_analysis import missing_cpu_features  # noqa: E402
+from skin_ray.predictor import Predictor, analyser_for  # noqa: E402
 from skin_ray.preprocess import to_model_input  # noqa: E402
 from skin_ray.runtime import init_ray  # noqa: E402
 
 SHIPPED = "skin_ray/bundles/default"
-SUBGROUPS = (("diagnosis", "dx"), ("sex", "sex"), ("age_band", "age"), ("site", "localization"))  # metadata columns
 
 
 def p_cancer(predictor: Predictor, files: list[bytes], batch: int = 64) -> np.ndarray:
@@ -48,13 +52,38 @@ def p_cancer(predictor: Predictor, files: list[bytes], batch: int = 64) -> np.nd
     return np.concatenate(scores)
 
 
-def age_band(age: str) -> str:
-    """HAM10000's age (years, in fives) as a band of twenty years; "" where unknown."""
-    try:
-        low = int(float(age)) // 20 * 20
-    except ValueError:
-        return ""
-    return f"{low}-{low + 19}"
+def cpu_seconds_per_image(bundles: dict[str, Predictor], files: list[bytes], rounds: int, batch: int = 32) -> dict:
+    """Per bundle and runtime ("float32": its Keras network; "auto": what it runs here), the median over `rounds`
+    of the process CPU seconds per image of its analysis pass over `files`' preprocessed pixels; every analyser
+    runs once before the rounds, then each round runs all of them in turn, so drift on the machine is shared."""
+    analysers = {
+        (name, runtime): analyser_for(predictor.bundle, runtime)
+        for name, predictor in bundles.items() for runtime in ("float32", "auto")
+    }
+    pixels = {
+        name: [to_model_input(np.stack([predictor.metadata.input_spec.pixels(data) for data in files[start : start + batch]]))
+               for start in range(0, len(files), batch)]
+        for name, predictor in bundles.items()
+    }
+    seconds = {key: [] for key in analysers}
+    for round_ in range(rounds + 1):
+        for (name, runtime), analyse in analysers.items():
+            started = time.process_time()
+            for images in pixels[name]:
+                analyse(images)
+            if round_:  # the first is the warm-up (tracing, allocation)
+                seconds[(name, runtime)].append((time.process_time() - started) / len(files))
+    median = {key: float(np.median(values)) for key, values in seconds.items()}
+    return {
+        "cpu_flags": [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if not missing_cpu_features([flag])],
+        "images": len(files), "rounds": rounds,
+        **{name: {analysers[(name, runtime)].runtime: round(median[(name, runtime)] * 1e3, 2) for runtime in ("float32", "auto")}
+           for name in bundles},
+        "unit": "CPU ms per image",
+        "candidate_over_baseline": {
+            runtime: round(median[("candidate", runtime)] / median[("baseline", runtime)], 3) for runtime in ("float32", "auto")
+        },
+    }
 
 
 def figures(predictor: Predictor, y_true: np.ndarray, scores: np.ndarray, groups: dict[str, list[str]]) -> dict:
@@ -78,6 +107,8 @@ def main() -> None:
     parser.add_argument("candidate", help="the bundle to judge; its recorded validation split gives the images")
     parser.add_argument("--baseline", default=SHIPPED, help="the bundle to beat (default: the shipped one)")
     parser.add_argument("--data", nargs="+", help="the candidate's labelled image trees, if they moved since it was trained")
+    parser.add_argument("--cost-rounds", type=int, default=5, help="rounds of the CPU-per-image measurement (0: none)")
+    parser.add_argument("--cost-images", type=int, default=256, help="images it runs per round")
     args = parser.parse_args()
     init_ray()
     candidate, baseline = Predictor.from_bundle(args.candidate), Predictor.from_bundle(args.baseline)
@@ -88,9 +119,8 @@ def main() -> None:
     unseen = np.array([hashlib.sha256(data).hexdigest() not in baseline.bundle.train_digests for data in files])
     files = [data for data, keep in zip(files, unseen, strict=True) if keep]
     y_true = (np.asarray(validation.labels)[unseen] == validation.positive_index).astype(np.int64)
-    trees = np.asarray(validation.sources())[unseen].tolist()
-    groups = {"tree": trees, **{name: np.asarray(validation.attribute(column))[unseen].tolist() for name, column in SUBGROUPS}}
-    groups["age_band"] = [age_band(age) for age in groups["age_band"]]
+    groups = {name: np.asarray(values)[unseen].tolist() for name, values in breakdown_groups(validation).items()}
+    trees = groups["source"]
     scores = {name: p_cancer(predictor, files) for name, predictor in (("candidate", candidate), ("baseline", baseline))}
     paired = {"all": classifier_stats.roc_auc_difference_interval(y_true, scores["candidate"], scores["baseline"])}
     for tree in sorted(set(trees)):
@@ -107,6 +137,9 @@ def main() -> None:
         "ece_candidate_minus_baseline_ci95": classifier_stats.ece_difference_interval(
             y_true, scores["candidate"], scores["baseline"]
         ),
+        **({"cost": cpu_seconds_per_image(
+            {"candidate": candidate, "baseline": baseline}, files[: args.cost_images], args.cost_rounds
+        )} if args.cost_rounds else {}),
     }, indent=1, default=float))
 
 

@@ -268,7 +268,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     share = successes / n
     centre = (share + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(centre - half), float(centre + half)
+    # It holds the share and lies within [0, 1]; at 0 or n successes rounding strays past either by 1e-16.
+    return float(min(max(centre - half, 0.0), share)), float(max(min(centre + half, 1.0), share))
 
 
 def by_group(y_true: np.ndarray, p_cancer: np.ndarray, threshold: float, values) -> dict[str, dict]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skin_ray import classifier_stats, gate_images, safeguards
+from skin_ray import classifier_stats, gate_images, safeguards, storage
 from skin_ray.bundle import Bundle, BundleMetadata, describe_bundle, load_bundle, write_safeguards
 from skin_ray.calibration import calibrate
 from skin_ray.config import FitSafeguardsSettings, ThresholdSettings
@@ -43,17 +43,34 @@ def finalize_bundle(
     return metadata, gate, drift
 
 
-BREAKDOWN_COLUMNS = ("dx",)  # metadata columns whose values get figures of their own in bundle.json (the diagnosis)
+# What gets figures of its own in bundle.json beside each data tree: the metadata tables' diagnosis, and the
+# subgroups a model card reports (sex, age in bands of twenty years, body site). Name in bundle.json: column.
+BREAKDOWN_COLUMNS = {"diagnosis": "dx", "sex": "sex", "age_band": "age", "site": "localization"}
+
+
+def age_band(age: str) -> str:
+    """An age in years (HAM10000 gives them in fives) as a band of twenty years; "" where unknown."""
+    try:
+        low = int(float(age)) // 20 * 20
+    except ValueError:
+        return ""
+    return f"{low}-{low + 19}"
+
+
+def breakdown_groups(images: LabelledImages) -> dict[str, list[str]]:
+    """Each image's data tree and its BREAKDOWN_COLUMNS values ("" where its table gives none)."""
+    groups = {"source": images.sources(), **{name: images.attribute(column) for name, column in BREAKDOWN_COLUMNS.items()}}
+    groups["age_band"] = [age_band(age) for age in groups["age_band"]]
+    return groups
 
 
 def validation_breakdown(validation: LabelledImages, inputs: SafeguardInputs, threshold: float) -> dict:
-    """The validation figures of each data source and of each value of BREAKDOWN_COLUMNS that the tables give."""
+    """The validation figures of each data tree and of each value of BREAKDOWN_COLUMNS that the tables give."""
     order = {path: index for index, path in enumerate(validation.paths)}
     rows = [order[path] for path in inputs.validation_paths]
-    groups = {"source": validation.sources(), **{column: validation.attribute(column) for column in BREAKDOWN_COLUMNS}}
     return {
         name: classifier_stats.by_group(inputs.is_cancer, inputs.p_cancer, threshold, np.asarray(values)[rows])
-        for name, values in groups.items() if any(values)
+        for name, values in breakdown_groups(validation).items() if any(values)
     }
 
 
@@ -75,22 +92,14 @@ class SafeguardInputs:
     image: dict[str, np.ndarray]  # `image_statistics` of validation
 
 
-def fit_safeguards(
-    model, positive_index: int, train, validation, threshold: float, real: RealOutliers | None = None
-) -> tuple[InputGate, dict, dict, DriftReference]:
-    """The input gate and the uncertainty margin of a calibrated model, with their bundle.json descriptions,
-    and the drift reference (skin_ray.drift) they give on validation; `train` and `validation` are the split's
-    `pixel_dataset`s, `real` the real images that are not dermoscopy the gate is also fitted against."""
-    return fit_safeguards_on(safeguard_inputs(model, positive_index, train, validation, real), threshold)
-
-
 def safeguard_inputs(model, positive_index: int, train, validation, real: RealOutliers | None = None) -> SafeguardInputs:
-    """The model's view of the split's `pixel_dataset`s and of generated images, for `fit_safeguards_on`.
+    """The model's view of the split's `pixel_dataset`s, of generated images and of the `real` ones that are not
+    dermoscopy, for `fit_safeguards_on`.
 
     The gate's dermoscopy is the training split as the model saw it in training (every image, and every image
-    zoomed out onto skin as the augmentation does) and re-photographed (skin_ray.gate_images); what it is fitted
-    against is generated from the same seed every time. Its threshold and the margin come from the validation
-    split.
+    zoomed out onto skin as the augmentation does), re-photographed and as another device gives it
+    (skin_ray.gate_images); the generated images it is fitted against come from the same seed every time. Its
+    threshold and the margin come from the validation split.
     """
     from skin_ray.model import RandomZoomOutOntoSkin
 
@@ -101,7 +110,9 @@ def safeguard_inputs(model, positive_index: int, train, validation, real: RealOu
     for batch in train.iter_batches(batch_size=64):
         images = to_model_input(batch["pixels"])
         rephotographed = to_model_input(gate_images.rephotographed(batch["pixels"], rng))
-        for view in (images, np.clip(np.asarray(zoom_out(images, training=True)), 0, 1), rephotographed):
+        other_device = to_model_input(gate_images.another_device(batch["pixels"], rng))
+        zoomed_out = np.clip(np.asarray(zoom_out(images, training=True)), 0, 1)
+        for view in (images, zoomed_out, rephotographed, other_device):
             views.append(analyse(view).gate_inputs)
             labels.append(batch["label"])
             groups.append(np.arange(len(images)) + sum(len(part) for part in lesions))
@@ -139,7 +150,8 @@ def outlier_inputs(
 
 
 def fit_safeguards_on(inputs: SafeguardInputs, threshold: float) -> tuple[InputGate, dict, dict, DriftReference]:
-    """`fit_safeguards` once the network has seen the images."""
+    """The input gate and the uncertainty margin of a calibrated model, with their bundle.json descriptions,
+    and the drift reference (skin_ray.drift) they give on validation, from what the network made of the images."""
     gate, outlier_figures = safeguards.fit_input_gate(
         inputs.dermoscopy, inputs.train_labels, inputs.groups, inputs.outliers, inputs.kinds, inputs.validation,
         inputs.sources,
@@ -170,8 +182,13 @@ def bundle_split(bundle: Bundle, data: list[str] | None = None) -> Split:
     content-hash rule it was split by then; refused when an image it recorded is missing (or, for the older bundles,
     when the data's fingerprint differs)."""
     metadata = bundle.metadata
-    sources = data or metadata.data.get("sources") or [metadata.data["source"]]  # "source": one tree, before 0.2
-    images = discover_sources(sources, class_names=tuple(metadata.class_names), subset=metadata.training.get("subset"))
+    recorded = metadata.data.get("sources") or [metadata.data["source"]]  # "source": one tree, before 0.2
+    sources = data or recorded
+    # The tables it read, where they still are, for the per-diagnosis and subgroup figures (the split itself is
+    # found by content): each paired with its tree's place in `sources`.
+    tables = [f"{sources[recorded.index(table['root'])]}={table['table']}" for table in metadata.data.get("tables", [])
+              if table["root"] in recorded and storage.exists(table["table"])]
+    images = discover_sources(sources, tables, class_names=tuple(metadata.class_names), subset=metadata.training.get("subset"))
     if bundle.validation_digests:
         provenance = {key: value for key, value in metadata.data.items() if key in ("tables", "group_column", "groups",
                                                                                      "duplicates_left_out")}
@@ -199,9 +216,12 @@ def add_safeguards(settings: FitSafeguardsSettings) -> BundleMetadata:
     split = bundle_split(bundle, settings.data)
     train, validation = split_pixel_datasets(split, metadata.input_spec)
     real = read_real_outliers(settings.outliers, metadata.input_spec) if settings.outliers else None
-    gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards(
-        bundle.model, metadata.positive_index, train, validation, metadata.threshold, real
-    )
+    inputs = safeguard_inputs(bundle.model, metadata.positive_index, train, validation, real)
+    gate, metadata.input_gate, metadata.uncertainty, drift = fit_safeguards_on(inputs, metadata.threshold)
+    # The headline figures too, at the bundle's threshold and calibration, on its split as found now: a bundle
+    # trained before one file per content was kept scored a byte-identical copy twice.
+    metadata.metrics["validation"].update(classifier_stats.summary(inputs.is_cancer, inputs.p_cancer, metadata.threshold))
+    metadata.metrics["validation_by"] = validation_breakdown(split.validation, inputs, metadata.threshold)
     if metadata.runtime is not None:
         logger.warning("%s: its runtime was validated against the safeguards replaced now; `skin-ray optimize` validates "
                        "it again, until then every command runs the Keras network", settings.bundle)

@@ -1,9 +1,9 @@
 """The images the input gate is fitted against, all generated or shipped with a package, so every fit can be
 rebuilt: kinds of images that are not dermoscopy (outlier exposure; Hendrycks et al., 2019), and dermoscopy
-re-photographed as another clinic might, which the gate must keep accepting.
+re-photographed as another clinic might or taken with another device, which the gate must keep accepting.
 
 Each kind in `NOT_DERMOSCOPY` takes a random generator and some dermoscopic pixels (the clinical photographs
-borrow lesions from them) and returns PIL images; `rephotographed` works on model-input pixels. The gate's
+borrow lesions from them) and returns PIL images; `rephotographed` and `another_device` work on model-input pixels. The gate's
 figures are reported per kind and with each kind left out of the fit (skin_ray.safeguards), so what it
 refuses is not only what it was shown.
 """
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 # scikit-image's sample photographs that ship in its wheel (others are downloaded on first use).
 PHOTOGRAPHS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
@@ -336,3 +336,22 @@ def rephotographed(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         gains = rng.uniform(0.8, 1.1) * (1 + rng.uniform(-0.12, 0.12, 3))
         views.append(255 * np.clip(field / 255 * gains, 0, 1) ** rng.uniform(0.7, 1.3))
     return np.clip(np.stack(views), 0, 255).round().astype(np.uint8)
+
+
+def another_device(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dermoscopic model-input pixels (n, s, s, 3) as another dermatoscope and camera might give them: a narrower
+    field (a crop of 45-100% of each side, back to full size: atlases crop tight around the lesion), stronger
+    contrast (x1-1.8) and colour (x1-1.6), another white balance and tone curve, and JPEG at quality 50-90."""
+    size = pixels.shape[1]
+    views = []
+    for image in pixels:
+        side = int(size * rng.uniform(0.45, 1.0))
+        x0, y0 = rng.integers(0, size - side + 1, 2)
+        view = Image.fromarray(image[y0 : y0 + side, x0 : x0 + side]).resize((size, size), Image.Resampling.BILINEAR)
+        view = ImageEnhance.Color(ImageEnhance.Contrast(view).enhance(rng.uniform(1.0, 1.8))).enhance(rng.uniform(1.0, 1.6))
+        gains = rng.uniform(0.85, 1.1) * (1 + rng.uniform(-0.12, 0.12, 3))
+        toned = 255 * np.clip(np.asarray(view, float) / 255 * gains, 0, 1) ** rng.uniform(0.7, 1.3)
+        encoded = io.BytesIO()
+        Image.fromarray(toned.round().astype(np.uint8)).save(encoded, "JPEG", quality=int(rng.integers(50, 91)))
+        views.append(np.asarray(Image.open(encoded).convert("RGB")))
+    return np.stack(views)

@@ -13,11 +13,12 @@ applied to every prediction by `Predictor.records`:
     cover, flat synthetic regions, edges, white, contrast, shading and a darker middle (the lesion a dermatoscope
     frames), and how far they stray from the range of dermoscopy.
   A logistic head (`GateHead`) weighs them, fitted to tell the training split's images (as is, zoomed out as
-  in training, re-photographed: skin_ray.gate_images) from generated images that are not dermoscopy (outlier
-  exposure; Hendrycks et al., 2019). The Mahalanobis distances of the training images come from the other half
-  of the split (cross-fitted), as a new image's would. Its score is the head's log-odds of "not dermoscopy";
-  the threshold keeps `GATE_TPR` of the validation images, past it the label is withheld. Softmax confidence
-  would not do: the model is confident on photos of cats (Pacheco et al., 2020).
+  in training, re-photographed, as another device gives them: skin_ray.gate_images) from images that are not
+  dermoscopy, generated and, when given, real ones (outlier exposure; Hendrycks et al., 2019). The Mahalanobis
+  distances of the training images come from the other half of the split (cross-fitted), as a new image's would.
+  Its score is the head's log-odds of "not dermoscopy"; the threshold keeps `GATE_TPR` of the validation images,
+  past it the label is withheld. Softmax confidence would not do: the model is confident on photos of cats
+  (Pacheco et al., 2020).
 - **Uncertainty**: a prediction is uncertain when its calibrated log-odds lie within `margin` of the
   decision threshold's, or when an ensemble's members disagree on the label. The margin is the smallest
   for which the validation predictions left certain reach `CERTAIN_ACCURACY`. It needs nothing but the
@@ -140,11 +141,14 @@ class GateHead:
     weights: np.ndarray  # one per signal, then the intercept
 
     @classmethod
-    def fit(cls, inside: np.ndarray, outside: np.ndarray, iterations: int = 50) -> GateHead:
-        """Newton's method on the ridge-penalised log-loss, both sides weighted to count equally."""
+    def fit(cls, inside: np.ndarray, outside: np.ndarray, outside_kinds: np.ndarray, iterations: int = 50) -> GateHead:
+        """Newton's method on the ridge-penalised log-loss, both sides weighted to count equally, and within the
+        outside each kind (`outside_kinds`) alike: 300 everyday photos must not drown 60 flat colours."""
         signals = np.concatenate([inside, outside]).astype(np.float64)
         target = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
-        weight = np.where(target == 1, len(target) / (2 * len(outside)), len(target) / (2 * len(inside)))
+        _, kind_index, kind_sizes = np.unique(outside_kinds, return_inverse=True, return_counts=True)
+        per_kind = 1.0 / (len(kind_sizes) * kind_sizes[kind_index])  # sums to 1 over the outside
+        weight = np.r_[np.full(len(inside), len(target) / (2 * len(inside))), per_kind * len(target) / 2]
         centre, scale = signals.mean(axis=0), signals.std(axis=0) + 1e-9
         design = np.c_[(signals - centre) / scale, np.ones(len(signals))]
         penalty = HEAD_L2 * np.diag(np.r_[np.ones(design.shape[1] - 1), 0.0])  # the intercept goes free
@@ -211,10 +215,15 @@ def fit_input_gate(
         fold = tuple(ClassDistance.fit(features, labels[~rows]) for features in other.depths)
         inside[rows] = _signals(fold, evidence_range, dermoscopy.take(rows))
     outside, accepted = _signals(depths, evidence_range, outliers), _signals(depths, evidence_range, validation)
-    beyond = _beyond_one_distance(inside, len(depths) + 1)
+    real = np.zeros(len(kinds), dtype=bool) if sources is None else sources != GENERATED
+    # Real outliers show the head kinds far only in the features; generated ones alone need the stand-ins. Beside
+    # real ones they cost another clinic's dermoscopy (Derm7pt) 15 points of acceptance: the head then weighs
+    # the distances beyond what the real outliers ask for.
+    beyond = inside[:0] if real.any() else _beyond_one_distance(inside, len(depths) + 1)
+    beyond_kinds = np.full(len(beyond), "beyond one distance")
 
     def head_and_threshold(fitted_on: np.ndarray) -> tuple[GateHead, float]:
-        head = GateHead.fit(inside, np.concatenate([outside[fitted_on], beyond]))
+        head = GateHead.fit(inside, np.concatenate([outside[fitted_on], beyond]), np.r_[kinds[fitted_on], beyond_kinds])
         return head, float(np.quantile(head(accepted), GATE_TPR))
 
     head, threshold = head_and_threshold(np.ones(len(outside), dtype=bool))
@@ -227,7 +236,6 @@ def fit_input_gate(
             "refused": float(np.mean(head(outside[own]) > threshold)),
             "refused_left_out": float(np.mean(left_out(outside[own]) > left_out_threshold)),
         }
-    real = np.zeros(len(kinds), dtype=bool) if sources is None else sources != GENERATED
     refused_elsewhere = np.zeros(len(kinds), dtype=bool)
     for source in np.unique(sources[real]) if real.any() else ():
         own = sources == source
@@ -308,8 +316,9 @@ def describe(
     input_gate = {
         "method": "logistic head on the Mahalanobis distance at each depth of the network (stage outputs pooled to "
         f"channel means and deviations, shared covariance shrunk by {SHRINKAGE}) and on image evidence "
-        f"({', '.join(IMAGE_EVIDENCE)}); fitted on the training split as is, zoomed out and re-photographed, against "
-        "images that are not dermoscopy, generated (skin_ray.gate_images) and, where given, real (skin_ray.real_outliers)",
+        f"({', '.join(IMAGE_EVIDENCE)}); fitted on the training split as is, zoomed out, re-photographed and as another "
+        "device gives it, against images that are not dermoscopy, generated (skin_ray.gate_images) and, where given, "
+        "real (skin_ray.real_outliers), each kind weighted alike",
         "threshold": gate.threshold,
         "validation_tpr": GATE_TPR,
         "not_dermoscopy": outlier_figures,

@@ -70,6 +70,12 @@ def pyarrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
 
 
+def exists(uri: str) -> bool:
+    """Whether a file is at `uri` (local or S3)."""
+    filesystem, path = pyarrow_filesystem(uri)
+    return filesystem.get_file_info(path).type == pyarrow.fs.FileType.File
+
+
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """Every file below `uri`, recursively, as full URIs (or absolute paths), sorted.
 

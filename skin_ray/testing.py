@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -34,6 +34,15 @@ class Locations(BaseModel):
         description="the labelled ISIC images (Cancer/, Non_Cancer/): real-data tests skip and benchmarks fall "
         "back to generated images without them",
     )
+    ham10000: Path = Field(
+        _SHARED / "datasets" / "ham10000",
+        description="HAM10000 in the same layout, with metadata.csv: with `data`, the trees the shipped bundle was "
+        "trained on, which the tests of its recorded figures need",
+    )
+    not_dermoscopy: Path = Field(
+        _SHARED / "datasets" / "not_dermoscopy",
+        description="real images that are not dermoscopy, by kind: the shipped input gate was fitted against them",
+    )
     kuberay_schemas: Path = Field(
         _SHARED / "schemas" / "kuberay", description="KubeRay's CRD schemas: the manifest validation test skips without them"
     )
@@ -49,6 +58,19 @@ REAL_DATA = LOCATIONS.data
 needs_real_data = pytest.mark.skipif(
     not REAL_DATA.is_dir(), reason=f"real data set not found at {REAL_DATA} (SKIN_RAY_DATA sets where)"
 )
+
+
+needs_training_data = pytest.mark.skipif(
+    not (REAL_DATA.is_dir() and LOCATIONS.ham10000.is_dir()),
+    reason=f"the shipped bundle's data trees not found at {REAL_DATA} and {LOCATIONS.ham10000} (SKIN_RAY_DATA and "
+    "SKIN_RAY_HAM10000 set where)",
+)
+
+
+def shipped_trees(metadata) -> list[str]:
+    """Where the tests find the data trees a bundle trained on ../shared/datasets recorded, in its order."""
+    here = {"skin_isic": REAL_DATA, "ham10000": LOCATIONS.ham10000}
+    return [str(here[PurePosixPath(tree).name]) for tree in metadata.data["sources"]]
 
 
 def free_port() -> int:

@@ -56,6 +56,15 @@ def test_roc_auc_interval_needs_both_classes():
     assert np.isnan(classifier_stats.roc_auc_interval(np.array([1, 1, 0]), np.array([0.9, 0.8, 0.1]))).all()
 
 
+@pytest.mark.parametrize("n", [7, 100, 108, 300])
+def test_wilson_interval_holds_its_share_and_stays_within_zero_and_one(n):
+    """At every count, the interval holds the observed share and never leaves [0, 1] (at 0 or n the textbook
+    formula's ends stray past them by rounding)."""
+    for successes in range(n + 1):
+        low, high = classifier_stats.wilson_interval(successes, n)
+        assert 0.0 <= low <= successes / n <= high <= 1.0, (successes, n, low, high)
+
+
 def test_binomial_tail_and_sensitivity_quantile_match_their_definitions():
     from math import comb
 

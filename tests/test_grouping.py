@@ -1,6 +1,7 @@
 """The grouping a split keeps together (skin_ray.grouping): lesions across roots, duplicate photographs, equal
 content; the metadata tables it reads, refused with a reason when malformed; and, where the real tables are
-here, no lesion or duplicate of HAM10000 and skin_isic on both sides."""
+here, no lesion or duplicate of HAM10000 and skin_isic on both sides; and the subgroups validation figures are
+broken down by."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from skin_ray import grouping
-from skin_ray.data import in_validation
+from skin_ray.data import LabelledImages, Origin, in_validation
+from skin_ray.finalize import breakdown_groups
 from skin_ray.grouping import group_images, read_table, table_argument
 from skin_ray.testing import LOCATIONS
 
@@ -133,3 +135,25 @@ def test_the_real_tables_keep_every_lesion_and_photograph_on_one_side():
         assert roots[copy] == ham and roots[original] == isic
     share = np.mean([in_validation(grouped.keys[i], 0.2) for i in kept])
     assert 0.17 < share < 0.23
+
+
+def test_validation_figures_are_broken_down_by_tree_diagnosis_sex_age_band_and_site():
+    """What bundle.json's `validation_by` (and the model card) groups images by: the tables' values as they are,
+    ages in bands of twenty years, and "" where a table gives nothing (an image of a tree without tables)."""
+    rows = [
+        ("data/ham", {"dx": "mel", "sex": "female", "age": "45.0", "localization": "back"}),
+        ("data/ham", {"dx": "nv", "sex": "male", "age": "60", "localization": "face"}),
+        ("data/ham", {"dx": "nv", "sex": "", "age": "unknown", "localization": "back"}),
+        ("data/isic", {}),
+    ]
+    images = LabelledImages(
+        [f"{root}/{i}.jpg" for i, (root, _) in enumerate(rows)], [0, 1, 1, 0],
+        origins=[Origin(root, f"{i}.jpg", attributes) for i, (root, attributes) in enumerate(rows)],
+    )
+    assert breakdown_groups(images) == {
+        "source": ["data/ham", "data/ham", "data/ham", "data/isic"],
+        "diagnosis": ["mel", "nv", "nv", ""],
+        "sex": ["female", "male", "", ""],
+        "age_band": ["40-59", "60-79", "", ""],
+        "site": ["back", "face", "back", ""],
+    }

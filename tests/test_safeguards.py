@@ -7,12 +7,12 @@ import pytest
 
 from skin_ray import classifier_stats, gate_images, safeguards, storage
 from skin_ray.bundle import read_metadata
-from skin_ray.data import discover, split_by_content
+from skin_ray.finalize import bundle_split
 from skin_ray.gate_images import NOT_DERMOSCOPY, documents, model_pixels
 from skin_ray.predictor import OUT_OF_DISTRIBUTION, Predictor
 from skin_ray.preprocess import InputSpec, preprocess_image, to_model_input
 from skin_ray.real_outliers import read_real_outliers
-from skin_ray.testing import REAL_DATA, encode, lesion_image, needs_real_data, never_fitted_kinds
+from skin_ray.testing import LOCATIONS, encode, lesion_image, needs_training_data, never_fitted_kinds, shipped_trees
 
 
 def _gate_inputs(rng, n: int, shift: float = 0.0, evidence_shift: float = 0.0) -> safeguards.GateInputs:
@@ -156,7 +156,9 @@ def test_a_real_kind_is_also_measured_leaving_each_of_its_sources_out():
     refused_elsewhere = 0
     for source in "abc":  # the same figure, from three gates fitted without one source each
         kept = sources != source
-        gate, _ = safeguards.fit_input_gate(dermoscopy, labels, groups, outliers.take(kept), kinds[kept], validation)
+        gate, _ = safeguards.fit_input_gate(
+            dermoscopy, labels, groups, outliers.take(kept), kinds[kept], validation, sources[kept]
+        )
         refused_elsewhere += int(np.sum(gate.scores(outliers.take(~kept)) > gate.threshold))
     assert real["refused_left_out_source"] == pytest.approx(refused_elsewhere / 180)
     assert real["refused_left_out_source"] < real["refused"]  # source c is refused less when never seen
@@ -215,17 +217,39 @@ def test_shipped_gate_refuses_images_that_are_not_dermoscopy(shipped, not_dermos
 
 
 def test_shipped_gate_records_how_it_does_on_each_kind_it_is_fitted_against():
+    """Every generated kind, and each real kind (marked "(real)") with its 95% interval and the share refused by
+    gates fitted without each of its sources."""
     figures = read_metadata().input_gate["not_dermoscopy"]
-    assert set(figures) == set(NOT_DERMOSCOPY)
+    real = {kind for kind in figures if kind.endswith(" (real)")}
+    assert set(figures) - real == set(NOT_DERMOSCOPY)
     assert all(0 <= figure["refused_left_out"] <= figure["refused"] <= 1 and figure["n"] >= 60 for figure in figures.values())
+    for kind in real:
+        low, high = figures[kind]["refused_ci95"]
+        # Bundles made before wilson_interval held its share stray past it by rounding (1e-16).
+        assert low - 1e-12 <= figures[kind]["refused"] <= high + 1e-12, kind
+        assert 0 <= figures[kind]["refused_left_out_source"] <= 1, kind
 
 
-@needs_real_data
+@pytest.mark.skipif(not LOCATIONS.not_dermoscopy.is_dir(), reason=f"no real outliers at {LOCATIONS.not_dermoscopy}")
+def test_shipped_gate_refuses_the_real_images_it_was_fitted_against_at_its_recorded_rate(shipped):
+    """Each kind of real image that is not dermoscopy, read as the fit read it, is refused as bundle.json records
+    (one image either way for another CPU's rounding)."""
+    real = read_real_outliers(str(LOCATIONS.not_dermoscopy), shipped.metadata.input_spec)
+    figures = shipped.metadata.input_gate["not_dermoscopy"]
+    for kind in np.unique(real.kinds):
+        pixels = real.pixels[real.kinds == kind]
+        chunks = [to_model_input(pixels[start : start + 64]) for start in range(0, len(pixels), 64)]
+        records = [record for chunk in chunks for record in shipped.records(chunk)]
+        refused = np.mean([record["error_reason"] == OUT_OF_DISTRIBUTION for record in records])
+        assert refused == pytest.approx(figures[f"{kind} (real)"]["refused"], abs=1.01 / len(pixels)), kind
+
+
+@needs_training_data
 def test_shipped_gate_and_margin_hold_on_the_validation_split(ray_session, shipped):
     """The recorded figures come back from the data: 95% of validation accepted, the flagged share and the
     accuracy of the certain predictions as bundle.json says."""
     meta = shipped.metadata
-    split = split_by_content(discover(str(REAL_DATA)), meta.input_spec, meta.training["validation_fraction"])
+    split = bundle_split(shipped.bundle, shipped_trees(meta))
     images = np.stack([preprocess_image(storage.read_bytes(path), meta.image_size) for path in split.validation.paths])
     y_true = np.array([label == meta.positive_index for label in split.validation.labels])
     chunks = [images[start : start + 64] for start in range(0, len(images), 64)]
@@ -233,7 +257,7 @@ def test_shipped_gate_and_margin_hold_on_the_validation_split(ray_session, shipp
     assert np.mean([record["in_distribution"] for record in records]) == pytest.approx(safeguards.GATE_TPR, abs=0.003)
     analyses = [shipped.analyse(chunk) for chunk in chunks]
     p_cancer = np.concatenate([analysis.probabilities[:, meta.positive_index] for analysis in analyses])
-    members = np.concatenate([analysis.member_cancer for analysis in analyses])
+    members = None if analyses[0].member_cancer is None else np.concatenate([a.member_cancer for a in analyses])
     disagree = safeguards.members_disagree(members, meta.threshold, len(p_cancer))
     flagged = safeguards.is_uncertain(p_cancer, meta.threshold, meta.uncertainty["margin"], disagree)
     recorded = meta.uncertainty["validation"]
@@ -241,3 +265,15 @@ def test_shipped_gate_and_margin_hold_on_the_validation_split(ray_session, shipp
     correct = (p_cancer >= meta.threshold) == y_true
     assert correct[~flagged].mean() == pytest.approx(recorded["certain_accuracy"], abs=1e-3)
     assert correct[~flagged].mean() >= safeguards.CERTAIN_ACCURACY - 1e-3
+
+
+def test_another_device_changes_each_images_field_colour_and_compression_reproducibly():
+    """The gate's other-device view of dermoscopy: same shape and type, drawn from the generator (the same seed
+    gives the same views, so the fit can be rebuilt), each image changed, and by its own draw."""
+    rng = np.random.default_rng(0)
+    pixels = np.stack([np.asarray(lesion_image("Cancer", rng, size=64)) for _ in range(6)])
+    views = gate_images.another_device(pixels, np.random.default_rng(1))
+    assert views.shape == pixels.shape and views.dtype == np.uint8
+    np.testing.assert_array_equal(views, gate_images.another_device(pixels, np.random.default_rng(1)))
+    moved = np.abs(views.astype(float) - pixels).mean(axis=(1, 2, 3))
+    assert np.all(moved > 2) and len(np.unique(moved.round(1))) == len(moved)

@@ -916,12 +916,13 @@ def _drift_sources(guarded_bundle) -> dict[str, tuple[str, list]]:
     shipped model's stream, its own validation images, joins when the real data is here."""
     from skin_ray.bundle import DEFAULT_BUNDLE, load_bundle
     from skin_ray.finalize import bundle_split
-    from skin_ray.testing import REAL_DATA, guarded_bundle_lesions
+    from skin_ray.testing import guarded_bundle_lesions, needs_training_data, shipped_trees
 
     _, lesions = guarded_bundle_lesions(seed=11, count=DRIFT_WINDOW)
     sources = {"generated": (str(guarded_bundle), [encode(image) for image in lesions])}
-    if REAL_DATA.is_dir():
-        split = bundle_split(load_bundle(DEFAULT_BUNDLE, safeguards=False), [str(REAL_DATA)])
+    if not needs_training_data.args[0]:
+        shipped = load_bundle(DEFAULT_BUNDLE, safeguards=False)
+        split = bundle_split(shipped, shipped_trees(shipped.metadata))
         chosen = np.random.default_rng(0).choice(len(split.validation.paths), DRIFT_WINDOW, replace=False)
         sources["isic"] = (DEFAULT_BUNDLE, [Path(split.validation.paths[i]).read_bytes() for i in sorted(chosen)])
     return sources
