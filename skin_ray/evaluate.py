@@ -42,7 +42,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
     source_of = dict(zip(images.paths, images.sources(), strict=True))
     dataset = image_dataset(images, meta.input_spec)
     dataset.set_name("evaluate")  # what its progress line is called
-    left_out = Counter()
+    left_out, scored_contents = Counter(), set()
 
     def scored(batch: dict) -> np.ndarray:
         """The rows to score: decoded, and in the validation split when only it is scored; counts the rest."""
@@ -51,9 +51,8 @@ def evaluate(settings: EvaluateSettings) -> dict:
         for path, reason in zip(batch["path"][~ok], batch["error"][~ok], strict=True):
             logger.warning("left out %s: %s", path, reason)
         if split == "validation":
-            recorded = predictor.bundle.validation_digests
-            in_split = np.array([digest in recorded if recorded else in_validation(digest, validation_fraction)
-                                 for digest in batch["sha256"]], dtype=bool)
+            in_split = validation_rows(batch["sha256"], ok, predictor.bundle.validation_digests, validation_fraction,
+                                       scored_contents)
             left_out["held_out"] += int((ok & ~in_split).sum())
             ok &= in_split
         return ok
@@ -86,7 +85,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         "data": data,
     }
     if split == "validation":
-        summary["not_in_validation"] = left_out["held_out"]
+        summary["not_in_validation"] = left_out["held_out"]  # byte-identical copies of a scored image included
     if len(data) > 1:
         summary["by_source"] = classifier_stats.by_group(y_true, p_cancer, meta.threshold, sources)
     if seen:
@@ -116,6 +115,22 @@ def _safeguard_figures(records: list[dict]) -> dict:
         "certain_accuracy": sum(r["label"] == r["true_label"] for r in certain) / len(certain) if certain else None,
     }
 
+
+
+def validation_rows(
+    digests, readable: np.ndarray, recorded: frozenset, validation_fraction: float, scored: set
+) -> np.ndarray:
+    """Which rows `--split validation` scores: readable, in the bundle's validation split (its `recorded` digests,
+    or the content-hash rule for a bundle that recorded none), and not a byte-identical copy of one already scored
+    (the split holds one file per content, so a copy in another tree would count one image twice). The digests
+    scored are added to `scored`."""
+    rows = np.zeros(len(readable), dtype=bool)
+    for row, digest in enumerate(digests):
+        in_split = digest in recorded if recorded else in_validation(digest, validation_fraction)
+        if readable[row] and in_split and digest not in scored:
+            scored.add(digest)
+            rows[row] = True
+    return rows
 
 def write_report(y_true: np.ndarray, p_cancer: np.ndarray, summary: dict, report_dir: Path) -> None:
     """summary.json, roc.png, confusion.png and calibration.png in `report_dir`; every plot says what was

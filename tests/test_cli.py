@@ -293,3 +293,16 @@ def test_evaluate_validation_split_needs_a_bundle_that_records_it(ray_session, l
     assert result.returncode == 2
     error = result.stderr.splitlines()[-1]  # after "connected to the running Ray cluster"
     assert error.startswith("skin-ray evaluate: error:") and "does not record its validation split" in error
+
+
+def test_validation_rows_score_each_recorded_content_once():
+    """`evaluate --split validation` scores a recorded validation image once, however many trees hold a
+    byte-identical copy (the split holds one file per content), and never an unreadable or training image."""
+    from skin_ray.evaluate import validation_rows
+
+    scored = set()
+    readable = np.array([True, True, True, False, True])
+    first = validation_rows(["a", "b", "a", "c", "t"], readable, frozenset("abc"), 0.2, scored)
+    assert first.tolist() == [True, True, False, False, False] and scored == {"a", "b"}
+    later = validation_rows(["b", "c"], np.array([True, True]), frozenset("abc"), 0.2, scored)  # a later batch
+    assert later.tolist() == [False, True]
