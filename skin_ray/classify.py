@@ -27,10 +27,10 @@ import ray
 from skin_ray import storage
 from skin_ray.bundle import read_metadata
 from skin_ray.config import ClassifySettings, OutputFormat
+from skin_ray.console import ActorRestartLines
 from skin_ray.data import load_images
 from skin_ray.preprocess import IMAGE_SUFFIXES
 from skin_ray.record import WRITERS, record_schema
-from skin_ray.runtime import ActorRestartLines
 
 logger = logging.getLogger(__name__)
 

@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     # `jq`: Ray prints its raylets' warnings with print() to whatever sys.stdout is, so sys.stdout becomes
     # stderr and results go to the process's own stdout.
     sys.stdout = sys.stderr
-    from skin_ray.runtime import StartupError, configure_output, quiet_native_stderr
+    from skin_ray.console import configure_output, quiet_native_stderr
+    from skin_ray.runtime import StartupError
 
     configure_output(args.verbose)
     with contextlib.nullcontext() if args.verbose else quiet_native_stderr():

@@ -18,8 +18,8 @@ from skin_ray import classifier_stats
 from skin_ray.bundle import ANALYSIS_FILE, Bundle, load_bundle, write_runtime
 from skin_ray.config import OptimizeSettings
 from skin_ray.finalize import bundle_split, split_pixel_datasets
-from skin_ray.onnx_analysis import OPSET, RUNTIME, export_analysis, onnx_forward
-from skin_ray.predictor import Analyser, Decisions, Predictor
+from skin_ray.onnx_analysis import OPSET, RUNTIME, onnx_forward
+from skin_ray.predictor import Analyser, Decisions, Predictor, analysis_function
 from skin_ray.preprocess import to_model_input
 from skin_ray.safeguards import distance_to_threshold
 from skin_ray.scoring import scored_batches
@@ -44,6 +44,22 @@ CPU_FEATURES: list[str] = []  # ONNX Runtime's float32 kernels choose among SSE,
 
 class RuntimeRefused(ValueError):
     """The runtime moved the bundle's decisions beyond `BOUNDS`."""
+
+
+def export_analysis(model) -> bytes:
+    """The serialised ONNX graph of `model`'s analysis pass, outputs in `analysis_function`'s order."""
+    try:
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError:
+        from skin_ray.runtime import StartupError
+
+        raise StartupError("exporting a runtime needs tf2onnx: pip install 'skin-ray[optimize]'") from None
+
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # its optimiser's INFO lines are not the user's business
+    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]  # unnamed, as analysis_function's
+    graph, _ = tf2onnx.convert.from_function(analysis_function(model), input_signature=signature, opset=OPSET)
+    return graph.SerializeToString()
 
 
 def optimize_bundle(settings: OptimizeSettings) -> dict:

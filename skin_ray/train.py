@@ -33,9 +33,10 @@ from ray.train.tensorflow import TensorflowTrainer
 from skin_ray import classifier_stats, storage
 from skin_ray.bundle import load_bundle, save_bundle
 from skin_ray.config import DistillSettings, TrainingRecipe, TrainSettings
+from skin_ray.console import format_duration
 from skin_ray.data import Split, discover_sources, pixel_dataset, split_by_content
 from skin_ray.finalize import bundle_split, finalize_bundle
-from skin_ray.runtime import format_duration, limit_tensorflow_threads, wait_for_resources
+from skin_ray.runtime import limit_tensorflow_threads, wait_for_resources
 from skin_ray.scoring import cancer_scores
 
 logger = logging.getLogger(__name__)
