@@ -36,7 +36,7 @@ def test_ci_runs_the_readmes_test_command():
     assert "-c constraints.txt" in _readme_test_command()
 
 
-def _declared(extras=("optimize", "test")) -> list[Requirement]:
+def _declared(extras=("optimize", "test", "docs")) -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lines = project["dependencies"] + [line for extra in extras for line in project["optional-dependencies"][extra]]
     return [requirement for requirement in map(Requirement, lines) if canonicalize_name(requirement.name) != "skin-ray"]

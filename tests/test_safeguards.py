@@ -129,7 +129,7 @@ def test_records_withhold_the_label_of_refused_images_and_carry_read_errors(guar
 
 
 # At least this share of each kind, generated from another seed than the gate's fit, is refused by the shipped
-# gate (benchmarks/ood.py measured the shares in README on other samples); the softmax confidence the gate replaced
+# gate (benchmarks/ood.py measured the shares in docs/input-gate.md on other samples); the softmax confidence the gate replaced
 # refused 0.02-0.05. The last two kinds are never fitted on.
 REFUSED_AT_LEAST = {
     "everyday photographs": 0.9, "documents and screenshots": 0.95, "charts and plots": 0.95, "radiographs": 0.95,
