@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import re
@@ -65,6 +66,23 @@ def client(service):
 @pytest.fixture(scope="module")
 def jpeg() -> bytes:
     return encode(lesion_image("Cancer", np.random.default_rng(5)), "JPEG")
+
+
+def test_model_description_names_each_data_tree_not_its_location():
+    """GET /model keeps the per-tree figures but says "ham10000", not where the training data lives."""
+    from dataclasses import asdict
+
+    from skin_ray.bundle import read_metadata
+    from skin_ray.serve.backends import PUBLIC_METADATA, named_trees
+
+    figures = {"source": {"/data/x/ham10000": {"n": 3}}, "within": {"s3://b/skin_isic": {"cancers": 1}},
+               "of": ["/data/x/ham10000"]}
+    assert named_trees(figures, ["/data/x/ham10000", "s3://b/skin_isic"]) == {
+        "source": {"ham10000": {"n": 3}}, "within": {"skin_isic": {"cancers": 1}}, "of": ["ham10000"]}
+    shipped = asdict(read_metadata())
+    trees = shipped["data"]["sources"]
+    public = json.dumps(named_trees({name: shipped[name] for name in PUBLIC_METADATA}, trees))
+    assert len(trees) == 2 and not any(tree in public for tree in trees) and '"ham10000"' in public
 
 
 def _post(client, data: bytes, filename="x.jpg", content_type="image/jpeg"):

@@ -5,6 +5,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from pathlib import PurePosixPath
 
 import numpy as np
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -64,7 +65,19 @@ class LoadedModel:
     async def metadata(self) -> dict:
         """What a caller needs of the bundle's description (PUBLIC_METADATA): not where it was trained from."""
         described = asdict(self.predictor.metadata)
-        return {**{name: described[name] for name in PUBLIC_METADATA}, "runtime_in_use": self.predictor.analyse.runtime}
+        public = {name: described[name] for name in PUBLIC_METADATA}
+        trees = (described.get("data") or {}).get("sources") or []
+        return {**named_trees(public, trees), "runtime_in_use": self.predictor.analyse.runtime}
+
+
+def named_trees(value, trees: list[str]):
+    """`value` with each data tree's location, where per-tree figures are keyed by it, replaced by the tree's name
+    ("ham10000"): the figures stay, where the training data lives does not leave the service."""
+    if isinstance(value, dict):
+        return {(PurePosixPath(key).name if key in trees else key): named_trees(item, trees) for key, item in value.items()}
+    if isinstance(value, list):
+        return [named_trees(item, trees) for item in value]
+    return PurePosixPath(value).name if isinstance(value, str) and value in trees else value
 
 
 def swap_in_place(running: LoadedModel, bundle: str) -> LoadedModel:
